@@ -1,0 +1,331 @@
+"""The VAR transformer: GPT-2 style decoder over next-scale token maps (paper Sec. 3.2, 4).
+
+Input ``[s], r_1 .. r_{K-1}`` (class start token, then each scale's teacher-forcing
+embedding), output logits for ``r_1 .. r_K``. Training uses a block-wise causal mask
+(a token of scale k sees every token of scales <= k); inference runs one scale at a
+time with a KV cache and no mask. Blocks use AdaLN conditioned on the class embedding,
+and L2-normalised queries and keys with a learned per-head temperature.
+
+Shape rule (paper Sec. 4): width ``w = 64 d``, heads ``h = d``, drop-path ``0.1 d / 24``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError, check_patch_nums, require
+
+PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    """Transformer hyper-parameters; width, heads and drop-path follow the depth unless set."""
+
+    depth: int = 16
+    vocab_size: int = 4096
+    Cvae: int = 32
+    patch_nums: tuple[int, ...] = PAPER_PATCH_NUMS
+    num_classes: int = 1000
+    width: int | None = None              # None: 64 * depth
+    num_heads: int | None = None          # None: depth
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float | None = None   # None: 0.1 * depth / 24
+    shared_aln: bool = False              # one AdaLN projection shared by all blocks
+    cond_drop_rate: float = 0.1           # class dropout for classifier-free guidance
+    attn_l2_norm: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        require(isinstance(self.depth, int) and self.depth >= 1, "depth", f"must be an int >= 1, got {self.depth}")
+        check_patch_nums(self.patch_nums)
+        require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
+        require(self.num_classes >= 1, "num_classes", f"must be >= 1, got {self.num_classes}")
+        require(self.Cvae >= 1, "Cvae", f"must be >= 1, got {self.Cvae}")
+        require(self.C % self.H == 0, "width", f"width {self.C} is not divisible by num_heads {self.H}")
+        require(0.0 <= self.cond_drop_rate < 1.0, "cond_drop_rate", f"must be in [0, 1), got {self.cond_drop_rate}")
+
+    @property
+    def C(self) -> int:
+        return 64 * self.depth if self.width is None else self.width
+
+    @property
+    def H(self) -> int:
+        return self.depth if self.num_heads is None else self.num_heads
+
+    @property
+    def dpr(self) -> float:
+        return 0.1 * self.depth / 24 if self.drop_path_rate is None else self.drop_path_rate
+
+    @property
+    def L(self) -> int:
+        """Tokens in one image: sum of pn^2 (680 at paper scale)."""
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+    def with_depth(self, depth: int) -> "VARConfig":
+        return replace(self, depth=depth)
+
+    def check_tokenizer(self, vocab_size: int, Cvae: int, patch_nums: tuple[int, ...]) -> None:
+        """Raise :class:`ConfigError` naming the field where the tokenizer does not fit."""
+        if vocab_size != self.vocab_size:
+            raise ConfigError("vocab_size", f"transformer has {self.vocab_size}, tokenizer has {vocab_size}")
+        if Cvae != self.Cvae:
+            raise ConfigError("Cvae", f"transformer has {self.Cvae}, tokenizer has {Cvae}")
+        if tuple(patch_nums) != self.patch_nums:
+            raise ConfigError("patch_nums", f"transformer has {list(self.patch_nums)}, tokenizer has {list(patch_nums)}")
+
+
+def scale_ids(patch_nums: tuple[int, ...]) -> torch.Tensor:
+    """Scale index of every token: ``(L,)``."""
+    return torch.cat([torch.full((pn * pn,), k, dtype=torch.long) for k, pn in enumerate(patch_nums)])
+
+
+def block_causal_mask(patch_nums: tuple[int, ...]) -> torch.Tensor:
+    """Bool ``(L, L)``; entry ``[i, j]`` is True where token i may attend to token j (scale_j <= scale_i)."""
+    s = scale_ids(patch_nums)
+    return s[None, :] <= s[:, None]
+
+
+class KVCache:
+    """Keys/values of one attention layer, filled scale by scale at inference.
+
+    Storage for all ``L`` tokens is allocated at the first append, in the dtype and device
+    of the keys (bf16 under autocast), so later appends copy in place.
+    """
+
+    def __init__(self, L: int):
+        self.L, self.len = L, 0
+        self.k_BHLc: torch.Tensor | None = None
+        self.v_BHLc: torch.Tensor | None = None
+
+    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_BHLc is None:
+            B, H, _, c = k_BHlc.shape
+            self.k_BHLc = k_BHlc.new_empty(B, H, self.L, c)
+            self.v_BHLc = v_BHlc.new_empty(B, H, self.L, c)
+        end = self.len + k_BHlc.shape[2]
+        if end > self.L:
+            raise ValueError(f"KV cache holds {self.L} tokens, appending would reach {end}")
+        self.k_BHLc[:, :, self.len:end] = k_BHlc
+        self.v_BHLc[:, :, self.len:end] = v_BHlc
+        self.len = end
+        return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with L2-normalised q, k and a learned per-head scale."""
+
+    def __init__(self, C: int, H: int, attn_drop: float, proj_drop: float, l2_norm: bool):
+        super().__init__()
+        self.H, self.hd, self.l2_norm = H, C // H, l2_norm
+        self.qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(C)), nn.Parameter(torch.zeros(C))
+        if l2_norm:  # cosine attention: temperature starts at 4, capped at 100
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), math.log(4.0)))
+        self.proj = nn.Linear(C, C)
+        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+
+    def qkv_heads(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, C = x_BLC.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.H, self.hd).permute(2, 0, 3, 1, 4)
+        if self.l2_norm:
+            scale = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()
+            q = F.normalize(q, dim=-1).mul(scale).to(v.dtype)
+            k = F.normalize(k, dim=-1).to(v.dtype)
+        return q, k, v  # each (B, H, L, hd)
+
+    def forward(self, x_BLC: torch.Tensor, attn_mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        q, k, v = self.qkv_heads(x_BLC)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0,
+            scale=1.0 if self.l2_norm else None)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, C)))
+
+
+class FFN(nn.Module):
+    def __init__(self, C: int, hidden: int, drop: float):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(C, hidden), nn.Linear(hidden, C), nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class AdaLNBlock(nn.Module):
+    """Transformer block whose LayerNorm scale/shift and residual gates come from the class."""
+
+    def __init__(self, cfg: VARConfig, drop_path: float):
+        super().__init__()
+        C = cfg.C
+        self.C = C
+        self.attn = SelfAttention(C, cfg.H, cfg.attn_drop_rate, cfg.drop_rate, cfg.attn_l2_norm)
+        self.ffn = FFN(C, round(C * cfg.mlp_ratio), cfg.drop_rate)
+        self.ln = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path)
+        # per-block AdaLN: cond (B, C) -> 6 modulation vectors. With shared_aln the model
+        # projects once for all blocks and each block adds its own learned offset.
+        if cfg.shared_aln:
+            self.ada_lin = None
+            self.ada_offset_116C = nn.Parameter(torch.randn(1, 1, 6, C) / math.sqrt(C))
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def modulation(self, cond_BC_or_B6C: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.ada_lin is None:
+            mod_B16C = cond_BC_or_B6C.view(-1, 1, 6, self.C) + self.ada_offset_116C
+        else:
+            mod_B16C = self.ada_lin(cond_BC_or_B6C).view(-1, 1, 6, self.C)
+        return mod_B16C.unbind(2)
+
+    def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+        h = self.ln(x_BLC).mul(scale1.add(1)).add_(shift1)
+        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_mask, kv_cache).mul_(gamma1))
+        h = self.ln(x_BLC).mul(scale2.add(1)).add_(shift2)
+        return x_BLC + self.drop_path(self.ffn(h).mul_(gamma2))
+
+
+class AdaLNHead(nn.Module):
+    """Final AdaLN then the linear head to V logits."""
+
+    def __init__(self, C: int, V: int, eps: float):
+        super().__init__()
+        self.ln = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.head = nn.Linear(C, V)
+
+    def forward(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_BC).view(-1, 1, 2, x_BLC.shape[-1]).unbind(2)
+        return self.head(self.ln(x_BLC).mul(scale.add(1)).add_(shift))
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale prediction transformer."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, K = cfg.C, len(cfg.patch_nums)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class of CFG
+        self.pos_start = nn.Parameter(torch.empty(1, cfg.first_l, C))
+        self.word_embed = nn.Linear(cfg.Cvae, C)
+        self.pos_1LC = nn.Parameter(torch.empty(1, cfg.L, C))
+        self.lvl_embed = nn.Embedding(K, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C)) if cfg.shared_aln else None
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(cfg, cfg.dpr * i / max(cfg.depth - 1, 1)) for i in range(cfg.depth))  # linear in depth
+        self.head = AdaLNHead(C, cfg.vocab_size, cfg.norm_eps)
+        self.register_buffer("lvl_L", scale_ids(cfg.patch_nums), persistent=False)
+        self.register_buffer("attn_mask_LL", block_causal_mask(cfg.patch_nums), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02):
+        """Truncated-normal init with std sqrt(1/(3C)); output projections scaled by 1/sqrt(2 depth)
+        (GPT-2); AdaLN gates start near zero so every block starts close to the identity."""
+        C, std = self.cfg.C, math.sqrt(1 / self.cfg.C / 3)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std)
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=std)
+        self.head.head.weight.mul_(init_head)
+        self.head.ada_lin[-1].weight.mul_(init_adaln)
+        ada_lins = [self.shared_ada_lin] if self.shared_ada_lin is not None else [b.ada_lin for b in self.blocks]
+        for ada in ada_lins:
+            w = ada[-1].weight  # rows: gamma1, gamma2, scale1, scale2, shift1, shift2
+            w[:2 * C].mul_(init_adaln_gamma)
+            w[2 * C:].mul_(init_adaln)
+        for b in self.blocks:
+            b.attn.proj.weight.div_(math.sqrt(2 * self.cfg.depth))
+            b.ffn.fc2.weight.div_(math.sqrt(2 * self.cfg.depth))
+
+    # ---- shared pieces of training and inference -------------------------------------------
+    def cond(self, label_B: torch.Tensor) -> torch.Tensor:
+        """Class embedding ``(B, C)``; label ``num_classes`` is the unconditional (null) class."""
+        return self.class_emb(label_B)
+
+    def block_cond(self, cond_BC: torch.Tensor) -> torch.Tensor:
+        return cond_BC if self.shared_ada_lin is None else self.shared_ada_lin(cond_BC)
+
+    def sos(self, cond_BC: torch.Tensor) -> torch.Tensor:
+        """Start tokens of scale 1: class embedding + start position, ``(B, first_l, C)``."""
+        B, fl = cond_BC.shape[0], self.cfg.first_l
+        return cond_BC.unsqueeze(1).expand(B, fl, -1) + self.pos_start.expand(B, fl, -1)
+
+    def scale_pos(self, start: int, end: int) -> torch.Tensor:
+        """Learned absolute position + level embedding of tokens ``[start, end)``: ``(1, l, C)``."""
+        return self.pos_1LC[:, start:end] + self.lvl_embed(self.lvl_L[start:end]).unsqueeze(0)
+
+    def drop_class(self, label_B: torch.Tensor) -> torch.Tensor:
+        """Replace labels by the null class with probability ``cond_drop_rate`` (training only)."""
+        if not self.training or self.cfg.cond_drop_rate == 0:
+            return label_B
+        drop = torch.rand(label_B.shape, device=label_B.device) < self.cfg.cond_drop_rate
+        return torch.where(drop, torch.full_like(label_B, self.cfg.num_classes), label_B)
+
+    # ---- training: all scales at once under the block-causal mask ----------------------------
+    def forward(self, label_B: torch.Tensor, x_BlCvae: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``(B, L, V)`` from labels and ``(B, L - first_l, Cvae)`` inputs."""
+        cfg = self.cfg
+        if x_BlCvae.shape[1:] != (cfg.L - cfg.first_l, cfg.Cvae):
+            raise ValueError(f"teacher-forcing input must be (B, {cfg.L - cfg.first_l}, {cfg.Cvae}), "
+                             f"got {tuple(x_BlCvae.shape)}")
+        cond_BC = self.cond(self.drop_class(label_B))
+        x_BLC = torch.cat([self.sos(cond_BC), self.word_embed(x_BlCvae.to(self.word_embed.weight.dtype))], dim=1)
+        x_BLC = x_BLC + self.scale_pos(0, cfg.L)
+        bc = self.block_cond(cond_BC)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, bc, self.attn_mask_LL)
+        return self.head(x_BLC, cond_BC)
+
+    # ---- inference: one scale at a time with a KV cache ----------------------------------------
+    def new_kv_caches(self) -> list[KVCache]:
+        return [KVCache(self.cfg.L) for _ in self.blocks]
+
+    def forward_scale(self, x_BlC: torch.Tensor, cond_BC: torch.Tensor, start: int,
+                      kv_caches: list[KVCache]) -> torch.Tensor:
+        """Logits of one scale's tokens ``[start, start + l)``; ``x_BlC`` is already embedded
+        (``sos`` for scale 1, ``word_embed`` of the previous f_hat otherwise). No mask: the
+        cache holds exactly the earlier scales, all visible to the current one."""
+        x_BlC = x_BlC + self.scale_pos(start, start + x_BlC.shape[1])
+        bc = self.block_cond(cond_BC)
+        for block, cache in zip(self.blocks, kv_caches):
+            x_BlC = block(x_BlC, bc, None, cache)
+        return self.head(x_BlC, cond_BC)

@@ -1,0 +1,97 @@
+"""MLflow helpers: a local SQLite store by default, one parent run per pipeline configuration.
+
+Every stage runs as a child of a parent run keyed by the git commit and the hash of
+``params.yaml``, so one ``dvc repro`` (or one sweep) groups under one parent in the UI.
+``MLFLOW_TRACKING_URI`` overrides the store; ``VARSCALE_PARENT_RUN_ID`` pins the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from .io import sha256_bytes
+
+log = logging.getLogger(__name__)
+DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "varscale"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def params_hash(path: str | Path = "params.yaml") -> str:
+    p = Path(path)
+    return sha256_bytes(p.read_bytes())[:16] if p.is_file() else "none"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params -> ``a.b.c`` keys, as MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _experiment_id(client: MlflowClient) -> str:
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def parent_run_id(client: MlflowClient, experiment_id: str) -> str:
+    pinned = os.environ.get("VARSCALE_PARENT_RUN_ID")
+    if pinned:
+        return pinned
+    commit, ph = git_commit(), params_hash()
+    found = client.search_runs([experiment_id], filter_string=(
+        f"tags.`varscale.kind` = 'pipeline' and tags.`varscale.params_hash` = '{ph}' "
+        f"and tags.`varscale.git_commit` = '{commit}'"), max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"pipeline {commit[:8]} params {ph[:8]}", tags={
+        "varscale.kind": "pipeline", "varscale.params_hash": ph, "varscale.git_commit": commit,
+        "mlflow.source.git.commit": commit})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any] | None = None, run_name: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the MLflow child run of one stage, with its params, the commit and the params hash."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    exp = _experiment_id(client)
+    parent = parent_run_id(client, exp)
+    all_tags = {"varscale.stage": stage, "varscale.git_commit": git_commit(),
+                "varscale.params_hash": params_hash(), **(tags or {})}
+    with mlflow.start_run(experiment_id=exp, run_name=run_name or stage, parent_run_id=parent,
+                          tags=all_tags) as run:
+        if params:
+            flat = {k: str(v)[:500] for k, v in flatten(params).items()}
+            items = list(flat.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
+        log.info("MLflow run %s (stage %s) in %s", run.info.run_id, stage, tracking_uri())
+        yield run

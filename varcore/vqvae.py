@@ -7,6 +7,7 @@ scale must equal that latent side.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +58,7 @@ class VQVAEConfig:
 
 
 def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, c), num_channels=c, eps=1e-6)
+    return nn.GroupNorm(num_groups=math.gcd(32, c), num_channels=c, eps=1e-6)
 
 
 class ResBlock(nn.Module):

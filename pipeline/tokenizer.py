@@ -1,0 +1,317 @@
+"""Stage `tokenizer`: train the multi-scale VQ-VAE with the paper's compound loss (eq. 5).
+
+loss = ||im - im_hat|| (L1 or L2) + commitment ||f - f_hat|| + lambda_P LPIPS
+       + lambda_G * w_adapt * GAN (PatchGAN, hinge, joins after ``disc_start_epoch``)
+
+LPIPS needs ImageNet VGG16 weights from a local path (``lpips_weights``); without one it is
+off with a warning. Training state is checkpointed to ``checkpoints/tokenizer/state.pt``
+(outside DVC's outputs) every ``ckpt_every`` steps and at each epoch end; a killed run
+resumes from there, batch for batch, and ends with the weights it would have had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from varcore import VQVAE
+from varcore.disc import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+
+from .artifacts import save_tokenizer
+from .config import ParamsError, TokenizerParams, load_tokenizer_params, read_params
+from .data import DataError, load_split
+from .io import atomic_path, read_json, sha256_bytes, write_json
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = "varscale.tokenizer-state.v1"
+
+
+def to_float_images(images_NHWC: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [-1, 1]."""
+    x = torch.as_tensor(images_NHWC)
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def psnr(img_hat: torch.Tensor, img: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(img_hat.clamp(-1, 1), img).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    epoch: int = 0          # current epoch
+    batch: int = 0          # next batch index within the epoch
+    step: int = 0           # optimiser steps taken
+    images_seen: int = 0
+    seconds: float = 0.0    # training wall time before this process
+
+
+def _usage_from_counts(counts_KV: torch.Tensor) -> tuple[list[float], list[float]]:
+    p = counts_KV / counts_KV.sum(1, keepdim=True).clamp_min(1)
+    used = (counts_KV > 0).float().mean(1).tolist()
+    ppl = torch.exp(-(p * p.clamp_min(1e-12).log()).sum(1)).tolist()
+    return used, ppl
+
+
+@torch.no_grad()
+def evaluate(vq: VQVAE, images: torch.Tensor, batch_size: int = 256) -> dict[str, float | list[float]]:
+    """Token round trip (image -> tokens -> image) on held-out images: PSNR, L1, per-scale usage."""
+    vq.eval()
+    K, V = vq.quantizer.num_scales, vq.cfg.vocab_size
+    counts = torch.zeros(K, V)
+    se, l1, n = 0.0, 0.0, 0
+    for i in range(0, len(images), batch_size):
+        x = to_float_images(images[i:i + batch_size])
+        idx = vq.img_to_idx(x)
+        rec = vq.idx_to_img(idx)
+        for k, r in enumerate(idx):
+            counts[k] += torch.bincount(r.flatten(), minlength=V).float()
+        se += F.mse_loss(rec, x, reduction="sum").item()
+        l1 += F.l1_loss(rec, x, reduction="sum").item()
+        n += x.numel()
+    used, ppl = _usage_from_counts(counts)
+    return {"psnr": 10 * math.log10(4.0 / max(se / n, 1e-12)), "l1": l1 / n,
+            "codebook_used": used, "codebook_perplexity": ppl,
+            "codebook_used_any_scale": float((counts.sum(0) > 0).float().mean())}
+
+
+def recon_grid(vq: VQVAE, images: np.ndarray, n: int = 16) -> np.ndarray:
+    """Originals (top row) over their token reconstructions (bottom row): uint8 ``(2S, nS, 3)``."""
+    x = to_float_images(images[:n])
+    with torch.no_grad():
+        rec = vq.idx_to_img(vq.img_to_idx(x))
+    rows = [torch.cat(list(t), dim=2) for t in (x, rec)]           # (3, S, nS) each
+    grid = torch.cat(rows, dim=1).add(1).mul(127.5).round().clamp(0, 255).byte()
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_png(path: Path, array_HWC: np.ndarray) -> None:
+    from PIL import Image
+    with atomic_path(path) as tmp:
+        Image.fromarray(array_HWC).save(tmp, format="PNG")
+
+
+class Trainer:
+    """Owns the models, optimisers and resumable state of one tokenizer training run."""
+
+    def __init__(self, p: TokenizerParams, fingerprint: str, lpips_model: torch.nn.Module | None = None):
+        self.p, self.tp, self.fingerprint = p, p.train, fingerprint
+        torch.manual_seed(self.tp.seed)
+        self.vq = VQVAE(p.model)
+        self.disc = PatchDiscriminator(p.model.in_channels, self.tp.disc_ch) if self.tp.lambda_g > 0 else None
+        self.lpips = lpips_model
+        betas = (0.5, 0.9)  # VQGAN's GAN-friendly Adam betas
+        self.opt = torch.optim.AdamW(self.vq.parameters(), lr=self.tp.lr, betas=betas,
+                                     weight_decay=self.tp.weight_decay)
+        self.opt_d = (torch.optim.AdamW(self.disc.parameters(), lr=self.tp.lr, betas=betas,
+                                        weight_decay=self.tp.weight_decay) if self.disc else None)
+        self.state = TrainState()
+
+    # ---- checkpointing -------------------------------------------------------------------
+    def save_state(self, path: Path, seconds: float) -> None:
+        blob = {"format": STATE_FORMAT, "fingerprint": self.fingerprint,
+                "state": dataclasses.asdict(dataclasses.replace(self.state, seconds=seconds)),
+                "vq": self.vq.state_dict(), "opt": self.opt.state_dict(),
+                "disc": self.disc.state_dict() if self.disc else None,
+                "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+                "rng": torch.get_rng_state()}
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
+
+    def try_resume(self, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            log.warning("ignoring unreadable tokenizer state %s: %s", path, e)
+            return False
+        if blob.get("format") != STATE_FORMAT or blob.get("fingerprint") != self.fingerprint:
+            log.warning("ignoring tokenizer state %s: it belongs to other params or data", path)
+            return False
+        self.vq.load_state_dict(blob["vq"])
+        self.opt.load_state_dict(blob["opt"])
+        if self.disc:
+            self.disc.load_state_dict(blob["disc"])
+            self.opt_d.load_state_dict(blob["opt_d"])
+        torch.set_rng_state(blob["rng"])
+        self.state = TrainState(**blob["state"])
+        log.info("resuming tokenizer training at epoch %d batch %d (step %d)",
+                 self.state.epoch, self.state.batch, self.state.step)
+        return True
+
+    # ---- one optimisation step -----------------------------------------------------------
+    def step(self, x: torch.Tensor, gan_on: bool) -> dict[str, float]:
+        self.vq.train()
+        out = self.vq(x)
+        rec = F.l1_loss(out.img_hat, x) if self.tp.recon_loss == "l1" else F.mse_loss(out.img_hat, x)
+        nll = rec
+        m = {"rec": rec.item(), "commit": out.commit_loss.item()}
+        if self.lpips is not None and self.tp.lambda_p > 0:
+            p_loss = self.lpips(out.img_hat, x).mean()
+            nll = nll + self.tp.lambda_p * p_loss
+            m["lpips"] = p_loss.item()
+        loss = nll + out.commit_loss
+        if gan_on and self.disc is not None:
+            self.disc.requires_grad_(False)
+            g_loss = hinge_g_loss(self.disc(out.img_hat))
+            w = adaptive_gan_weight(nll, g_loss, self.vq.decoder.net[-1].weight) * self.tp.lambda_g
+            loss = loss + w * g_loss
+            m.update(gan_g=g_loss.item(), gan_weight=w.item())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if gan_on and self.disc is not None:
+            self.disc.requires_grad_(True)
+            d_loss = hinge_d_loss(self.disc(x), self.disc(out.img_hat.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            m["gan_d"] = d_loss.item()
+        m["loss"] = loss.item()
+        m["psnr"] = psnr(out.img_hat.detach(), x)
+        for k, (u, pp) in enumerate(zip(out.usage.used_fraction, out.usage.perplexity)):
+            m[f"codebook_used_s{k}"], m[f"codebook_ppl_s{k}"] = u, pp
+        return m
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self, train_images: np.ndarray, state_path: Path, ckpt_every: int = 200,
+            on_log: Callable[[int, dict], None] | None = None,
+            on_epoch: Callable[[int, "Trainer"], None] | None = None,
+            on_step: Callable[[int], None] | None = None) -> None:
+        tp, st = self.tp, self.state
+        steps_per_epoch = len(train_images) // tp.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"tokenizer.train.batch_size {tp.batch_size} exceeds the {len(train_images)} "
+                             f"training images")
+        total = tp.epochs * steps_per_epoch if tp.max_steps is None else min(tp.max_steps, tp.epochs * steps_per_epoch)
+        t0, seconds0 = time.perf_counter(), st.seconds
+        bar = tqdm(total=total, initial=st.step, desc="tokenizer", unit="step", mininterval=2)
+        while st.epoch < tp.epochs and st.step < total:
+            # the epoch's order depends only on (seed, epoch), so a resumed run sees the same batches
+            order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(tp.seed * 1000 + st.epoch))
+            gan_on = st.epoch >= tp.disc_start_epoch
+            while st.batch < steps_per_epoch and st.step < total:
+                sel = order[st.batch * tp.batch_size:(st.batch + 1) * tp.batch_size].numpy()
+                m = self.step(to_float_images(train_images[np.sort(sel)]), gan_on)
+                st.batch += 1
+                st.step += 1
+                st.images_seen += len(sel)
+                bar.update(1)
+                if on_log and (st.step % tp.log_every == 0 or st.step == total):
+                    on_log(st.step, m)
+                if st.step % ckpt_every == 0:
+                    self.save_state(state_path, seconds0 + time.perf_counter() - t0)
+                if on_step:
+                    on_step(st.step)
+            if st.batch >= steps_per_epoch:
+                st.epoch, st.batch = st.epoch + 1, 0
+                self.save_state(state_path, seconds0 + time.perf_counter() - t0)
+                if on_epoch:
+                    on_epoch(st.epoch, self)
+        bar.close()
+        st.seconds = seconds0 + time.perf_counter() - t0
+
+
+def fingerprint(p: TokenizerParams, data_manifest: dict) -> str:
+    """Identifies a run: params and the exact data; resume state of another run is ignored."""
+    blob = repr((dataclasses.asdict(p), data_manifest["splits"]["train"]["sha256"])).encode()
+    return sha256_bytes(blob)[:24]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/images")
+    ap.add_argument("--out", default="models/tokenizer.pt")
+    ap.add_argument("--metrics", default="metrics/tokenizer.json")
+    ap.add_argument("--recon", default="metrics/tokenizer-recon.png")
+    ap.add_argument("--state", default="checkpoints/tokenizer/state.pt")
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ParamsError, DataError, ValueError) as e:
+        raise SystemExit(f"tokenizer: {e}") from None
+
+
+def run(args: argparse.Namespace) -> dict:
+    import mlflow
+
+    from .perceptual import load_lpips
+    from .tracking import stage_run
+
+    p = load_tokenizer_params(read_params(args.params), args.params)
+    data_dir = Path(args.data)
+    manifest = read_json(data_dir / "manifest.json")
+    if manifest["image_size"] != p.model.image_size:
+        raise ParamsError(f"{args.params}:tokenizer.model.image_size is {p.model.image_size} but "
+                          f"{data_dir}/manifest.json has images of {manifest['image_size']}")
+    train_images, _ = load_split(data_dir / "train.npz")
+    val_images, _ = load_split(data_dir / "val.npz")
+    if p.train.num_threads:
+        torch.set_num_threads(p.train.num_threads)
+    lpips_model = None
+    if p.train.lpips_weights and p.train.lambda_p > 0:
+        lpips_model = load_lpips(p.train.lpips_weights)
+    else:
+        log.warning("LPIPS is off: tokenizer.train.lpips_weights is not set (no pretrained VGG16 here)")
+    trainer = Trainer(p, fingerprint(p, manifest), lpips_model)
+    state_path = Path(args.state)
+    trainer.try_resume(state_path)
+    val_sub = val_images[:2048]
+    with stage_run("tokenizer", {"tokenizer": dataclasses.asdict(p)}) as _:
+        mlflow.set_tags({"lpips": "vgg16 " + str(p.train.lpips_weights) if lpips_model else "off"})
+
+        def on_log(step: int, m: dict) -> None:
+            mlflow.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step)
+
+        def on_epoch(epoch: int, tr: Trainer) -> None:
+            ev = evaluate(tr.vq, val_sub)
+            mlflow.log_metrics({"val/psnr": ev["psnr"], "val/l1": ev["l1"],
+                                **{f"val/codebook_used_s{k}": u for k, u in enumerate(ev["codebook_used"])},
+                                **{f"val/codebook_ppl_s{k}": u for k, u in enumerate(ev["codebook_perplexity"])}},
+                               step=tr.state.step)
+            grid_path = Path(args.recon).with_name(f"tokenizer-recon-epoch{epoch:03d}.png")
+            save_png(grid_path, recon_grid(tr.vq, val_images))
+            mlflow.log_artifact(str(grid_path), artifact_path="reconstructions")
+            grid_path.unlink()
+            log.info("epoch %d: val PSNR %.2f dB, codebook used (any scale) %.1f%%", epoch, ev["psnr"],
+                     100 * ev["codebook_used_any_scale"])
+
+        trainer.fit(train_images, state_path, args.ckpt_every, on_log, on_epoch)
+        ev = evaluate(trainer.vq, val_images)
+        metrics = {"val_psnr": ev["psnr"], "val_l1": ev["l1"], "codebook_used": ev["codebook_used"],
+                   "codebook_perplexity": ev["codebook_perplexity"],
+                   "codebook_used_any_scale": ev["codebook_used_any_scale"],
+                   "steps": trainer.state.step, "images_seen": trainer.state.images_seen,
+                   "train_seconds": round(trainer.state.seconds, 1), "lpips": lpips_model is not None}
+        save_tokenizer(args.out, trainer.vq, {"data_manifest_sha256": sha256_bytes(
+            (data_dir / "manifest.json").read_bytes())})
+        save_png(Path(args.recon), recon_grid(trainer.vq, val_images))
+        write_json(args.metrics, metrics)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(args.recon)
+        mlflow.log_artifact(args.out, artifact_path="model")
+    log.info("tokenizer: val PSNR %.2f dB after %d steps (%.0f s)", ev["psnr"], trainer.state.step,
+             trainer.state.seconds)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The trained-transformer checkpoint ``models/var-d{depth}.pt``: config, weights and class names."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from varcore import VAR, VARConfig
+
+from .artifacts import ArtifactError
+from .io import atomic_path
+
+VAR_FORMAT = "varscale.var.v1"
+
+
+def save_var(path: str | Path, model: VAR, class_names: list[str] | None = None,
+             extra: dict[str, Any] | None = None) -> None:
+    """Write atomically: ``config`` (VARConfig fields), ``state_dict``, ``num_classes``, ``class_names``."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": VAR_FORMAT, "config": dataclasses.asdict(model.cfg),
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "num_classes": model.cfg.num_classes, "class_names": list(class_names or []),
+                    **(extra or {})}, tmp)
+
+
+def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VAR, dict[str, Any]]:
+    """The model (eval mode) and the checkpoint's metadata (everything but the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: VAR checkpoint not found (run `dvc repro train`)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many types for a truncated/corrupt file
+        raise ArtifactError(f"{path}: cannot read VAR checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != VAR_FORMAT:
+        raise ArtifactError(f"{path}: not a varscale VAR checkpoint")
+    model = VAR(VARConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model.eval(), meta

@@ -1,0 +1,139 @@
+"""Typed params of the `train` stage and the sweep: sections ``var`` and ``train`` of params.yaml.
+
+``var.model`` holds overrides of :class:`varcore.VARConfig` shared by every depth (the
+depth, V, Cvae, scales and class count are not overridable: the depth list and the
+tokenizer fix them). ``train`` is the optimisation recipe (paper Sec. 4: AdamW 0.9/0.95,
+wd 0.05, lr 1e-4 per 256 images scaled linearly with the global batch), the evaluation
+schedule and the Ray Train resources. Errors name ``file:section.key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import PARAMS_FILE, ParamsError, check, load_section
+
+FIXED_VAR_KEYS = ("depth", "vocab_size", "Cvae", "patch_nums", "num_classes")
+LR_REFERENCE_BATCH = 256  # the paper quotes lr per 256 images
+
+
+@dataclass(frozen=True)
+class VarParams:
+    model: dict[str, Any] = field(default_factory=dict)   # VARConfig overrides, e.g. shared_aln
+
+    def __post_init__(self):
+        fixed = sorted(set(self.model) & set(FIXED_VAR_KEYS))
+        check(not fixed, "model", f"{fixed} are set by train.depths and the tokenizer, not here")
+
+
+@dataclass(frozen=True)
+class RayParams:
+    """Ray Train resources of ONE training run (one depth)."""
+
+    address: str | None = None             # ray.init address; null: a running cluster if any, else local
+    num_workers: int = 1                   # data-parallel workers (DDP over gloo on CPU, NCCL on GPU)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, Any] = field(default_factory=dict)   # e.g. {"accelerator_type:H100": 0.01}
+    max_failures: int = 2                  # worker restarts from the last checkpoint before the run fails
+    storage_path: str = "models/ray"       # Ray Train run dirs + checkpoints (resume reads them)
+    num_to_keep: int = 2                   # checkpoints kept per run
+
+    def __post_init__(self):
+        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        check(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+        check(bool(self.storage_path), "storage_path", "must be a non-empty path")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    depths: tuple[int, ...] = (1, 2, 3, 4)
+    batch_size: int = 64                   # GLOBAL batch (images), split evenly over the workers
+    lr: float = 1e-4                       # peak lr per 256 images; actual = lr * batch_size / 256
+    betas: tuple[float, ...] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    grad_clip: float = 2.0                 # max global grad norm; 0 turns clipping off
+    warmup_frac: float = 0.05              # linear warm-up over this fraction of the steps
+    decay: str = "linear"                  # linear | cosine, from the peak to min_lr_frac * peak
+    min_lr_frac: float = 0.01
+    steps: int | None = 200                # optimizer steps; null: derived from epochs
+    epochs: float | None = None            # passes over the train split (used when steps is null)
+    num_evals: int = 8                     # validation points, each at twice the compute of the previous
+    val_max_samples: int | None = None     # cap on val images per evaluation (null: all)
+    eval_batch_size: int = 256
+    checkpoint_every: int = 100            # extra Ray checkpoints between evaluations (steps)
+    log_every: int = 10                    # train-loss points in the curve (steps)
+    precision: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    fsdp_min_depth: int | None = None      # depths >= this use FSDP instead of DDP (GPU only)
+    num_threads: int = 1                   # torch intra-op threads per CPU worker (0: torch default)
+    seed: int = 0
+    ray: RayParams = field(default_factory=RayParams)
+
+    def __post_init__(self):
+        check(len(self.depths) >= 1 and all(d >= 1 for d in self.depths), "depths",
+              f"must be a non-empty list of ints >= 1, got {list(self.depths)}")
+        check(len(set(self.depths)) == len(self.depths), "depths", f"has duplicates: {list(self.depths)}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.batch_size % self.ray.num_workers == 0, "batch_size",
+              f"{self.batch_size} is not divisible by ray.num_workers={self.ray.num_workers}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        check(0 <= self.warmup_frac < 1, "warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
+        check(self.decay in ("linear", "cosine"), "decay", f"must be 'linear' or 'cosine', got {self.decay!r}")
+        check(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
+        check((self.steps is None) != (self.epochs is None), "steps",
+              "set exactly one of steps and epochs (the other null)")
+        check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        check(self.num_evals >= 1, "num_evals", f"must be >= 1, got {self.num_evals}")
+        check(self.val_max_samples is None or self.val_max_samples >= 1, "val_max_samples",
+              f"must be >= 1 or null, got {self.val_max_samples}")
+        check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(self.precision in ("auto", "bf16", "fp32"), "precision",
+              f"must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        check(self.fsdp_min_depth is None or self.fsdp_min_depth >= 1, "fsdp_min_depth",
+              f"must be >= 1 or null, got {self.fsdp_min_depth}")
+        check(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / LR_REFERENCE_BATCH
+
+    def total_steps(self, num_train: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        steps_per_epoch = num_train // self.batch_size
+        if steps_per_epoch < 1:
+            raise ParamsError(f"train.batch_size {self.batch_size} exceeds the {num_train} training images")
+        return max(1, round(self.epochs * steps_per_epoch))
+
+    def use_fsdp(self, depth: int) -> bool:
+        return self.fsdp_min_depth is not None and depth >= self.fsdp_min_depth
+
+
+def load_var_params(params: dict[str, Any], file: str = PARAMS_FILE) -> VarParams:
+    return load_section(VarParams, params.get("var"), f"{file}:var")
+
+
+def load_train_params(params: dict[str, Any], file: str = PARAMS_FILE) -> TrainParams:
+    return load_section(TrainParams, params.get("train"), f"{file}:train")
+
+
+def config_hash(*objs: Any) -> str:
+    """Stable short hash of dataclasses/dicts: names a Ray run so a changed recipe never resumes
+    another recipe's checkpoint."""
+    def plain(o):
+        return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o
+    blob = json.dumps([plain(o) for o in objs], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -129,7 +129,7 @@ class TokenizerTrainParams:
     recon_loss: str = "l1"                 # l1 | l2
     lambda_p: float = 1.0                  # LPIPS weight (active only with lpips_weights)
     lambda_g: float = 0.1                  # GAN weight (times the adaptive weight)
-    disc_start_epoch: int = 3              # discriminator joins after this many epochs
+    disc_start_step: int = 1000            # discriminator joins after this many steps
     disc_ch: int = 32
     lpips_weights: str | None = None       # local path to VGG16 weights (torchvision state dict)
     log_every: int = 50

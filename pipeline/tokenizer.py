@@ -1,7 +1,7 @@
 """Stage `tokenizer`: train the multi-scale VQ-VAE with the paper's compound loss (eq. 5).
 
 loss = ||im - im_hat|| (L1 or L2) + commitment ||f - f_hat|| + lambda_P LPIPS
-       + lambda_G * w_adapt * GAN (PatchGAN, hinge, joins after ``disc_start_epoch``)
+       + lambda_G * w_adapt * GAN (PatchGAN, hinge, joins after ``disc_start_step`` steps)
 
 LPIPS needs ImageNet VGG16 weights from a local path (``lpips_weights``); without one it is
 off with a warning. Training state is checkpointed to ``checkpoints/tokenizer/state.pt``
@@ -204,10 +204,9 @@ class Trainer:
         while st.epoch < tp.epochs and st.step < total:
             # the epoch's order depends only on (seed, epoch), so a resumed run sees the same batches
             order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(tp.seed * 1000 + st.epoch))
-            gan_on = st.epoch >= tp.disc_start_epoch
             while st.batch < steps_per_epoch and st.step < total:
                 sel = order[st.batch * tp.batch_size:(st.batch + 1) * tp.batch_size].numpy()
-                m = self.step(to_float_images(train_images[np.sort(sel)]), gan_on)
+                m = self.step(to_float_images(train_images[np.sort(sel)]), st.step >= tp.disc_start_step)
                 st.batch += 1
                 st.step += 1
                 st.images_seen += len(sel)

@@ -19,7 +19,7 @@ TINY = {
     "tokenizer": {
         "model": {"image_size": 16, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "mid_attn": False,
                   "Cvae": 8, "vocab_size": 32, "patch_nums": [1, 2, 4, 8]},
-        "train": {"epochs": 2, "batch_size": 8, "disc_start_epoch": 1, "disc_ch": 8, "log_every": 2},
+        "train": {"epochs": 2, "batch_size": 8, "disc_start_step": 3, "disc_ch": 8, "log_every": 2},
     },
     "tokenize": {"batch_size": 16, "shard_size": 16},
 }

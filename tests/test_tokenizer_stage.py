@@ -22,7 +22,7 @@ def _images(n=24, seed=0):
 
 
 def _params(**kw):
-    train = dict(epochs=2, batch_size=8, lr=1e-3, disc_start_epoch=1, disc_ch=8, log_every=1, seed=3)
+    train = dict(epochs=2, batch_size=8, lr=1e-3, disc_start_step=3, disc_ch=8, log_every=1, seed=3)
     train.update(kw)
     return TokenizerParams(model=MODEL, train=TokenizerTrainParams(**train))
 
@@ -67,7 +67,7 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
 
 def test_training_reduces_reconstruction_error(tmp_path):
     imgs = np.repeat(_images(8), 4, axis=0)           # few distinct images: fast to fit
-    p = _params(epochs=6, disc_start_epoch=100, lambda_g=0.0)
+    p = _params(epochs=6, disc_start_step=10**6, lambda_g=0.0)
     tr = Trainer(p, "fp")
     before = evaluate(tr.vq, imgs)["psnr"]
     logged = []

@@ -5,6 +5,8 @@ Classifier-free guidance runs the conditional and the null-class batch together 
 mixes the logits as ``(1 + t) l_cond - t l_uncond`` with ``t = cfg * k / (K - 1)``, so
 guidance grows from zero at the first scale to ``cfg`` at the last, as in the paper's code.
 Zero-shot tasks teacher-force the tokens outside a mask at every scale (paper Sec. 7).
+On CUDA the transformer calls run through the static engine (one CUDA graph per scale,
+:mod:`varcore.static_sampler`); the tokens are those of the plain KV-cached loop.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ import torch.nn.functional as F
 
 from .errors import require
 from .quant import MultiScaleQuantizer
+from .static_sampler import static_engine
 from .var import VAR
 from .vqvae import VQVAE
+
+
+ENGINES = ("auto", "plain", "static")
 
 
 @dataclass(frozen=True)
@@ -25,9 +31,11 @@ class SamplingConfig:
     cfg: float = 1.5        # guidance strength at the last scale; 0 disables CFG
     top_k: int = 900        # 0 disables
     top_p: float = 0.96     # 1.0 disables
+    engine: str = "auto"    # plain | static (graph per scale on CUDA); auto: static on CUDA
 
     def __post_init__(self):
         require(self.cfg >= 0, "cfg", f"must be >= 0, got {self.cfg}")
+        require(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
         require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
 
@@ -83,11 +91,11 @@ def sample_tokens(var: VAR, quantizer: MultiScaleQuantizer, label_B: torch.Tenso
     use_cfg = sampling.cfg > 0
     labels = torch.cat([label_B, torch.full_like(label_B, cfg.num_classes)]) if use_cfg else label_B
     cond_BC = var.cond(labels)
-    caches = var.new_kv_caches()
+    forward_scale = scale_forward(var, cond_BC, sampling.engine)
     f_hat = quantizer.embedding.weight.new_zeros(B, quantizer.Cvae, pn[-1], pn[-1])
-    x_BlC, start, idx_list = var.sos(cond_BC), 0, []
+    x_BlC, idx_list = var.sos(cond_BC), []
     for k, p in enumerate(pn):
-        logits_BlV = var.forward_scale(x_BlC, cond_BC, start, caches).float()
+        logits_BlV = forward_scale(k, x_BlC)
         if use_cfg:
             t = guidance(k, K, sampling.cfg)
             logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
@@ -97,12 +105,26 @@ def sample_tokens(var: VAR, quantizer: MultiScaleQuantizer, label_B: torch.Tenso
             idx_Bhw = torch.where(teacher.keep_masks[k], teacher.idx_list[k], idx_Bhw)
         idx_list.append(idx_Bhw)
         f_hat, next_BChw = quantizer.add_scale(k, f_hat, quantizer.lookup(idx_Bhw))
-        start += p * p
         if next_BChw is not None:
             x_BlC = var.word_embed(next_BChw.flatten(2).transpose(1, 2).to(var.word_embed.weight.dtype))
             if use_cfg:
                 x_BlC = x_BlC.repeat(2, 1, 1)
     return idx_list, f_hat
+
+
+def scale_forward(var: VAR, cond_BC: torch.Tensor, engine: str = "auto"):
+    """``f(k, x_BlC) -> float logits of scale k`` for one batch, through a fresh KV cache
+    (plain) or the cached static engine (auto on CUDA; an eval-mode model only)."""
+    device = cond_BC.device
+    if engine == "static" or (engine == "auto" and device.type == "cuda" and not var.training):
+        eng = static_engine(var, cond_BC.shape[0], device)
+        eng.begin(var, cond_BC)
+        return eng.scale
+    caches, starts, n = var.new_kv_caches(), [], 0
+    for pn in var.cfg.patch_nums:
+        starts.append(n)
+        n += pn * pn
+    return lambda k, x_BlC: var.forward_scale(x_BlC, cond_BC, starts[k], caches).float()
 
 
 @torch.no_grad()

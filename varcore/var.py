@@ -7,20 +7,36 @@ time with a KV cache and no mask. Blocks use AdaLN conditioned on the class embe
 and L2-normalised queries and keys with a learned per-head temperature.
 
 Shape rule (paper Sec. 4): width ``w = 64 d``, heads ``h = d``, drop-path ``0.1 d / 24``.
+
+Speed paths (all compute the same function as the dense-mask path): the block-causal
+mask can be applied as a FlexAttention block mask (tiles a scale never sees are skipped)
+or as one unmasked attention call per scale (queries of scale k against the keys of
+scales <= k, which the flash kernels run); blocks can be compiled with ``torch.compile``
+(one graph shared by all blocks) and recomputed in backward (activation checkpointing).
+``attn_impl="auto"`` and ``compile_blocks=None`` pick the fast path on CUDA and the
+plain dense-mask eager path elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError, check_patch_nums, require
 
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = create_block_mask = flex_attention = None
+
 PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+ATTN_IMPLS = ("auto", "dense", "flex", "per_scale")
 
 
 @dataclass(frozen=True)
@@ -42,9 +58,15 @@ class VARConfig:
     cond_drop_rate: float = 0.1           # class dropout for classifier-free guidance
     attn_l2_norm: bool = True
     norm_eps: float = 1e-6
+    # execution only (same function, different speed and memory):
+    attn_impl: str = "auto"               # dense | flex | per_scale; auto: flex on CUDA, dense elsewhere
+    compile_blocks: bool | None = None    # torch.compile the blocks and head; None: on CUDA
+    checkpointing: int = 0                # recompute the first n blocks in backward; True: all
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        if isinstance(self.checkpointing, bool):
+            object.__setattr__(self, "checkpointing", self.depth if self.checkpointing else 0)
         require(isinstance(self.depth, int) and self.depth >= 1, "depth", f"must be an int >= 1, got {self.depth}")
         check_patch_nums(self.patch_nums)
         require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
@@ -52,6 +74,11 @@ class VARConfig:
         require(self.Cvae >= 1, "Cvae", f"must be >= 1, got {self.Cvae}")
         require(self.C % self.H == 0, "width", f"width {self.C} is not divisible by num_heads {self.H}")
         require(0.0 <= self.cond_drop_rate < 1.0, "cond_drop_rate", f"must be in [0, 1), got {self.cond_drop_rate}")
+        require(self.attn_impl in ATTN_IMPLS, "attn_impl", f"must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        require(not (self.attn_impl == "flex" and self.attn_drop_rate > 0), "attn_impl",
+                "flex has no attention dropout; use per_scale or dense with attn_drop_rate > 0")
+        require(isinstance(self.checkpointing, int) and 0 <= self.checkpointing <= self.depth, "checkpointing",
+                f"must be a bool or an int in [0, depth={self.depth}], got {self.checkpointing}")
 
     @property
     def C(self) -> int:
@@ -98,6 +125,46 @@ def block_causal_mask(patch_nums: tuple[int, ...]) -> torch.Tensor:
     return s[None, :] <= s[:, None]
 
 
+def scale_ends(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
+    """End (exclusive) of every scale in the token sequence: ``(1, 5, 14, ..., 680)`` at paper scale."""
+    ends, n = [], 0
+    for pn in patch_nums:
+        n += pn * pn
+        ends.append(n)
+    return tuple(ends)
+
+
+@functools.lru_cache(maxsize=16)
+def flex_block_mask(patch_nums: tuple[int, ...], device: str) -> "BlockMask":
+    """The block-causal mask as a FlexAttention ``BlockMask``; 128x128 tiles that no query
+    of the tile may see are skipped (about 28% of the tiles at paper scale)."""
+    s_L = scale_ids(patch_nums).to(device)
+    L = s_L.numel()
+
+    def block_causal(b, h, q_idx, kv_idx):
+        return s_L[kv_idx] <= s_L[q_idx]
+
+    return create_block_mask(block_causal, None, None, L, L, device=device)
+
+
+def attend(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, attn, dropout_p: float,
+           scale: float | None) -> torch.Tensor:
+    """Attention under one of three equivalent forms of the mask ``attn``: ``None`` or a bool
+    ``(L, L)`` tensor (dense SDPA), a ``BlockMask`` (FlexAttention), or a tuple of scale ends
+    (one unmasked SDPA call per scale: queries of scale k see keys ``[0, end_k)``)."""
+    if attn is None or isinstance(attn, torch.Tensor):
+        return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn, dropout_p=dropout_p,
+                                              scale=scale)
+    if isinstance(attn, tuple):
+        outs, start = [], 0
+        for end in attn:
+            outs.append(F.scaled_dot_product_attention(
+                q_BHLc[:, :, start:end], k_BHLc[:, :, :end], v_BHLc[:, :, :end], dropout_p=dropout_p, scale=scale))
+            start = end
+        return torch.cat(outs, dim=2)
+    return flex_attention(q_BHLc, k_BHLc, v_BHLc, block_mask=attn, scale=scale)
+
+
 class KVCache:
     """Keys/values of one attention layer, filled scale by scale at inference.
 
@@ -123,19 +190,30 @@ class KVCache:
         self.len = end
         return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
 
+    def reset(self) -> None:
+        """Start a new image; the storage is kept and overwritten."""
+        self.len = 0
+
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch per sample with probability ``p``."""
+    """Stochastic depth: drop the residual branch per sample with probability ``p``.
 
-    def __init__(self, p: float):
+    ``p`` is a tensor and ``active`` is the same for every block of a model (a block with
+    ``p = 0`` keeps all samples), so that ``torch.compile`` traces one graph for all blocks
+    instead of specialising on each block's rate.
+    """
+
+    def __init__(self, p: float, active: bool | None = None):
         super().__init__()
-        self.p = p
+        self.active = p > 0 if active is None else active
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
 
     def forward(self, x):
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep_p = 1 - self.p
+        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) < keep_p
+        return x * keep / keep_p
 
 
 class SelfAttention(nn.Module):
@@ -161,15 +239,13 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1).to(v.dtype)
         return q, k, v  # each (B, H, L, hd)
 
-    def forward(self, x_BLC: torch.Tensor, attn_mask: torch.Tensor | None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, attn_mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """``attn_mask``: None, the bool block-causal mask, or an equivalent form (see :func:`attend`)."""
         B, L, C = x_BLC.shape
         q, k, v = self.qkv_heads(x_BLC)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0,
-            scale=1.0 if self.l2_norm else None)
+        o = attend(q, k, v, attn_mask, self.attn_drop if self.training else 0.0, 1.0 if self.l2_norm else None)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, C)))
 
 
@@ -192,7 +268,7 @@ class AdaLNBlock(nn.Module):
         self.attn = SelfAttention(C, cfg.H, cfg.attn_drop_rate, cfg.drop_rate, cfg.attn_l2_norm)
         self.ffn = FFN(C, round(C * cfg.mlp_ratio), cfg.drop_rate)
         self.ln = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path, active=cfg.dpr > 0)
         # per-block AdaLN: cond (B, C) -> 6 modulation vectors. With shared_aln the model
         # projects once for all blocks and each block adds its own learned offset.
         if cfg.shared_aln:
@@ -208,8 +284,8 @@ class AdaLNBlock(nn.Module):
             mod_B16C = self.ada_lin(cond_BC_or_B6C).view(-1, 1, 6, self.C)
         return mod_B16C.unbind(2)
 
-    def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_mask, kv_cache: KVCache | None = None
+                ) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         h = self.ln(x_BLC).mul(scale1.add(1)).add_(shift1)
         x_BLC = x_BLC + self.drop_path(self.attn(h, attn_mask, kv_cache).mul_(gamma1))
@@ -311,9 +387,41 @@ class VAR(nn.Module):
         x_BLC = torch.cat([self.sos(cond_BC), self.word_embed(x_BlCvae.to(self.word_embed.weight.dtype))], dim=1)
         x_BLC = x_BLC + self.scale_pos(0, cfg.L)
         bc = self.block_cond(cond_BC)
-        for block in self.blocks:
-            x_BLC = block(x_BLC, bc, self.attn_mask_LL)
-        return self.head(x_BLC, cond_BC)
+        attn = self.attention_mask(x_BLC.device)
+        compiled = self.compiled(x_BLC.device)
+        run_block = compile_region(_run_block) if compiled else _run_block
+        recompute = cfg.checkpointing if self.training and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if i < recompute:
+                x_BLC = checkpoint(run_block, block, x_BLC, bc, attn, use_reentrant=False)
+            else:
+                x_BLC = run_block(block, x_BLC, bc, attn)
+        return (compile_region(_run_head) if compiled else _run_head)(self.head, x_BLC, cond_BC)
+
+    def attn_impl(self, device: torch.device) -> str:
+        """The attention form ``forward`` uses on ``device`` (``cfg.attn_impl`` with auto resolved)."""
+        impl = self.cfg.attn_impl
+        if impl != "auto":
+            return impl
+        if device.type != "cuda":
+            return "dense"
+        if flex_attention is not None and self.cfg.attn_drop_rate == 0 and self.compiled(device):
+            return "flex"
+        return "per_scale"
+
+    def attention_mask(self, device: torch.device):
+        """The block-causal mask in the form :func:`attend` takes for this model's ``attn_impl``."""
+        impl = self.attn_impl(device)
+        if impl == "flex":
+            return flex_block_mask(self.cfg.patch_nums, str(device))
+        if impl == "per_scale":
+            return scale_ends(self.cfg.patch_nums)
+        return self.attn_mask_LL
+
+    def compiled(self, device: torch.device) -> bool:
+        """Whether blocks and head run through ``torch.compile`` (not when already being compiled)."""
+        on = self.cfg.compile_blocks if self.cfg.compile_blocks is not None else device.type == "cuda"
+        return on and not torch.compiler.is_compiling()
 
     # ---- inference: one scale at a time with a KV cache ----------------------------------------
     def new_kv_caches(self) -> list[KVCache]:
@@ -329,3 +437,23 @@ class VAR(nn.Module):
         for block, cache in zip(self.blocks, kv_caches):
             x_BlC = block(x_BlC, bc, None, cache)
         return self.head(x_BlC, cond_BC)
+
+
+# ---- compiled regions --------------------------------------------------------------------
+# One compiled function serves every block: the blocks have the same structure and their
+# parameters are graph inputs, so dynamo traces once per shape. dynamic=False keeps the
+# kernels specialised to the paper's fixed shapes (one recompile per batch size).
+def _run_block(block: AdaLNBlock, x_BLC: torch.Tensor, cond: torch.Tensor, attn) -> torch.Tensor:
+    return block(x_BLC, cond, attn)
+
+
+def _run_head(head: AdaLNHead, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
+    return head(x_BLC, cond_BC)
+
+
+COMPILE_BACKEND = "inductor"   # tests switch to "aot_eager" (same graphs, no code generation)
+
+
+@functools.cache
+def compile_region(fn):
+    return torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)

@@ -1,0 +1,139 @@
+"""Static-shape engine for scale-by-scale sampling: one CUDA graph per scale.
+
+Sampling runs the same K transformer calls with the same shapes for every batch, so
+each scale's forward (all blocks, KV-cache writes, head, float logits) is captured once
+as a CUDA graph over preallocated buffers and then replayed: no Python or kernel-launch
+overhead per layer. The graphs read a private copy of the model whose linear layers
+hold their weights in the autocast dtype, so the fp32 -> bf16 weight casts that
+autocast would redo at every scale happen once, and only when the weights changed.
+
+The arithmetic is the plain path's: same modules, same kernels, weights rounded to the
+same dtype, so a fixed generator gives the same tokens (on CPU, where there are no
+graphs, the same engine runs eagerly and tests compare it with the plain sampler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+
+import torch
+import torch.nn as nn
+
+from .var import VAR
+
+_ENGINES: "weakref.WeakKeyDictionary[VAR, StaticScales]" = weakref.WeakKeyDictionary()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The ambient autocast dtype on ``device``'s type, or None when autocast is off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+class StaticScales:
+    """Per-scale forward of a private model copy over fixed buffers: ``(2)B`` rows, ``L`` cache slots."""
+
+    def __init__(self, var: VAR, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
+                 graphs: bool):
+        self.key = (batch, device, amp_dtype, graphs)
+        self.model = copy.deepcopy(var).eval().requires_grad_(False)
+        if amp_dtype is not None:  # what autocast would cast them to at every call
+            for m in self.model.modules():
+                if isinstance(m, nn.Linear):
+                    m.to(amp_dtype)
+        self.synced: tuple | None = None
+        cfg = var.cfg
+        self.starts, n = [], 0
+        for pn in cfg.patch_nums:
+            self.starts.append(n)
+            n += pn * pn
+        self.caches = self.model.new_kv_caches()
+        with torch.no_grad(), self._autocast():
+            self.cond_BC = torch.zeros(batch, cfg.C, device=device, dtype=var.class_emb.weight.dtype)
+            x0 = var.sos(self.cond_BC)
+            embed_dtype = var.word_embed(torch.zeros(1, 1, cfg.Cvae, device=device,
+                                                     dtype=var.word_embed.weight.dtype)).dtype
+        self.x_BlC = [torch.zeros(batch, pn * pn, cfg.C, device=device, dtype=x0.dtype if k == 0 else embed_dtype)
+                      for k, pn in enumerate(cfg.patch_nums)]
+        self.logits_BlV: list[torch.Tensor | None] = [None] * len(cfg.patch_nums)
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.amp_dtype, self.device = amp_dtype, device
+        if graphs:
+            self.sync(var)
+            self._capture()
+
+    def _autocast(self):
+        if self.key[2] is None:
+            return contextlib.nullcontext()
+        # no weight cache: a cached cast made during capture would be freed behind the graph
+        return torch.autocast(self.key[1].type, dtype=self.key[2], cache_enabled=False)
+
+    @torch.no_grad()
+    def _forward(self, k: int) -> torch.Tensor:
+        return self.model.forward_scale(self.x_BlC[k], self.cond_BC, self.starts[k], self.caches).float()
+
+    def _reset(self) -> None:
+        for c in self.caches:
+            c.reset()
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), self._autocast():  # warm-up: allocates caches, creates handles
+            for _ in range(2):
+                self._reset()
+                for k in range(len(self.starts)):
+                    self._forward(k)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._reset()
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = []
+        for k in range(len(self.starts)):  # in sampling order: each scale appends to the caches
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool), self._autocast():
+                self.logits_BlV[k] = self._forward(k)
+            self.graphs.append(g)
+        self._reset()
+
+    @torch.no_grad()
+    def sync(self, var: VAR) -> None:
+        """Copy ``var``'s parameters in (rounded to the compute dtype) if they changed since the last copy."""
+        params = list(var.parameters())
+        state = tuple((p.data_ptr(), p._version) for p in params)
+        if state != self.synced:
+            for dst, src in zip(self.model.parameters(), params):
+                dst.copy_(src)
+            self.synced = state
+
+    def begin(self, var: VAR, cond_BC: torch.Tensor) -> None:
+        """Start one batch: current weights, this batch's class embeddings, empty caches."""
+        self.sync(var)
+        self.cond_BC.copy_(cond_BC)
+        self._reset()
+
+    def scale(self, k: int, x_BlC: torch.Tensor) -> torch.Tensor:
+        """Float logits ``(B, l, V)`` of scale ``k``; valid until the next call of the same scale."""
+        self.x_BlC[k].copy_(x_BlC)
+        if self.graphs is None:
+            return self._forward(k)
+        self.graphs[k].replay()
+        return self.logits_BlV[k]
+
+
+def static_engine(var: VAR, batch: int, device: torch.device) -> StaticScales:
+    """The cached engine of ``var`` for this batch and autocast state (one kept per model)."""
+    amp = autocast_dtype(device)
+    key = (batch, device, amp, device.type == "cuda")
+    eng = _ENGINES.get(var)
+    if eng is None or eng.key != key:
+        _ENGINES.pop(var, None)   # free the old buffers before allocating new ones
+        eng = _ENGINES[var] = StaticScales(var, batch, device, amp, graphs=key[3])
+    return eng
+
+
+def release_static_engine(var: VAR) -> None:
+    """Drop ``var``'s cached engine (its KV caches, weight copy and graphs) to free device memory."""
+    _ENGINES.pop(var, None)

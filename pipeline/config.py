@@ -101,6 +101,19 @@ def check(cond: bool, field_name: str, message: str) -> None:
         raise ConfigError(field_name, message)
 
 
+def check_device(device: str) -> None:
+    check(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device",
+          f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def resolve_device(device: str):
+    """``auto`` -> the first GPU if torch sees one, else the CPU."""
+    import torch
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 # ---- stage configs -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataParams:
@@ -136,8 +149,10 @@ class TokenizerTrainParams:
     max_steps: int | None = None           # stop early (tests)
     seed: int = 0
     num_threads: int = 0                   # torch threads; 0 = torch default
+    device: str = "auto"                   # auto (cuda if available) | cpu | cuda | cuda:N
 
     def __post_init__(self):
+        check_device(self.device)
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -155,8 +170,10 @@ class TokenizerParams:
 class TokenizeParams:
     batch_size: int = 256
     shard_size: int = 8192
+    device: str = "auto"
 
     def __post_init__(self):
+        check_device(self.device)
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from varcore import VQVAE, VQVAEConfig, flatten_tokens
 
 from .artifacts import ArtifactError, TOKENS_MANIFEST, load_tokenizer, write_shard
-from .config import ParamsError, TokenizeParams, load_tokenize_params, load_tokenizer_params, read_params
+from .config import (ParamsError, TokenizeParams, load_tokenize_params, load_tokenizer_params, read_params,
+                     resolve_device)
 from .data import DataError, load_split
 from .io import read_json, sha256_file, write_json
 from .tokenizer import to_float_images
@@ -34,10 +35,11 @@ def encode_images(vq: VQVAE, images: np.ndarray, batch_size: int, desc: str = "e
                   ) -> tuple[np.ndarray, float]:
     """uint8 images -> ``(N, L)`` uint16 tokens; returns them and the seconds spent encoding."""
     vq.eval()
+    device = vq.quantizer.embedding.weight.device
     out, seconds = [], 0.0
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=2):
         t0 = time.perf_counter()
-        idx = flatten_tokens(vq.img_to_idx(to_float_images(images[i:i + batch_size])))
+        idx = flatten_tokens(vq.img_to_idx(to_float_images(images[i:i + batch_size]).to(device))).cpu()
         seconds += time.perf_counter() - t0
         out.append(idx.numpy().astype(np.uint16))
     return np.concatenate(out) if out else np.zeros((0, sum(p * p for p in vq.cfg.patch_nums)), np.uint16), seconds
@@ -45,7 +47,7 @@ def encode_images(vq: VQVAE, images: np.ndarray, batch_size: int, desc: str = "e
 
 def run(p: TokenizeParams, tokenizer_path: Path, data_dir: Path, out_dir: Path,
         expected: VQVAEConfig | None = None) -> dict:
-    vq = load_tokenizer(tokenizer_path)
+    vq = load_tokenizer(tokenizer_path).to(resolve_device(p.device))
     if expected is not None and (vq.cfg.patch_nums != expected.patch_nums or vq.cfg.vocab_size != expected.vocab_size):
         raise ArtifactError(f"{tokenizer_path}: trained with patch_nums {list(vq.cfg.patch_nums)}, "
                             f"V={vq.cfg.vocab_size}, but params say patch_nums {list(expected.patch_nums)}, "

@@ -29,7 +29,7 @@ from varcore import VQVAE
 from varcore.disc import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 
 from .artifacts import save_tokenizer
-from .config import ParamsError, TokenizerParams, load_tokenizer_params, read_params
+from .config import ParamsError, TokenizerParams, load_tokenizer_params, read_params, resolve_device
 from .data import DataError, load_split
 from .io import atomic_path, read_json, sha256_bytes, write_json
 
@@ -72,10 +72,11 @@ def evaluate(vq: VQVAE, images: torch.Tensor, batch_size: int = 256) -> dict[str
     """Token round trip (image -> tokens -> image) on held-out images: PSNR, L1, per-scale usage."""
     vq.eval()
     K, V = vq.quantizer.num_scales, vq.cfg.vocab_size
-    counts = torch.zeros(K, V)
+    device = vq.quantizer.embedding.weight.device
+    counts = torch.zeros(K, V, device=device)
     se, l1, n = 0.0, 0.0, 0
     for i in range(0, len(images), batch_size):
-        x = to_float_images(images[i:i + batch_size])
+        x = to_float_images(images[i:i + batch_size]).to(device)
         idx = vq.img_to_idx(x)
         rec = vq.idx_to_img(idx)
         for k, r in enumerate(idx):
@@ -83,7 +84,7 @@ def evaluate(vq: VQVAE, images: torch.Tensor, batch_size: int = 256) -> dict[str
         se += F.mse_loss(rec, x, reduction="sum").item()
         l1 += F.l1_loss(rec, x, reduction="sum").item()
         n += x.numel()
-    used, ppl = _usage_from_counts(counts)
+    used, ppl = _usage_from_counts(counts.cpu())
     return {"psnr": 10 * math.log10(4.0 / max(se / n, 1e-12)), "l1": l1 / n,
             "codebook_used": used, "codebook_perplexity": ppl,
             "codebook_used_any_scale": float((counts.sum(0) > 0).float().mean())}
@@ -91,9 +92,10 @@ def evaluate(vq: VQVAE, images: torch.Tensor, batch_size: int = 256) -> dict[str
 
 def recon_grid(vq: VQVAE, images: np.ndarray, n: int = 16) -> np.ndarray:
     """Originals (top row) over their token reconstructions (bottom row): uint8 ``(2S, nS, 3)``."""
-    x = to_float_images(images[:n])
+    x = to_float_images(images[:n]).to(vq.quantizer.embedding.weight.device)
     with torch.no_grad():
         rec = vq.idx_to_img(vq.img_to_idx(x))
+    x, rec = x.cpu(), rec.cpu()
     rows = [torch.cat(list(t), dim=2) for t in (x, rec)]           # (3, S, nS) each
     grid = torch.cat(rows, dim=1).add(1).mul(127.5).round().clamp(0, 255).byte()
     return grid.permute(1, 2, 0).numpy()
@@ -110,10 +112,12 @@ class Trainer:
 
     def __init__(self, p: TokenizerParams, fingerprint: str, lpips_model: torch.nn.Module | None = None):
         self.p, self.tp, self.fingerprint = p, p.train, fingerprint
+        self.device = resolve_device(self.tp.device)
         torch.manual_seed(self.tp.seed)
-        self.vq = VQVAE(p.model)
-        self.disc = PatchDiscriminator(p.model.in_channels, self.tp.disc_ch) if self.tp.lambda_g > 0 else None
-        self.lpips = lpips_model
+        self.vq = VQVAE(p.model).to(self.device)
+        self.disc = (PatchDiscriminator(p.model.in_channels, self.tp.disc_ch).to(self.device)
+                     if self.tp.lambda_g > 0 else None)
+        self.lpips = lpips_model.to(self.device) if lpips_model is not None else None
         betas = (0.5, 0.9)  # VQGAN's GAN-friendly Adam betas
         self.opt = torch.optim.AdamW(self.vq.parameters(), lr=self.tp.lr, betas=betas,
                                      weight_decay=self.tp.weight_decay)
@@ -136,7 +140,7 @@ class Trainer:
         if not path.is_file():
             return False
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            blob = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as e:
             log.warning("ignoring unreadable tokenizer state %s: %s", path, e)
             return False
@@ -148,7 +152,7 @@ class Trainer:
         if self.disc:
             self.disc.load_state_dict(blob["disc"])
             self.opt_d.load_state_dict(blob["opt_d"])
-        torch.set_rng_state(blob["rng"])
+        torch.set_rng_state(blob["rng"].cpu())
         self.state = TrainState(**blob["state"])
         log.info("resuming tokenizer training at epoch %d batch %d (step %d)",
                  self.state.epoch, self.state.batch, self.state.step)
@@ -157,6 +161,7 @@ class Trainer:
     # ---- one optimisation step -----------------------------------------------------------
     def step(self, x: torch.Tensor, gan_on: bool) -> dict[str, float]:
         self.vq.train()
+        x = x.to(self.device, non_blocking=True)
         out = self.vq(x)
         rec = F.l1_loss(out.img_hat, x) if self.tp.recon_loss == "l1" else F.mse_loss(out.img_hat, x)
         nll = rec
@@ -227,8 +232,14 @@ class Trainer:
 
 
 def fingerprint(p: TokenizerParams, data_manifest: dict) -> str:
-    """Identifies a run: params and the exact data; resume state of another run is ignored."""
-    blob = repr((dataclasses.asdict(p), data_manifest["splits"]["train"]["sha256"])).encode()
+    """Identifies a run: params, the exact data and the training code; resume state of any
+    other run is ignored rather than silently continued."""
+    import varcore.disc
+    import varcore.quant
+    import varcore.vqvae
+    code = b"".join(Path(m.__file__).read_bytes() for m in (varcore.vqvae, varcore.quant, varcore.disc))
+    code += Path(__file__).read_bytes()
+    blob = repr((dataclasses.asdict(p), data_manifest["splits"]["train"]["sha256"])).encode() + code
     return sha256_bytes(blob)[:24]
 
 
@@ -307,6 +318,7 @@ def run(args: argparse.Namespace) -> dict:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(args.recon)
         mlflow.log_artifact(args.out, artifact_path="model")
+    state_path.unlink(missing_ok=True)  # crash-recovery state is spent; DVC's cache keeps the result
     log.info("tokenizer: val PSNR %.2f dB after %d steps (%.0f s)", ev["psnr"], trainer.state.step,
              trainer.state.seconds)
     return metrics

@@ -1,8 +1,10 @@
-"""Stage `data`: a class-labelled image set -> ``data/images/{train,val}.npz`` + manifest.
+"""Stage `data`: a class-labelled image set -> ``data/images/{train,val}.npy`` + manifest.
 
 Sources: the default Fashion-MNIST (Debian package ``dataset-fashion-mnist``, IDX files,
 70k 28x28 grey images, 10 classes) or a user image folder ``root/<class>/*.png|jpg``.
-Every image becomes RGB uint8 ``image_size x image_size``: grey and palette images are
+Images are listed first, split, then decoded one by one into memory-mapped
+``data/images/<split>.npy`` (``(N, S, S, 3)`` uint8) with ``<split>-labels.npy``, so memory
+stays bounded from Fashion-MNIST to ImageNet. Every image becomes RGB ``S x S``: grey and palette images are
 converted, RGBA is composited on white, other sizes are centre-cropped and resized,
 unreadable or truncated files are skipped; each case is counted in ``metrics/data.json``.
 The train/val split is stratified per class and fixed by ``data.seed``.
@@ -16,6 +18,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -37,14 +40,14 @@ class DataError(ValueError):
 
 
 @dataclass
-class Collected:
-    """Images of one source before the split: ids keep the split lists auditable."""
+class Listing:
+    """The images of a source before decoding: one id and label per image, plus a decoder."""
 
-    images: list[np.ndarray] = field(default_factory=list)   # (S, S, 3) uint8 each
-    labels: list[int] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-    classes: list[str] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)          # converted / skipped reasons
+    ids: list[str]
+    labels: np.ndarray                                   # (N,) int64
+    classes: list[str]
+    decode: Callable[[int], Image.Image]                 # item index -> PIL image (may raise OSError)
+    counts: Counter = field(default_factory=Counter)     # reasons for skipping, at listing time
 
 
 # ---- image normalisation -------------------------------------------------------------------
@@ -76,73 +79,81 @@ def _read_idx(path: Path, header: int) -> np.ndarray:
         raise DataError(f"{path}: cannot read IDX file: {e}") from e
 
 
-def collect_fashion_mnist(p: DataParams) -> Collected:
+def list_fashion_mnist(p: DataParams) -> Listing:
     root = Path(p.root)
     missing = [root / f for pair in FASHION_MNIST_FILES.values() for f in pair if not (root / f).is_file()]
     if missing:
         raise DataError(f"{missing[0]}: Fashion-MNIST file not found; install it with "
                         f"`apt-get install dataset-fashion-mnist` (or `bash install.sh --data`), "
                         f"or set data.root / data.source: image_folder in params.yaml")
-    out = Collected(classes=list(FASHION_MNIST_CLASSES))
-    per_class: Counter = Counter()
+    pixels, ids, labels = [], [], []
     for part, (img_file, lab_file) in FASHION_MNIST_FILES.items():
         images = _read_idx(root / img_file, 16).reshape(-1, 28, 28)
-        labels = _read_idx(root / lab_file, 8)
-        if len(images) != len(labels):
-            raise DataError(f"{root / img_file}: {len(images)} images but {len(labels)} labels")
-        for i in tqdm(range(len(images)), desc=f"fashion-mnist {part}", unit="img", mininterval=2):
-            lab = int(labels[i])
-            if p.max_per_class is not None and per_class[lab] >= p.max_per_class:
-                continue
-            per_class[lab] += 1
-            out.images.append(to_rgb_square(Image.fromarray(images[i], mode="L"), p.image_size, out.counts))
-            out.labels.append(lab)
-            out.ids.append(f"{part}:{i}")
-    return out
+        labs = _read_idx(root / lab_file, 8)
+        if len(images) != len(labs):
+            raise DataError(f"{root / img_file}: {len(images)} images but {len(labs)} labels")
+        pixels.append(images)
+        labels.append(labs.astype(np.int64))
+        ids += [f"{part}:{i}" for i in range(len(images))]
+    all_pixels = np.concatenate(pixels)
+    return Listing(ids, np.concatenate(labels), list(FASHION_MNIST_CLASSES),
+                   lambda i: Image.fromarray(all_pixels[i], mode="L"))
 
 
-def collect_image_folder(p: DataParams) -> Collected:
+def _readable(path: Path) -> bool:
+    """Cheap header check at listing time; truncated bodies are caught when decoding."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def list_image_folder(p: DataParams) -> Listing:
     root = Path(p.root)
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found (data.root in params.yaml)")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class folders; expected {root}/<class>/*.png|jpg")
-    out = Collected()
-    files_by_class = {d.name: sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
-                      for d in class_dirs}
-    total = sum(len(v) for v in files_by_class.values())
-    bar = tqdm(total=total, desc="image folder", unit="img", mininterval=2)
-    for name, files in files_by_class.items():
-        images: list[np.ndarray] = []
-        ids: list[str] = []
-        for f in files:
-            bar.update(1)
-            if p.max_per_class is not None and len(images) >= p.max_per_class:
-                break
-            try:
-                with Image.open(f) as im:
-                    im.load()  # decode fully: truncated files fail here, not later
-                    images.append(to_rgb_square(im, p.image_size, out.counts))
-                    ids.append(str(f.relative_to(root)))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                out.counts["skipped_unreadable"] += 1
-                log.warning("skipping unreadable image %s: %s", f, e)
-        if not images:
-            out.counts["skipped_empty_classes"] += 1
-            log.warning("skipping class %r: no readable images in %s", name, root / name)
+    counts: Counter = Counter()
+    classes, paths, labels = [], [], []
+    for d in tqdm(class_dirs, desc="list classes", unit="class", mininterval=2):
+        files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        good = [f for f in files if _readable(f)]
+        counts["skipped_unreadable"] += len(files) - len(good)
+        if not good:
+            counts["skipped_empty_classes"] += 1
+            log.warning("skipping class %r: no readable images in %s", d.name, d)
             continue
-        lab = len(out.classes)
-        out.classes.append(name)
-        out.images += images
-        out.ids += ids
-        out.labels += [lab] * len(images)
-    bar.close()
-    if not out.classes:
+        labels += [len(classes)] * len(good)
+        classes.append(d.name)
+        paths += good
+    if not classes:
         raise DataError(f"{root}: no readable images in any class folder")
-    if len(out.classes) < 2:
-        log.warning("%s: only one class (%s); class-conditional training degenerates", root, out.classes)
-    return out
+    if len(classes) < 2:
+        log.warning("%s: only one class (%s); class-conditional training degenerates", root, classes)
+
+    def decode(i: int) -> Image.Image:
+        with Image.open(paths[i]) as im:
+            im.load()  # decode fully: a truncated body fails here
+            return im.copy()
+
+    return Listing([str(f.relative_to(root)) for f in paths], np.asarray(labels, dtype=np.int64), classes,
+                   decode, counts)
+
+
+def cap_per_class(listing: Listing, max_per_class: int | None) -> np.ndarray:
+    """Indices kept when at most ``max_per_class`` images (the first, in listing order) per class."""
+    if max_per_class is None:
+        return np.arange(len(listing.labels))
+    keep, seen = [], Counter()
+    for i, lab in enumerate(listing.labels.tolist()):
+        if seen[lab] < max_per_class:
+            seen[lab] += 1
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
 
 
 # ---- split and write -----------------------------------------------------------------------
@@ -160,40 +171,69 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def write_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
+def write_split(listing: Listing, sel: np.ndarray, size: int, out_dir: Path, split: str,
+                counts: Counter) -> tuple[np.ndarray, list[str]]:
+    """Decode the selected images straight into a memory-mapped ``<split>.npy`` (bounded memory at
+    any data size); returns the labels and ids of the images that decoded."""
+    images_path = out_dir / f"{split}.npy"
+    labels, ids = [], []
+    with atomic_path(images_path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(sel), size, size, 3))
+        n = 0
+        for i in tqdm(sel.tolist(), desc=f"decode {split}", unit="img", mininterval=2):
+            try:
+                arr[n] = to_rgb_square(listing.decode(i), size, counts)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                counts["skipped_unreadable"] += 1
+                log.warning("skipping unreadable image %s: %s", listing.ids[i], e)
+                continue
+            labels.append(int(listing.labels[i]))
+            ids.append(listing.ids[i])
+            n += 1
+        arr.flush()
+        del arr
+        if n < len(sel):  # shrink to the images that decoded
+            full = np.load(tmp, mmap_mode="r")
+            np.save(tmp.with_suffix(".part.npy"), full[:n])
+            del full
+            tmp.with_suffix(".part.npy").replace(tmp)
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    with atomic_path(out_dir / f"{split}-labels.npy") as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, images=images, labels=labels.astype(np.int64))
+            np.save(f, labels_arr)
+    return labels_arr, ids
 
 
-def load_split(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``images (N, S, S, 3)`` uint8 and ``labels (N,)`` of one split file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: split file not found (run `dvc repro data`)")
-    with np.load(path) as z:
-        return z["images"], z["labels"]
+def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``images (N, S, S, 3)`` uint8 (memory-mapped) and ``labels (N,)`` of one split."""
+    data_dir = Path(data_dir)
+    images_path, labels_path = data_dir / f"{split}.npy", data_dir / f"{split}-labels.npy"
+    for path in (images_path, labels_path):
+        if not path.is_file():
+            raise DataError(f"{path}: split file not found (run `dvc repro data`)")
+    images, labels = np.load(images_path, mmap_mode="r"), np.load(labels_path)
+    if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
+        raise DataError(f"{images_path}: images {images.shape} do not match labels {labels.shape}")
+    return images, labels
 
 
 def run(p: DataParams, out_dir: Path, metrics_path: Path) -> dict:
-    collected = collect_fashion_mnist(p) if p.source == "fashion_mnist" else collect_image_folder(p)
-    images = np.stack(collected.images)
-    labels = np.asarray(collected.labels, dtype=np.int64)
-    ids = np.asarray(collected.ids)
-    tr, va = stratified_split(labels, p.val_fraction, p.seed)
+    listing = list_fashion_mnist(p) if p.source == "fashion_mnist" else list_image_folder(p)
+    kept = cap_per_class(listing, p.max_per_class)
+    tr, va = stratified_split(listing.labels[kept], p.val_fraction, p.seed)
+    counts = Counter(listing.counts)
     manifest = {"source": p.source, "root": str(p.root), "image_size": p.image_size, "seed": p.seed,
-                "val_fraction": p.val_fraction, "classes": collected.classes, "splits": {}}
-    for split, sel in (("train", tr), ("val", va)):
-        path = out_dir / f"{split}.npz"
-        write_split(path, images[sel], labels[sel])
-        per_class = np.bincount(labels[sel], minlength=len(collected.classes))
+                "val_fraction": p.val_fraction, "classes": listing.classes, "splits": {}}
+    for split, sel in (("train", kept[tr]), ("val", kept[va])):
+        labels, ids = write_split(listing, sel, p.image_size, out_dir, split, counts)
+        per_class = np.bincount(labels, minlength=len(listing.classes))
         manifest["splits"][split] = {
-            "file": path.name, "count": int(len(sel)), "sha256": sha256_file(path),
-            "per_class": {c: int(n) for c, n in zip(collected.classes, per_class)},
-            "ids_sha256": sha256_bytes("\n".join(ids[sel]).encode())}
+            "file": f"{split}.npy", "count": int(len(labels)), "sha256": sha256_file(out_dir / f"{split}.npy"),
+            "per_class": {c: int(n) for c, n in zip(listing.classes, per_class)},
+            "ids_sha256": sha256_bytes("\n".join(ids).encode())}
     write_json(out_dir / "manifest.json", manifest)
-    metrics = {"num_classes": len(collected.classes), "train_images": int(len(tr)), "val_images": int(len(va)),
-               **{k: int(v) for k, v in sorted(collected.counts.items())}}
+    metrics = {"num_classes": len(listing.classes), "train_images": manifest["splits"]["train"]["count"],
+               "val_images": manifest["splits"]["val"]["count"], **{k: int(v) for k, v in sorted(counts.items())}}
     for key in ("skipped_unreadable", "skipped_empty_classes", "converted_grey", "converted_alpha",
                 "converted_mode", "resized"):
         metrics.setdefault(key, 0)

@@ -66,7 +66,7 @@ def run(p: TokenizeParams, tokenizer_path: Path, data_dir: Path, out_dir: Path,
     timing = {"encode_seconds": 0.0, "io_seconds": 0.0, "images": 0}
     for split in ("train", "val"):
         t_io = time.perf_counter()
-        images, labels = load_split(data_dir / f"{split}.npz")
+        images, labels = load_split(data_dir, split)
         timing["io_seconds"] += time.perf_counter() - t_io
         tokens, enc_s = encode_images(vq, images, p.batch_size, desc=f"tokenize {split}")
         timing["encode_seconds"] += enc_s

@@ -39,7 +39,7 @@ STATE_FORMAT = "varscale.tokenizer-state.v1"
 
 def to_float_images(images_NHWC: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [-1, 1]."""
-    x = torch.as_tensor(images_NHWC)
+    x = images_NHWC if isinstance(images_NHWC, torch.Tensor) else torch.from_numpy(np.array(images_NHWC, np.uint8))
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
@@ -272,8 +272,8 @@ def run(args: argparse.Namespace) -> dict:
     if manifest["image_size"] != p.model.image_size:
         raise ParamsError(f"{args.params}:tokenizer.model.image_size is {p.model.image_size} but "
                           f"{data_dir}/manifest.json has images of {manifest['image_size']}")
-    train_images, _ = load_split(data_dir / "train.npz")
-    val_images, _ = load_split(data_dir / "val.npz")
+    train_images, _ = load_split(data_dir, "train")
+    val_images, _ = load_split(data_dir, "val")
     if p.train.num_threads:
         torch.set_num_threads(p.train.num_threads)
     lpips_model = None

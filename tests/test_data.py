@@ -32,8 +32,8 @@ def test_odd_and_corrupt_images_are_converted_or_skipped(tmp_path):
     assert m["num_classes"] == 2 and m["train_images"] + m["val_images"] == 4 + 2 + 4 + 1
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["classes"] == ["class0", "class1"]
-    imgs, labels = load_split(tmp_path / "out" / "train.npz")
-    vimgs, vlabels = load_split(tmp_path / "out" / "val.npz")
+    imgs, labels = load_split(tmp_path / "out", "train")
+    vimgs, vlabels = load_split(tmp_path / "out", "val")
     assert imgs.shape[1:] == (16, 16, 3) and imgs.dtype == np.uint8
     all_imgs = np.concatenate([imgs, vimgs])
     # the transparent image became white, the grey one grey in all three channels
@@ -52,7 +52,7 @@ def test_missing_or_empty_root_names_the_path(tmp_path):
     (tmp_path / "empty" / "a" / "x.png").write_text("not an image")
     with pytest.raises(DataError, match="no readable images"):
         run(_params(tmp_path / "empty"), tmp_path / "out", tmp_path / "m.json")
-    assert not (tmp_path / "out" / "train.npz").exists()
+    assert not (tmp_path / "out" / "train.npy").exists()
 
 
 def test_split_is_deterministic_and_stratified():
@@ -85,7 +85,7 @@ def test_fashion_mnist_reader(tmp_path):
     m = run(p, tmp_path / "out", tmp_path / "m.json")
     assert m["num_classes"] == 10 and m["train_images"] + m["val_images"] == 40
     assert m["converted_grey"] == 40 and m["resized"] == 40
-    imgs, _ = load_split(tmp_path / "out" / "train.npz")
+    imgs, _ = load_split(tmp_path / "out", "train")
     assert imgs.shape[1:] == (32, 32, 3) and (imgs[..., 0] == imgs[..., 2]).all()
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         run(DataParams(source="fashion_mnist", root=str(tmp_path / "none")), tmp_path / "o2", tmp_path / "m2.json")

@@ -50,7 +50,7 @@ def test_tokens_decode_to_the_tokenizers_own_f_hat(tokenized):
     tmp, spec, _ = tokenized
     vq = load_tokenizer(tmp / "tok.pt")
     tokens, _ = load_token_split(tmp / "tokens", "val", spec)
-    images = np.load(tmp / "images" / "val.npz")["images"]
+    images = np.load(tmp / "images" / "val.npy")
     with torch.no_grad():
         f_hat_ref, _, _ = vq.quantizer(vq.encode(to_float_images(images)))
     f_hat = vq.quantizer.idx_to_f_hat(vq.quantizer.split_tokens(tokens))

@@ -142,9 +142,10 @@ def log_to_mlflow(metrics: dict[str, Any], model_path: Path, metrics_path: Path)
     for row in metrics["curve"]:
         mlflow.log_metrics({f"val_{k}": row[k] for k in ("L_last", "L_mean", "Err_last", "Err_mean")},
                            step=row["step"])
+    # final values under their own names (the curves above already end with them)
     mlflow.log_metrics({k: float(metrics[k]) for k in (
-        "N", "params_total", "tokens", "compute", "compute_6NT", "train_loss",
-        "L_last", "L_mean", "Err_last", "Err_mean", "wall_seconds")})
+        "N", "params_total", "compute_6NT", "L_last", "L_mean", "Err_last", "Err_mean", "wall_seconds")})
+    mlflow.log_metrics({"tokens_total": float(metrics["tokens"]), "compute_total": float(metrics["compute"])})
     mlflow.log_artifact(str(metrics_path))
     mlflow.set_tag("varscale.model_path", str(model_path))
 

@@ -1,0 +1,147 @@
+"""The train stage under Ray Train on a tiny model: DDP equivalence, restart from checkpoints, outputs.
+
+Class dropout and drop-path are set to 0 here: with them, each rank draws its own masks
+(seeded by seed, step, rank), so 2 workers would match 1 worker only in distribution.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.train import fit, load_inputs, train_depth
+from pipeline.train_artifacts import load_var
+from pipeline.train_config import load_train_params
+from pipeline.train_loop import read_state_file
+from pipeline.train_synthetic import write_synthetic_artifacts
+from varcore.flops import count_params, main_N, var_flops
+
+from .test_train import TINY_VQ, tiny_params
+
+ray = pytest.importorskip("ray")
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_art")
+    tok, tokens = write_synthetic_artifacts(root, TINY_VQ, n_train=64, n_val=32, num_classes=4)
+    return root, tok, tokens
+
+
+def params_for(root, workers=1, **train):
+    p = tiny_params(steps=STEPS, batch_size=8, lr=0.05, num_evals=2, log_every=1, checkpoint_every=4,
+                    ray={"num_workers": workers, "storage_path": str(root / "ray"), "max_failures": 1}, **train)
+    p["var"]["model"] = {"cond_drop_rate": 0.0, "drop_path_rate": 0.0}
+    return p
+
+
+def curves(state):
+    return np.array([r["train_loss"] for r in state["train_curve"]]), np.array([r["L_mean"] for r in state["curve"]])
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(ray_local, artifacts, tmp_path_factory):
+    """The reference: the stage function end to end (1 worker), with MLflow in a temp store."""
+    root, tok, tokens = artifacts
+    out = tmp_path_factory.mktemp("train_out")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    mp.chdir(out)   # MLflow puts artifacts of a new store under ./mlruns
+    try:
+        m = train_depth(params_for(root), 1, tokenizer=tok, tokens=tokens, model_out=out / "var-d1.pt",
+                        metrics_out=out / "train-d1.json")
+    finally:
+        mp.undo()
+    return out, m
+
+
+def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
+    out, m = one_worker_run
+    saved = json.loads((out / "train-d1.json").read_text())
+    assert saved["steps"] == STEPS and saved["tokens"] == STEPS * 8 * 30
+    model, meta = load_var(out / "var-d1.pt")
+    assert saved["N"] == main_N(model.cfg) and saved["params_total"] == count_params(model)
+    assert saved["compute"] == pytest.approx(var_flops(model.cfg).train_per_token * saved["tokens"])
+    assert meta["class_names"] == ["class0", "class1", "class2", "class3"]
+    # a curve point per evaluation (steps 5, 10), monotone in compute, last one = the summary
+    assert [r["step"] for r in saved["curve"]] == [5, 10]
+    assert saved["curve"][-1]["L_mean"] == saved["L_mean"]
+    assert saved["curve"][0]["compute"] * 2 == pytest.approx(saved["curve"][1]["compute"])
+    assert saved["curve"][-1]["L_mean"] < saved["curve"][0]["L_mean"] < np.log(64)   # it learns
+    # the saved model reproduces the recorded test loss
+    root, tok, tokens = artifacts
+    inputs = load_inputs(params_for(root), 1, tok, tokens)
+    from pipeline.train_loop import evaluate
+    ev = evaluate(model, inputs.quantizer, *inputs.val, model.cfg, 16, 0, 1, torch.device("cpu"))
+    assert ev["L_mean"] == pytest.approx(saved["L_mean"], rel=1e-5)
+    import mlflow
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("varscale").experiment_id],
+                              "tags.`varscale.stage` = 'train'")
+    assert len(runs) == 1 and runs[0].data.metrics["val_L_mean"] == pytest.approx(saved["L_mean"])
+    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == STEPS
+
+
+def test_two_workers_follow_the_one_worker_trajectory(one_worker_run, artifacts):
+    root, tok, tokens = artifacts
+    p = params_for(root, workers=2)
+    res = fit(load_inputs(p, 1, tok, tokens), load_train_params(p))
+    with res.checkpoint.as_directory() as d:
+        two = read_state_file(d)["state"]
+    ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
+    t2, v2 = curves(two)
+    t1, v1 = curves(ref)
+    assert two["step"] == STEPS and len(t2) == STEPS
+    np.testing.assert_allclose(t2, t1, rtol=1e-4)
+    np.testing.assert_allclose(v2, v1, rtol=1e-4)
+    assert t1[-1] < t1[0] - 0.05   # a trajectory, not a constant
+
+
+def test_worker_failure_restarts_from_the_last_checkpoint(one_worker_run, artifacts, tmp_path):
+    """A worker dies after step 7; FailureConfig restarts it from the step-4 checkpoint and the
+    run ends with the uninterrupted run's step count and losses."""
+    root, tok, tokens = artifacts
+    p = params_for(root)
+    marker = tmp_path / "failed-once"
+    res = fit(load_inputs(p, 1, tok, tokens), load_train_params(p), name="fail-once",
+              fail_once_at_step=7, fail_marker=str(marker))
+    assert marker.exists() and res.error is None
+    with res.checkpoint.as_directory() as d:
+        state = read_state_file(d)["state"]
+    ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
+    assert state["step"] == ref["steps"] == STEPS
+    t, v = curves(state)
+    np.testing.assert_allclose(t, curves(ref)[0], rtol=1e-5)
+    np.testing.assert_allclose(v, curves(ref)[1], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_crashed_run_resumes_when_rerun(one_worker_run, artifacts, tmp_path):
+    """With no retries left the run fails; running it again (same name and storage, as a DVC
+    re-run does) resumes from its latest checkpoint instead of starting over."""
+    root, tok, tokens = artifacts
+    p = params_for(root)
+    p["train"]["ray"]["max_failures"] = 0
+    inputs, tp = load_inputs(p, 1, tok, tokens), load_train_params(p)
+    marker = tmp_path / "failed-once"
+    with pytest.raises(ray.train.TrainingFailedError, match="injected failure after step 6"):
+        fit(inputs, tp, name="crash", fail_once_at_step=6, fail_marker=str(marker))
+    saved = sorted(p.name for p in (root / "ray" / "crash").glob("step-*"))
+    assert saved == ["step-000000004", "step-000000005"]   # checkpoint_every=4, eval at 5
+    second = fit(inputs, tp, name="crash")
+    with second.checkpoint.as_directory() as d:
+        state = read_state_file(d)["state"]
+    ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
+    assert state["step"] == STEPS
+    np.testing.assert_allclose(curves(state)[0], curves(ref)[0], rtol=1e-5)
+    np.testing.assert_allclose(curves(state)[1], curves(ref)[1], rtol=1e-5)

@@ -198,22 +198,21 @@ class KVCache:
 class DropPath(nn.Module):
     """Stochastic depth: drop the residual branch per sample with probability ``p``.
 
-    ``p`` is a tensor and ``active`` is the same for every block of a model (a block with
-    ``p = 0`` keeps all samples), so that ``torch.compile`` traces one graph for all blocks
-    instead of specialising on each block's rate.
+    ``forward`` reads the rate from a tensor and ``active`` is the same for every block of a
+    model (a block with ``p = 0`` keeps all samples), so that ``torch.compile`` traces one
+    graph for all blocks instead of specialising on each block's rate.
     """
 
     def __init__(self, p: float, active: bool | None = None):
         super().__init__()
-        self.active = p > 0 if active is None else active
-        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
+        self.p, self.active = p, p > 0 if active is None else active
+        self.register_buffer("keep_p", torch.tensor(1.0 - p), persistent=False)
 
     def forward(self, x):
         if not self.active or not self.training:
             return x
-        keep_p = 1 - self.p
-        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) < keep_p
-        return x * keep / keep_p
+        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) < self.keep_p
+        return x * keep / self.keep_p
 
 
 class SelfAttention(nn.Module):

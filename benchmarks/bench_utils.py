@@ -1,0 +1,73 @@
+"""Shared helpers of the benchmark programs: device facts, timing, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from varcore import PAPER_PATCH_NUMS, VQVAEConfig
+
+H100_BF16_DENSE_FLOPS = 989.4e12   # H100 SXM dense bf16 tensor-core peak (datasheet), MFU denominator
+
+PAPER_VQ = VQVAEConfig(image_size=256, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, Cvae=32,
+                       vocab_size=4096, patch_nums=PAPER_PATCH_NUMS)
+
+
+def env() -> dict:
+    info = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def emit(record: dict) -> None:
+    """One JSON line on stdout, flushed (the device tool returns the tail of the output)."""
+    print(json.dumps(record), flush=True)
+    sys.stdout.flush()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Per-call times in ms after ``warmup`` calls: CUDA events on GPU, a synchronised clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
+            "ms_max": round(max(times), 3), "iters": len(times)}
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,109 @@
+"""Sampling speed of VAR at the paper configuration (random weights), VQ-VAE decode included.
+
+One JSON line per case: median ms per batch and per image of ``generate`` (K scales with
+CFG, top-k, top-p, then the VQ-VAE decoder), the token and decode parts timed on their
+own, images/s and peak memory. ``--check-tokens`` also draws one batch with the plain
+and the static engine from the same generator seed and reports whether the tokens match.
+
+    PYTHONPATH=. python benchmarks/sample.py --case 16:64 --case 16:1 --check-tokens
+    PYTHONPATH=. python benchmarks/sample.py --case 16:64 --engine plain
+
+A case is ``depth:batch``; CFG 1.5, top-k 900, top-p 0.96 by default (the paper's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
+from varcore.static_sampler import release_static_engine  # noqa: E402
+
+
+def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> dict:
+    sampling = SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, engine=args.engine)
+    label_B = torch.arange(batch, device=device) % var.cfg.num_classes
+    gen = torch.Generator(device=device).manual_seed(0)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+    f_hat = None
+
+    def tokens():
+        nonlocal f_hat
+        with amp:
+            _, f_hat = sample_tokens(var, vqvae.quantizer, label_B, sampling, gen)
+
+    def decode():
+        with amp:
+            vqvae.f_hat_to_img(f_hat)
+
+    def generate():  # what varcore.generate does, under bf16 autocast
+        tokens()
+        decode()
+
+    reset_peak(device)
+    t_all = summary(time_ms(generate, device, args.warmup, args.iters))
+    t_tok = summary(time_ms(tokens, device, 1, args.iters))
+    t_dec = summary(time_ms(decode, device, 1, args.iters))
+    rec = {"bench": "sample", "depth": var.cfg.depth, "batch": batch, "engine": args.engine, "cfg": args.cfg,
+           "top_k": args.top_k, "top_p": args.top_p, "channels_last_decoder": args.channels_last,
+           **t_all, "ms_per_image": round(t_all["ms_median"] / batch, 3),
+           "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
+           "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
+           "peak_gib": peak_gib(device), **env()}
+    if args.check_tokens:
+        rec["tokens_equal_plain"] = same_tokens(var, vqvae, label_B, sampling, device)
+    return rec
+
+
+def same_tokens(var, vqvae, label_B, sampling, device) -> bool:
+    out = []
+    for engine in ("plain", "static"):
+        s = SamplingConfig(sampling.cfg, sampling.top_k, sampling.top_p, engine=engine)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            idx, _ = sample_tokens(var, vqvae.quantizer, label_B, s, torch.Generator(device=device).manual_seed(7))
+        out.append(idx)
+    return all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", default=[], help="depth:batch")
+    ap.add_argument("--engine", default="auto", choices=["auto", "plain", "static"])
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--top-k", type=int, default=900)
+    ap.add_argument("--top-p", type=float, default=0.96)
+    ap.add_argument("--channels-last", action="store_true", help="decoder weights and input in channels_last")
+    ap.add_argument("--check-tokens", action="store_true")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    vqvae = VQVAE(PAPER_VQ).to(device).eval()
+    if args.channels_last:
+        vqvae.decoder.to(memory_format=torch.channels_last)
+    var, depth = None, None
+    for case in args.case:
+        d, batch = (int(p) for p in case.split(":"))
+        if d != depth:
+            if var is not None:
+                release_static_engine(var)
+            var = depth = None
+            gc.collect()
+            var, depth = VAR(VARConfig(depth=d)).to(device).eval(), d
+        try:
+            emit(run_case(var, vqvae, batch, args, device))
+        except Exception as e:  # a failed case must not hide the others' figures
+            emit({"bench": "sample", "depth": d, "batch": batch, "engine": args.engine,
+                  "error": f"{type(e).__name__}: {str(e)[:500]}"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Training-step speed of VAR at the paper configuration (random weights and data).
+
+One JSON line per case: median ms per step (forward, loss, backward, AdamW), tokens/s,
+model FLOP utilisation against the H100's dense bf16 peak (FLOPs from
+``varcore.flops.var_flops(cfg).train_per_token``, attention counted over the pairs the
+block-causal mask allows), and peak allocated memory.
+
+    PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --case 30:32:30
+    PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --plain     # dense mask, eager, foreach AdamW
+    PYTHONPATH=. python benchmarks/train_step.py --numerics               # bf16 fast path vs fp32 plain loss
+
+A case is ``depth:batch[:checkpointed_blocks]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from varcore import VAR, VARConfig, var_flops  # noqa: E402
+
+
+def cross_entropy(logits_BLV: torch.Tensor, target_BL: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten())
+
+
+def build(depth: int, batch: int, device: torch.device, plain: bool, checkpointing: int, attn_impl: str,
+          **cfg_kw) -> tuple[VAR, torch.optim.Optimizer, object]:
+    cfg = VARConfig(depth=depth, checkpointing=checkpointing,
+                    attn_impl="dense" if plain else attn_impl,
+                    compile_blocks=False if plain else None, **cfg_kw)
+    model = VAR(cfg).to(device).train()
+    fused = device.type == "cuda" and not plain
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05,
+                            fused=fused)
+    loss_fn = cross_entropy if plain or not model.compiled(device) else torch.compile(cross_entropy, dynamic=False)
+    return model, opt, loss_fn
+
+
+def batch_of(cfg: VARConfig, B: int, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    label_B = torch.randint(0, cfg.num_classes, (B,), generator=g)
+    x_BlCvae = torch.randn(B, cfg.L - cfg.first_l, cfg.Cvae, generator=g)
+    target_BL = torch.randint(0, cfg.vocab_size, (B, cfg.L), generator=g)
+    return label_B.to(device), x_BlCvae.to(device), target_BL.to(device)
+
+
+def make_step(model, opt, loss_fn, data, amp: torch.dtype | None, device: torch.device):
+    label_B, x_BlCvae, target_BL = data
+
+    def step():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(model(label_B, x_BlCvae), target_BL)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> dict:
+    reset_peak(device)
+    rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **env()}
+    try:
+        model, opt, loss_fn = build(depth, batch, device, args.plain, ckpt, args.attn_impl)
+        cfg = model.cfg
+        step = make_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
+        times = time_ms(step, device, args.warmup, args.iters)
+    except torch.cuda.OutOfMemoryError as e:
+        rec.update(oom=True, error=str(e).splitlines()[0], checkpointing=ckpt, peak_gib=peak_gib(device))
+        return rec
+    except Exception as e:  # a failed case must not hide the others' figures
+        rec.update(error=f"{type(e).__name__}: {str(e)[:500]}", checkpointing=ckpt)
+        return rec
+    s = summary(times)
+    flops = var_flops(cfg)
+    tokens_per_s = batch * cfg.L / (s["ms_median"] / 1e3)
+    rec.update(attn_impl=model.attn_impl(device), compiled=model.compiled(device), checkpointing=ckpt,
+               fused_adamw=bool(opt.defaults.get("fused")), **s, tokens_per_s=round(tokens_per_s),
+               tflops=round(tokens_per_s * flops.train_per_token / 1e12, 1),
+               mfu=round(tokens_per_s * flops.train_per_token / H100_BF16_DENSE_FLOPS, 4),
+               peak_gib=peak_gib(device))
+    return rec
+
+
+def numerics(args, device: torch.device) -> dict:
+    """Same init, same fixed batch: fp32 plain path vs the bf16 fast path, loss per step."""
+    depth, B, steps = args.numerics_depth, args.numerics_batch, args.numerics_steps
+    kw = dict(drop_path_rate=0.0, cond_drop_rate=0.0)   # no randomness, so the curves are comparable
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    ref, ref_opt, ref_loss = build(depth, B, device, True, 0, "dense", **kw)
+    fast, fast_opt, fast_loss = build(depth, B, device, False, 0, args.attn_impl, **kw)
+    fast.load_state_dict(ref.state_dict())
+    for o in (ref_opt, fast_opt):
+        o.param_groups[0]["lr"] = args.numerics_lr
+    data = batch_of(ref.cfg, B, device, seed=1)
+    ref_step = make_step(ref, ref_opt, ref_loss, data, None, device)
+    fast_step = make_step(fast, fast_opt, fast_loss, data, torch.bfloat16, device)
+    l32 = [ref_step().item() for _ in range(steps)]
+    l16 = [fast_step().item() for _ in range(steps)]
+    diff = [abs(a - b) for a, b in zip(l32, l16)]
+    return {"bench": "train_numerics", "depth": depth, "batch": B, "steps": steps, "lr": args.numerics_lr,
+            "fast_attn_impl": fast.attn_impl(device), "fast_compiled": fast.compiled(device),
+            "loss_fp32": [round(x, 4) for x in l32], "loss_bf16": [round(x, 4) for x in l16],
+            "max_abs_diff": round(max(diff), 4), "max_rel_diff": round(max(d / a for d, a in zip(diff, l32)), 5),
+            "loss_drop_fp32": round(l32[0] - l32[-1], 4), **env()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", default=[], help="depth:batch[:checkpointed_blocks]")
+    ap.add_argument("--plain", action="store_true", help="dense mask, no compile, foreach AdamW (baseline)")
+    ap.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "flex", "per_scale"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--numerics", action="store_true")
+    ap.add_argument("--numerics-depth", type=int, default=16)
+    ap.add_argument("--numerics-batch", type=int, default=16)
+    ap.add_argument("--numerics-steps", type=int, default=30)
+    ap.add_argument("--numerics-lr", type=float, default=3e-4)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    for case in args.case:
+        parts = [int(p) for p in case.split(":")]
+        depth, batch, ckpt = parts[0], parts[1], parts[2] if len(parts) > 2 else 0
+        emit(run_case(depth, batch, ckpt, args, device))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.numerics:
+        emit(numerics(args, device))
+
+
+if __name__ == "__main__":
+    main()

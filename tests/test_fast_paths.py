@@ -1,0 +1,181 @@
+"""GPU speed paths compute the plain path's function: checked on CPU in float32.
+
+FlexAttention and per-scale attention equal the dense block-causal mask; checkpointing
+and the compiled blocks leave outputs and gradients unchanged; the static sampling
+engine draws the plain sampler's tokens for a fixed generator.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import varcore.var as var_mod
+from varcore import ConfigError, SamplingConfig, VAR, VARConfig, sample_tokens
+from varcore.sample import Teacher
+from varcore.static_sampler import release_static_engine, static_engine
+from varcore.var import attend, block_causal_mask, flex_attention, scale_ends
+from tests.conftest import randomize_
+
+
+def _twin(cfg: VARConfig, **changes) -> tuple[VAR, VAR]:
+    """A model and a copy with the same weights whose config differs only in ``changes`` (eval mode)."""
+    a = randomize_(VAR(cfg)).eval()
+    b = VAR(VARConfig(**{**cfg.__dict__, **changes})).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _grads(model: VAR, label, x) -> list[torch.Tensor]:
+    model.zero_grad()
+    model(label, x).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def cfg(tiny_vq_cfg) -> VARConfig:
+    return VARConfig(depth=3, vocab_size=tiny_vq_cfg.vocab_size, Cvae=tiny_vq_cfg.Cvae,
+                     patch_nums=tiny_vq_cfg.patch_nums, num_classes=5, attn_impl="dense", compile_blocks=False)
+
+
+def _batch(cfg, B=3):
+    return torch.tensor([0, 4, 5][:B]), torch.randn(B, cfg.L - cfg.first_l, cfg.Cvae)
+
+
+def test_scale_ends_paper():
+    assert scale_ends((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) == (1, 5, 14, 30, 55, 91, 155, 255, 424, 680)
+
+
+@pytest.mark.parametrize("impl", ["per_scale", "flex"])
+def test_attention_forms_equal_dense_mask(impl):
+    if impl == "flex" and flex_attention is None:
+        pytest.skip("no FlexAttention in this torch")
+    pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)                  # paper scale: tiles straddle scale edges
+    q, k, v = (torch.randn(2, 2, 680, 16) for _ in range(3))
+    ref = attend(q, k, v, block_causal_mask(pn), 0.0, 1.0)
+    mask = scale_ends(pn) if impl == "per_scale" else var_mod.flex_block_mask(pn, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                      # flex outside torch.compile warns
+        out = attend(q, k, v, mask, 0.0, 1.0)
+    assert (out - ref).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["per_scale", "flex"])
+def test_model_attn_impl_same_logits_and_grads(cfg, impl):
+    if impl == "flex" and flex_attention is None:
+        pytest.skip("no FlexAttention in this torch")
+    dense, fast = _twin(cfg, attn_impl=impl)
+    assert fast.attn_impl(torch.device("cpu")) == impl
+    label, x = _batch(cfg)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ref, out = dense(label, x), fast(label, x)
+    assert (out - ref).norm() / ref.norm() < 1e-5
+    if impl == "per_scale":                                   # FlexAttention has no CPU backward
+        for g_ref, g in zip(_grads(dense, label, x), _grads(fast, label, x)):
+            assert (g - g_ref).norm() <= 1e-4 * g_ref.norm() + 1e-12
+
+
+def test_auto_is_plain_on_cpu(tiny_var_cfg):
+    m = VAR(tiny_var_cfg)
+    assert m.attn_impl(torch.device("cpu")) == "dense" and not m.compiled(torch.device("cpu"))
+    assert SamplingConfig().engine == "auto"
+
+
+def test_checkpointing_same_gradients(cfg):
+    plain, ckpt = _twin(cfg, checkpointing=True, drop_path_rate=0.3)
+    plain = VAR(VARConfig(**{**cfg.__dict__, "drop_path_rate": 0.3}))
+    plain.load_state_dict(ckpt.state_dict())
+    assert ckpt.cfg.checkpointing == cfg.depth
+    label, x = _batch(cfg)
+    plain.train(), ckpt.train()
+    torch.manual_seed(5)
+    g_ref = _grads(plain, label, x)
+    torch.manual_seed(5)                                      # same class/drop-path draws
+    g = _grads(ckpt, label, x)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_ref, g))
+
+
+def test_compiled_blocks_share_one_graph(cfg, monkeypatch):
+    """Every block goes through one traced graph (drop-path rates are tensors, not constants)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
+    var_mod.compile_region.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        plain, comp = _twin(cfg, compile_blocks=True, attn_impl="per_scale", drop_path_rate=0.2,
+                            cond_drop_rate=0.0)
+        plain = VAR(VARConfig(**{**cfg.__dict__, "drop_path_rate": 0.2, "cond_drop_rate": 0.0}))
+        plain.load_state_dict(comp.state_dict())
+        label, x = _batch(cfg)
+        plain.eval(), comp.eval()
+        assert torch.allclose(comp(label, x), plain(label, x), rtol=1e-5, atol=1e-6)
+        comp.train()
+        comp(label, x).sum().backward()
+        # one block graph per mode (eval, train) and the head; one graph per block would make >= 7
+        assert counters["stats"]["unique_graphs"] <= 4
+    finally:
+        var_mod.compile_region.cache_clear()
+        torch._dynamo.reset()
+
+
+def test_config_checks_execution_options():
+    with pytest.raises(ConfigError) as e:
+        VARConfig(depth=2, attn_impl="flash")
+    assert e.value.field == "attn_impl"
+    with pytest.raises(ConfigError) as e:
+        VARConfig(depth=2, checkpointing=3)
+    assert e.value.field == "checkpointing"
+    with pytest.raises(ConfigError) as e:
+        VARConfig(depth=2, attn_impl="flex", attn_drop_rate=0.1)
+    assert e.value.field == "attn_impl"
+    with pytest.raises(ConfigError) as e:
+        SamplingConfig(engine="fast")
+    assert e.value.field == "engine"
+
+
+# ---- static sampling engine ------------------------------------------------------------
+def _sample(var, vq, label, engine, seed, **kw):
+    s = SamplingConfig(cfg=1.5, top_k=20, top_p=0.9, engine=engine)
+    return sample_tokens(var, vq.quantizer, label, s, torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_static_engine_same_tokens_as_plain(tiny_var, tiny_vqvae, amp):
+    label = torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        plain, f_plain = _sample(tiny_var, tiny_vqvae, label, "plain", 11)
+        static, f_static = _sample(tiny_var, tiny_vqvae, label, "static", 11)
+        again, _ = _sample(tiny_var, tiny_vqvae, label, "static", 11)   # reuses the cached engine
+        eng = static_engine(tiny_var, 2 * len(label), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(plain, static))
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))
+    assert torch.equal(f_plain, f_static)
+    lin_dtype = eng.model.blocks[0].attn.qkv.weight.dtype
+    assert lin_dtype == (torch.bfloat16 if amp else torch.float32)
+    assert eng.model.pos_1LC.dtype == torch.float32            # only what autocast casts is rounded
+    release_static_engine(tiny_var)
+
+
+def test_static_engine_follows_weight_updates(tiny_var, tiny_vqvae):
+    label = torch.tensor([0, 1])
+    _sample(tiny_var, tiny_vqvae, label, "static", 3)
+    with torch.no_grad():
+        for p in tiny_var.parameters():
+            p.mul_(1.5)                                      # an in-place optimiser step
+    plain, _ = _sample(tiny_var, tiny_vqvae, label, "plain", 3)
+    static, _ = _sample(tiny_var, tiny_vqvae, label, "static", 3)
+    assert all(torch.equal(a, b) for a, b in zip(plain, static))
+    release_static_engine(tiny_var)
+
+
+def test_static_engine_with_teacher(tiny_var, tiny_vqvae):
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    idx = tiny_vqvae.img_to_idx(img)
+    keep = [torch.rand(i.shape) < 0.5 for i in idx]
+    label = torch.tensor([3, 4])
+    plain, _ = _sample(tiny_var, tiny_vqvae, label, "plain", 9, teacher=Teacher(idx, keep))
+    static, _ = _sample(tiny_var, tiny_vqvae, label, "static", 9, teacher=Teacher(idx, keep))
+    assert all(torch.equal(a, b) for a, b in zip(plain, static))
+    release_static_engine(tiny_var)

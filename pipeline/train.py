@@ -74,8 +74,9 @@ def load_inputs(params: dict[str, Any], depth: int, tokenizer_path: str | Path, 
 
 
 def run_name(depth: int, inputs: TrainInputs, tp: TrainParams) -> str:
-    """Ray run name: same recipe and data -> same name -> Ray resumes its latest checkpoint."""
-    recipe = dataclasses.replace(tp, ray=dataclasses.replace(tp.ray, address=None))
+    """Ray run name: same recipe and data -> same name -> Ray resumes its latest checkpoint.
+    The depth list and the cluster address are not part of the recipe of one depth."""
+    recipe = dataclasses.replace(tp, depths=(depth,), ray=dataclasses.replace(tp.ray, address=None))
     return f"var-d{depth}-{config_hash(inputs.cfg, recipe, inputs.tokenizer_sha256)}"
 
 
@@ -150,6 +151,12 @@ def log_to_mlflow(metrics: dict[str, Any], model_path: Path, metrics_path: Path)
     mlflow.set_tag("varscale.model_path", str(model_path))
 
 
+def curve_path(metrics_out: str | Path) -> Path:
+    """``metrics/train-d4.json`` -> ``metrics/train-d4-curve.json``."""
+    p = Path(metrics_out)
+    return p.with_name(f"{p.stem}-curve{p.suffix}")
+
+
 def train_depth(params: dict[str, Any], depth: int, *, tokenizer: str | Path, tokens: str | Path,
                 model_out: str | Path, metrics_out: str | Path, file: str = PARAMS_FILE,
                 callbacks: list | None = None, mlflow_run: bool = True) -> dict[str, Any]:
@@ -169,6 +176,7 @@ def train_depth(params: dict[str, Any], depth: int, *, tokenizer: str | Path, to
     save_var(model_out, model, inputs.class_names,
              extra={"tokenizer_sha256": inputs.tokenizer_sha256, "steps": metrics["steps"]})
     write_json(metrics_out, metrics)
+    write_json(curve_path(metrics_out), metrics["curve"])   # flat rows for `dvc plots`
     log.info("d%d: N=%.3g C=%.3g FLOPs L_mean=%.4f L_last=%.4f Err_mean=%.4f -> %s", depth, metrics["N"],
              metrics["compute"], metrics["L_mean"], metrics["L_last"], metrics["Err_mean"], model_out)
     if mlflow_run:

@@ -76,6 +76,7 @@ def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
     # a curve point per evaluation (steps 5, 10), monotone in compute, last one = the summary
     assert [r["step"] for r in saved["curve"]] == [5, 10]
     assert saved["curve"][-1]["L_mean"] == saved["L_mean"]
+    assert json.loads((out / "train-d1-curve.json").read_text()) == saved["curve"]
     assert saved["curve"][0]["compute"] * 2 == pytest.approx(saved["curve"][1]["compute"])
     assert saved["curve"][-1]["L_mean"] < saved["curve"][0]["L_mean"] < np.log(64)   # it learns
     # the saved model reproduces the recorded test loss

@@ -18,12 +18,13 @@ import torch
 
 from varcore import VQVAE, VQVAEConfig
 
+from .cli import InputError
 from .io import atomic_path, read_json, sha256_file
 
 TOKENS_MANIFEST = "manifest.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(InputError):
     """An input artifact is missing, corrupt or does not match the params; names the file."""
 
 

@@ -18,10 +18,12 @@ import yaml
 from varcore import VARConfig, VQVAEConfig
 from varcore.errors import ConfigError
 
+from .cli import InputError
+
 PARAMS_FILE = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A params value is invalid; the message names the file and the dotted key."""
 
 

@@ -13,6 +13,7 @@ The train/val split is stratified per class and fixed by ``data.seed``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import logging
 from collections import Counter
@@ -24,7 +25,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .config import DataParams, ParamsError, load_data_params, read_params
+from .cli import InputError, stage_main
+from .config import DataParams, load_data_params, read_params
 from .io import atomic_path, sha256_bytes, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx
                        "t10k": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The data source is missing or unusable; the message names the path."""
 
 
@@ -246,18 +248,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="data/images")
     ap.add_argument("--metrics", default="metrics/data.json")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        p = load_data_params(read_params(args.params), args.params)
-        from .tracking import stage_run
-        with stage_run("data", {"data": p.__dict__}) as _:
-            import mlflow
-            metrics = run(p, Path(args.out), Path(args.metrics))
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            mlflow.log_artifact(str(Path(args.out) / "manifest.json"))
-    except (ParamsError, DataError) as e:
-        raise SystemExit(f"data: {e}") from None
+    stage_main("data", ap, _main, argv)
+
+
+def _main(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from .tracking import stage_run
+    p = load_data_params(read_params(args.params), args.params)
+    with stage_run("data", {"data": dataclasses.asdict(p)}):
+        metrics = run(p, Path(args.out), Path(args.metrics))
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_artifact(str(Path(args.out) / "manifest.json"))
     log.info("data: %s", metrics)
 
 

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
+from .cli import InputError
+
 log = logging.getLogger(__name__)
 # torchvision vgg16.features indices per lpips slice
 _SLICES = {1: range(0, 4), 2: range(4, 9), 3: range(9, 16), 4: range(16, 23), 5: range(23, 30)}
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Pretrained weights are missing or do not fit; names the path."""
 
 

@@ -9,6 +9,7 @@ spent in the encoder versus file I/O are logged and written to ``metrics/tokeniz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import time
@@ -21,9 +22,9 @@ from tqdm import tqdm
 from varcore import VQVAE, VQVAEConfig, flatten_tokens
 
 from .artifacts import ArtifactError, TOKENS_MANIFEST, load_tokenizer, write_shard
-from .config import (ParamsError, TokenizeParams, load_tokenize_params, load_tokenizer_params, read_params,
-                     resolve_device)
-from .data import DataError, load_split
+from .cli import stage_main
+from .config import TokenizeParams, load_tokenize_params, load_tokenizer_params, read_params, resolve_device
+from .data import load_split
 from .io import read_json, sha256_file, write_json
 from .tokenizer import to_float_images
 
@@ -56,8 +57,9 @@ def run(p: TokenizeParams, tokenizer_path: Path, data_dir: Path, out_dir: Path,
         raise ArtifactError(f"{tokenizer_path}: vocab_size {vq.cfg.vocab_size} does not fit uint16 shards")
     data_manifest = read_json(data_dir / "manifest.json")
     tok_sha = sha256_file(tokenizer_path)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # a stale shard from an earlier run must not survive
+    build_dir = out_dir.with_name(out_dir.name + ".tmp")
+    if build_dir.exists():
+        shutil.rmtree(build_dir)  # left by a crashed run
     manifest = {"patch_nums": list(vq.cfg.patch_nums), "vocab_size": vq.cfg.vocab_size, "Cvae": vq.cfg.Cvae,
                 "L": sum(pn * pn for pn in vq.cfg.patch_nums), "image_size": vq.cfg.image_size,
                 "tokenizer": str(tokenizer_path), "tokenizer_sha256": tok_sha,
@@ -74,11 +76,14 @@ def run(p: TokenizeParams, tokenizer_path: Path, data_dir: Path, out_dir: Path,
         t_io = time.perf_counter()
         shards = []
         for j, start in enumerate(range(0, len(tokens), p.shard_size)):
-            path = out_dir / split / f"shard-{j:05d}.npz"
+            path = build_dir / split / f"shard-{j:05d}.npz"
             shards.append(write_shard(path, tokens[start:start + p.shard_size], labels[start:start + p.shard_size]))
         timing["io_seconds"] += time.perf_counter() - t_io
         manifest["splits"][split] = {"count": int(len(tokens)), "shards": shards}
-    write_json(out_dir / TOKENS_MANIFEST, manifest)
+    write_json(build_dir / TOKENS_MANIFEST, manifest)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    build_dir.rename(out_dir)  # readers never see a mix of old and new shards
     total = timing["encode_seconds"] + timing["io_seconds"]
     metrics = {"images": timing["images"], "images_per_second": timing["images"] / max(total, 1e-9),
                "encode_images_per_second": timing["images"] / max(timing["encode_seconds"], 1e-9),
@@ -96,21 +101,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default="data/images")
     ap.add_argument("--out", default="data/tokens")
     ap.add_argument("--metrics", default="metrics/tokenize.json")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = read_params(args.params)
-        p = load_tokenize_params(params, args.params)
-        tok = load_tokenizer_params(params, args.params)
-        from .tracking import stage_run
-        with stage_run("tokenize", {"tokenize": p.__dict__}) as _:
-            import mlflow
-            metrics = run(p, Path(args.tokenizer), Path(args.data), Path(args.out), tok.model)
-            write_json(args.metrics, metrics)
-            mlflow.log_metrics(metrics)
-            mlflow.log_artifact(str(Path(args.out) / TOKENS_MANIFEST))
-    except (ParamsError, DataError, ArtifactError) as e:
-        raise SystemExit(f"tokenize: {e}") from None
+    stage_main("tokenize", ap, _main, argv)
+
+
+def _main(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from .tracking import stage_run
+    params = read_params(args.params)
+    p = load_tokenize_params(params, args.params)
+    tok = load_tokenizer_params(params, args.params)
+    with stage_run("tokenize", {"tokenize": dataclasses.asdict(p)}):
+        metrics = run(p, Path(args.tokenizer), Path(args.data), Path(args.out), tok.model)
+        write_json(args.metrics, metrics)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(Path(args.out) / TOKENS_MANIFEST))
 
 
 if __name__ == "__main__":

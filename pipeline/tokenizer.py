@@ -30,7 +30,8 @@ from varcore.disc import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, 
 
 from .artifacts import save_tokenizer
 from .config import ParamsError, TokenizerParams, load_tokenizer_params, read_params, resolve_device
-from .data import DataError, load_split
+from .cli import InputError, stage_main
+from .data import load_split
 from .io import atomic_path, read_json, sha256_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class Trainer:
         tp, st = self.tp, self.state
         steps_per_epoch = len(train_images) // tp.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(f"tokenizer.train.batch_size {tp.batch_size} exceeds the {len(train_images)} "
+            raise InputError(f"tokenizer.train.batch_size {tp.batch_size} exceeds the {len(train_images)} "
                              f"training images")
         total = tp.epochs * steps_per_epoch if tp.max_steps is None else min(tp.max_steps, tp.epochs * steps_per_epoch)
         t0, seconds0 = time.perf_counter(), st.seconds
@@ -252,12 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recon", default="metrics/tokenizer-recon.png")
     ap.add_argument("--state", default="checkpoints/tokenizer/state.pt")
     ap.add_argument("--ckpt-every", type=int, default=200)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (ParamsError, DataError, ValueError) as e:
-        raise SystemExit(f"tokenizer: {e}") from None
+    stage_main("tokenizer", ap, run, argv)
 
 
 def run(args: argparse.Namespace) -> dict:

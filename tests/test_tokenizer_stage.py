@@ -1,6 +1,5 @@
 """Stage `tokenizer`: compound loss pieces, LPIPS from local weights, exact resume after a crash."""
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -92,11 +92,14 @@ def train_compute(cfg: VARConfig, tokens: int) -> float:
 
 
 # ---- schedules -----------------------------------------------------------------------------
-def eval_steps(total_steps: int, num_evals: int) -> list[int]:
-    """Evaluation steps, each at twice the compute of the previous one, ending at the last step:
-    log-spaced points give the loss-vs-compute curve (and its Pareto frontier C_min) equal
-    weight per decade."""
-    steps = {max(1, round(total_steps / 2 ** j)) for j in range(num_evals)}
+def eval_steps(total_steps: int, num_evals: int, spacing: str = "log") -> list[int]:
+    """Evaluation steps ending at the last step. ``log``: each at twice the compute of the
+    previous one, which gives the loss-vs-compute curve (and its Pareto frontier C_min) equal
+    weight per octave; ``linear``: every ``total / num_evals`` steps."""
+    if spacing == "linear":
+        steps = {max(1, round(total_steps * (j + 1) / num_evals)) for j in range(num_evals)}
+    else:
+        steps = {max(1, round(total_steps / 2 ** j)) for j in range(num_evals)}
     return sorted(steps)
 
 

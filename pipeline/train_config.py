@@ -64,7 +64,8 @@ class TrainParams:
     min_lr_frac: float = 0.01
     steps: int | None = 200                # optimizer steps; null: derived from epochs
     epochs: float | None = None            # passes over the train split (used when steps is null)
-    num_evals: int = 8                     # validation points, each at twice the compute of the previous
+    num_evals: int = 8                     # validation points along the run
+    eval_spacing: str = "log"              # log: each at twice the compute of the previous | linear
     val_max_samples: int | None = None     # cap on val images per evaluation (null: all)
     eval_batch_size: int = 256
     checkpoint_every: int = 100            # extra Ray checkpoints between evaluations (steps)
@@ -95,6 +96,8 @@ class TrainParams:
         check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         check(self.num_evals >= 1, "num_evals", f"must be >= 1, got {self.num_evals}")
+        check(self.eval_spacing in ("log", "linear"), "eval_spacing",
+              f"must be 'log' or 'linear', got {self.eval_spacing!r}")
         check(self.val_max_samples is None or self.val_max_samples >= 1, "val_max_samples",
               f"must be >= 1 or null, got {self.val_max_samples}")
         check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")

@@ -220,7 +220,7 @@ def train_worker(config: dict[str, Any]) -> None:
         log.info("rank %d: resumed from %s at step %d", rank, ckpt.path, state.step)
 
     total, B, L = spec.total_steps, tp.batch_size, cfg.L
-    evals = set(eval_steps(total, tp.num_evals))
+    evals = set(eval_steps(total, tp.num_evals, tp.eval_spacing))
     autocast = _autocast(device, tp.precision)
     flops_tok = train_compute(cfg, 1)
     model.train()

@@ -177,6 +177,7 @@ def test_evaluate_exact_and_independent_of_the_rank_split(tiny_vqvae):
 def test_eval_steps_double_the_compute_and_end_at_the_last_step():
     assert eval_steps(200, 4) == [25, 50, 100, 200]
     assert eval_steps(3, 5) == [1, 2, 3]
+    assert eval_steps(200, 4, "linear") == [50, 100, 150, 200]
 
 
 def test_lr_warmup_then_linear_and_cosine_decay():

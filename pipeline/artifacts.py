@@ -19,7 +19,7 @@ import torch
 from varcore import VQVAE, VQVAEConfig
 
 from .cli import InputError
-from .io import atomic_path, read_json, sha256_file
+from .io import atomic_path, read_json, save_torch, sha256_file
 
 TOKENS_MANIFEST = "manifest.json"
 
@@ -31,9 +31,8 @@ class ArtifactError(InputError):
 # ---- tokenizer checkpoint --------------------------------------------------------------------
 def save_tokenizer(path: str | Path, vqvae: VQVAE, extra: dict[str, Any] | None = None) -> None:
     cfg = dataclasses.asdict(vqvae.cfg)
-    with atomic_path(path) as tmp:
-        torch.save({"format": "varscale.tokenizer.v1", "config": cfg, "state_dict": vqvae.state_dict(),
-                    **(extra or {})}, tmp)
+    save_torch(path, {"format": "varscale.tokenizer.v1", "config": cfg, "state_dict": vqvae.state_dict(),
+                      **(extra or {})})
 
 
 def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:

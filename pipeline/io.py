@@ -30,6 +30,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save`` atomically with bytes that depend only on ``obj``: torch names the archive
+    after the file it writes, so saving straight to a random temp name would change the sha256."""
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -11,7 +11,7 @@ import torch
 from varcore import VAR, VARConfig
 
 from .artifacts import ArtifactError
-from .io import atomic_path
+from .io import save_torch
 
 VAR_FORMAT = "varscale.var.v1"
 
@@ -19,11 +19,10 @@ VAR_FORMAT = "varscale.var.v1"
 def save_var(path: str | Path, model: VAR, class_names: list[str] | None = None,
              extra: dict[str, Any] | None = None) -> None:
     """Write atomically: ``config`` (VARConfig fields), ``state_dict``, ``num_classes``, ``class_names``."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": VAR_FORMAT, "config": dataclasses.asdict(model.cfg),
-                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "num_classes": model.cfg.num_classes, "class_names": list(class_names or []),
-                    **(extra or {})}, tmp)
+    save_torch(path, {"format": VAR_FORMAT, "config": dataclasses.asdict(model.cfg),
+                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                      "num_classes": model.cfg.num_classes, "class_names": list(class_names or []),
+                      **(extra or {})})
 
 
 def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VAR, dict[str, Any]]:

@@ -109,3 +109,11 @@ def test_missing_or_corrupt_tokenizer_names_the_file(tmp_path):
     (tmp_path / "tok.pt").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match="tok.pt: cannot read"):
         load_tokenizer(tmp_path / "tok.pt")
+
+
+def test_tokenizer_checkpoint_bytes_depend_only_on_weights(tmp_path):
+    torch.manual_seed(0)
+    vq = VQVAE(CFG)
+    save_tokenizer(tmp_path / "a.pt", vq)
+    save_tokenizer(tmp_path / "b.pt", vq)
+    assert sha256_file(tmp_path / "a.pt") == sha256_file(tmp_path / "b.pt")

@@ -71,3 +71,22 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def top_kernels(fn, device: torch.device, steps: int = 2, top: int = 25) -> list[dict]:
+    """The ``top`` device kernels of ``steps`` calls of ``fn`` by total time (ms per call)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        t = e.device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if t > 0 and e.count > 0:
+            rows.append({"kernel": e.key[:90], "ms": round(t / 1e3 / steps, 3), "calls": e.count // steps})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]

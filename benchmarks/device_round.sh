@@ -5,7 +5,7 @@
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind TRITON_CACHE_DIR=/tmp/ind/triton
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f .devcache/ind.tgz ] && tar xzf .devcache/ind.tgz -C /tmp
+ls .devcache/ind.tgz* >/dev/null 2>&1 && cat .devcache/ind.tgz* | tar xz -C /tmp
 R="$OUT/results.jsonl"
 run() { echo "## $*" >&2; timeout "${T:-400}" python3 "$@" 2>>"$OUT/stderr.log" | tee -a "$R"; }
 for stage in "$@"; do
@@ -20,8 +20,17 @@ for stage in "$@"; do
     numerics) run benchmarks/train_step.py --numerics ;;
     train_big) run benchmarks/train_step.py --case 30:32:30 --iters 5
                run benchmarks/train_step.py --case 24:32 --case 20:64 ;;
+    profile) run benchmarks/train_step.py --case 16:64 --profile
+             run benchmarks/sample.py --case 16:64 --decode-chunk 16 --profile --check-tokens ;;
+    decode) run benchmarks/sample.py --case 16:64 --decode-chunk 16 --channels-last
+            run benchmarks/sample.py --case 16:64 --channels-last ;;
+    decode_compile) run benchmarks/sample.py --case 16:64 --decode-chunk 16 --channels-last --compile-decoder ;;
+    final_sample16) run benchmarks/sample.py --case 16:64 --case 16:1 --check-tokens ;;
+    final_train) run benchmarks/train_step.py --case 16:64 --plain --warmup 2 --iters 5
+                 run benchmarks/train_step.py --case 16:64 --case 20:64 --case 24:32
+                 run benchmarks/train_step.py --case 30:32:10 --case 30:32:30 --iters 5 ;;
     sample_big) run benchmarks/sample.py --case 20:64 --case 24:64 --case 20:1 --case 24:1 ;;
     *) python3 "$@"; break ;;
   esac
 done
-tar czf "$OUT/ind.tgz" -C /tmp ind 2>/dev/null; ls -la "$OUT"
+tar czf - -C /tmp ind 2>/dev/null | split -b 15m - "$OUT/ind.tgz."; ls -la "$OUT"

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from bench_utils import PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms, top_kernels  # noqa: E402
 from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
+from varcore.sample import decode_images  # noqa: E402
 from varcore.static_sampler import release_static_engine  # noqa: E402
 
 
@@ -38,9 +39,10 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
         with amp:
             _, f_hat = sample_tokens(var, vqvae.quantizer, label_B, sampling, gen)
 
-    def decode():
+    def decode():  # plain: eager decoder; otherwise compiled, channels-last, 16 images at a time
         with amp:
-            vqvae.f_hat_to_img(f_hat)
+            decode_images(vqvae, f_hat, args.decode_chunk or batch if args.engine == "plain" else 16,
+                          compiled=None if args.engine != "plain" else False)
 
     def generate():  # what varcore.generate does, under bf16 autocast
         tokens()
@@ -51,34 +53,41 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
     t_tok = summary(time_ms(tokens, device, 1, args.iters))
     t_dec = summary(time_ms(decode, device, 1, args.iters))
     rec = {"bench": "sample", "depth": var.cfg.depth, "batch": batch, "engine": args.engine, "cfg": args.cfg,
-           "top_k": args.top_k, "top_p": args.top_p, "channels_last_decoder": args.channels_last,
+           "top_k": args.top_k, "top_p": args.top_p,
            **t_all, "ms_per_image": round(t_all["ms_median"] / batch, 3),
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
            "peak_gib": peak_gib(device), **env()}
+    if args.profile:
+        emit({"bench": "sample_profile", "depth": var.cfg.depth, "batch": batch, "top": top_kernels(generate, device, 1)})
     if args.check_tokens:
-        rec["tokens_equal_plain"] = same_tokens(var, vqvae, label_B, sampling, device)
+        rec.update(same_tokens(var, vqvae, label_B, sampling, device))
     return rec
 
 
-def same_tokens(var, vqvae, label_B, sampling, device) -> bool:
-    out = []
-    for engine in ("plain", "static"):
+def same_tokens(var, vqvae, label_B, sampling, device) -> dict:
+    """Tokens of one seeded batch: the uncompiled static engine must match the plain loop
+    exactly; the compiled one rounds differently, so report the fraction that match."""
+    out = {}
+    for engine in ("plain", "static_exact", "static"):
         s = SamplingConfig(sampling.cfg, sampling.top_k, sampling.top_p, engine=engine)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             idx, _ = sample_tokens(var, vqvae.quantizer, label_B, s, torch.Generator(device=device).manual_seed(7))
-        out.append(idx)
-    return all(torch.equal(a, b) for a, b in zip(*out))
+        out[engine] = torch.cat([i.flatten(1) for i in idx], 1)
+    return {"tokens_equal_plain_vs_static_exact": torch.equal(out["plain"], out["static_exact"]),
+            "tokens_match_plain_vs_static_compiled": round((out["plain"] == out["static"]).float().mean().item(), 4),
+            "first_scales_match_compiled": bool((out["plain"][:, :14] == out["static"][:, :14]).all())}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", default=[], help="depth:batch")
-    ap.add_argument("--engine", default="auto", choices=["auto", "plain", "static"])
+    ap.add_argument("--engine", default="auto", choices=["auto", "plain", "static", "static_exact"])
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--top-k", type=int, default=900)
     ap.add_argument("--top-p", type=float, default=0.96)
-    ap.add_argument("--channels-last", action="store_true", help="decoder weights and input in channels_last")
+    ap.add_argument("--decode-chunk", type=int, default=0, help="plain engine: decode this many images at a time")
+    ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch")
     ap.add_argument("--check-tokens", action="store_true")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
@@ -87,8 +96,6 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(0)
     vqvae = VQVAE(PAPER_VQ).to(device).eval()
-    if args.channels_last:
-        vqvae.decoder.to(memory_format=torch.channels_last)
     var, depth = None, None
     for case in args.case:
         d, batch = (int(p) for p in case.split(":"))

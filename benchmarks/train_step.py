@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
+                         top_kernels)
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
 
 
@@ -79,6 +80,8 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     except Exception as e:  # a failed case must not hide the others' figures
         rec.update(error=f"{type(e).__name__}: {str(e)[:500]}", checkpointing=ckpt)
         return rec
+    if args.profile:
+        emit({"bench": "train_profile", "depth": depth, "batch": batch, "top": top_kernels(step, device)})
     s = summary(times)
     flops = var_flops(cfg)
     tokens_per_s = batch * cfg.L / (s["ms_median"] / 1e3)
@@ -122,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "flex", "per_scale"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
     ap.add_argument("--numerics", action="store_true")
     ap.add_argument("--numerics-depth", type=int, default=16)
     ap.add_argument("--numerics-batch", type=int, default=16)

@@ -179,3 +179,33 @@ def test_static_engine_with_teacher(tiny_var, tiny_vqvae):
     static, _ = _sample(tiny_var, tiny_vqvae, label, "static", 9, teacher=Teacher(idx, keep))
     assert all(torch.equal(a, b) for a, b in zip(plain, static))
     release_static_engine(tiny_var)
+
+
+def test_forward_scale_compiled_parts_equal_eager(tiny_var, tiny_var_cfg, monkeypatch):
+    """The inference regions (block parts around attention, head) keep the math, and one
+    dynamic graph per region serves every scale after the first (not one per scale/block)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
+    var_mod.compile_region.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny_var_cfg
+    try:
+        cond = tiny_var.cond(torch.tensor([0, 3, 5]))
+        x = torch.randn(3, cfg.L - cfg.first_l, cfg.Cvae)
+        outs = {}
+        with torch.no_grad():
+            for compiled in (False, True):
+                caches, start, x_in, out = tiny_var.new_kv_caches(), 0, tiny_var.sos(cond), []
+                for k, pn in enumerate(cfg.patch_nums):
+                    out.append(tiny_var.forward_scale(x_in, cond, start, caches, compiled=compiled))
+                    start += pn * pn
+                    if k + 1 < len(cfg.patch_nums):
+                        l = cfg.patch_nums[k + 1] ** 2
+                        x_in = tiny_var.word_embed(x[:, start - cfg.first_l:start - cfg.first_l + l])
+                outs[compiled] = torch.cat(out, 1)
+        assert torch.allclose(outs[True], outs[False], rtol=1e-5, atol=1e-6)
+        assert counters["stats"]["unique_graphs"] <= 6          # 3 regions x (first scale, the rest)
+    finally:
+        var_mod.compile_region.cache_clear()
+        torch._dynamo.reset()

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from .errors import require
 from .quant import MultiScaleQuantizer
 from .static_sampler import static_engine
-from .var import VAR
+from .var import VAR, compile_region
 from .vqvae import VQVAE
 
 
-ENGINES = ("auto", "plain", "static")
+ENGINES = ("auto", "plain", "static", "static_exact")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class SamplingConfig:
     cfg: float = 1.5        # guidance strength at the last scale; 0 disables CFG
     top_k: int = 900        # 0 disables
     top_p: float = 0.96     # 1.0 disables
-    engine: str = "auto"    # plain | static (graph per scale on CUDA); auto: static on CUDA
+    engine: str = "auto"    # plain | static | static_exact (uncompiled); auto: static on CUDA
 
     def __post_init__(self):
         require(self.cfg >= 0, "cfg", f"must be >= 0, got {self.cfg}")
@@ -116,8 +116,8 @@ def scale_forward(var: VAR, cond_BC: torch.Tensor, engine: str = "auto"):
     """``f(k, x_BlC) -> float logits of scale k`` for one batch, through a fresh KV cache
     (plain) or the cached static engine (auto on CUDA; an eval-mode model only)."""
     device = cond_BC.device
-    if engine == "static" or (engine == "auto" and device.type == "cuda" and not var.training):
-        eng = static_engine(var, cond_BC.shape[0], device)
+    if engine.startswith("static") or (engine == "auto" and device.type == "cuda" and not var.training):
+        eng = static_engine(var, cond_BC.shape[0], device, False if engine == "static_exact" else None)
         eng.begin(var, cond_BC)
         return eng.scale
     caches, starts, n = var.new_kv_caches(), [], 0
@@ -132,7 +132,23 @@ def generate(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, sampling: SamplingCo
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Class-conditional images ``(B, 3, H, W)`` in [-1, 1]."""
     _, f_hat = sample_tokens(var, vqvae.quantizer, label_B, sampling, generator)
-    return vqvae.f_hat_to_img(f_hat)
+    return decode_images(vqvae, f_hat, compiled=None if sampling.engine == "auto" else False)
+
+
+def _decode(vqvae: VQVAE, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+    return vqvae.f_hat_to_img(f_hat_BChw)
+
+
+@torch.no_grad()
+def decode_images(vqvae: VQVAE, f_hat_BChw: torch.Tensor, chunk: int = 16, compiled: bool | None = None
+                  ) -> torch.Tensor:
+    """``f_hat -> images``, ``chunk`` images at a time (bounds the decoder's memory at 256x256).
+    ``compiled`` (None: on CUDA) runs the decoder through ``torch.compile`` on channels-last
+    input, which fuses GroupNorm + SiLU and keeps the convolutions in NHWC."""
+    if not (f_hat_BChw.device.type == "cuda" if compiled is None else compiled):
+        return torch.cat([vqvae.f_hat_to_img(f) for f in f_hat_BChw.split(chunk)])
+    run = compile_region(_decode)
+    return torch.cat([run(vqvae, f.contiguous(memory_format=torch.channels_last)) for f in f_hat_BChw.split(chunk)])
 
 
 # ---- zero-shot tasks -----------------------------------------------------------------------

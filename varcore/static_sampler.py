@@ -6,10 +6,13 @@ as a CUDA graph over preallocated buffers and then replayed: no Python or kernel
 overhead per layer. The graphs read a private copy of the model whose linear layers
 hold their weights in the autocast dtype, so the fp32 -> bf16 weight casts that
 autocast would redo at every scale happen once, and only when the weights changed.
+On CUDA the parts of each block around attention are also compiled (fused
+element-wise work; see ``VAR.forward_scale(compiled=True)``).
 
-The arithmetic is the plain path's: same modules, same kernels, weights rounded to the
-same dtype, so a fixed generator gives the same tokens (on CPU, where there are no
-graphs, the same engine runs eagerly and tests compare it with the plain sampler).
+Without compilation the arithmetic is the plain path's: same modules, same kernels,
+weights rounded to the same dtype, so a fixed generator gives the same tokens (on CPU,
+where there are no graphs, the same engine runs eagerly and tests compare it with the
+plain sampler). Compiled, the fused kernels round differently in the last bits.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ class StaticScales:
     """Per-scale forward of a private model copy over fixed buffers: ``(2)B`` rows, ``L`` cache slots."""
 
     def __init__(self, var: VAR, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
-                 graphs: bool):
-        self.key = (batch, device, amp_dtype, graphs)
+                 graphs: bool, compiled: bool = False):
+        self.key = (batch, device, amp_dtype, graphs, compiled)
+        self.compiled = compiled
         self.model = copy.deepcopy(var).eval().requires_grad_(False)
         if amp_dtype is not None:  # what autocast would cast them to at every call
             for m in self.model.modules():
@@ -73,7 +77,8 @@ class StaticScales:
 
     @torch.no_grad()
     def _forward(self, k: int) -> torch.Tensor:
-        return self.model.forward_scale(self.x_BlC[k], self.cond_BC, self.starts[k], self.caches).float()
+        return self.model.forward_scale(self.x_BlC[k], self.cond_BC, self.starts[k], self.caches,
+                                        self.compiled).float()
 
     def _reset(self) -> None:
         for c in self.caches:
@@ -123,14 +128,15 @@ class StaticScales:
         return self.logits_BlV[k]
 
 
-def static_engine(var: VAR, batch: int, device: torch.device) -> StaticScales:
-    """The cached engine of ``var`` for this batch and autocast state (one kept per model)."""
-    amp = autocast_dtype(device)
-    key = (batch, device, amp, device.type == "cuda")
+def static_engine(var: VAR, batch: int, device: torch.device, compiled: bool | None = None) -> StaticScales:
+    """The cached engine of ``var`` for this batch and autocast state (one kept per model).
+    CUDA graphs on CUDA; ``compiled`` (None: on CUDA) fuses the block parts around attention."""
+    amp, cuda = autocast_dtype(device), device.type == "cuda"
+    key = (batch, device, amp, cuda, cuda if compiled is None else compiled)
     eng = _ENGINES.get(var)
     if eng is None or eng.key != key:
         _ENGINES.pop(var, None)   # free the old buffers before allocating new ones
-        eng = _ENGINES[var] = StaticScales(var, batch, device, amp, graphs=key[3])
+        eng = _ENGINES[var] = StaticScales(var, batch, device, amp, graphs=cuda, compiled=key[4])
     return eng
 
 

@@ -238,14 +238,18 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1).to(v.dtype)
         return q, k, v  # each (B, H, L, hd)
 
-    def forward(self, x_BLC: torch.Tensor, attn_mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def attend(self, q, k, v, attn_mask, kv_cache: KVCache | None = None) -> torch.Tensor:
         """``attn_mask``: None, the bool block-causal mask, or an equivalent form (see :func:`attend`)."""
-        B, L, C = x_BLC.shape
-        q, k, v = self.qkv_heads(x_BLC)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        o = attend(q, k, v, attn_mask, self.attn_drop if self.training else 0.0, 1.0 if self.l2_norm else None)
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, C)))
+        return attend(q, k, v, attn_mask, self.attn_drop if self.training else 0.0, 1.0 if self.l2_norm else None)
+
+    def out(self, o_BHLc: torch.Tensor) -> torch.Tensor:
+        B, H, L, c = o_BHLc.shape
+        return self.proj_drop(self.proj(o_BHLc.transpose(1, 2).reshape(B, L, H * c)))
+
+    def forward(self, x_BLC: torch.Tensor, attn_mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        return self.out(self.attend(*self.qkv_heads(x_BLC), attn_mask, kv_cache))
 
 
 class FFN(nn.Module):
@@ -283,13 +287,33 @@ class AdaLNBlock(nn.Module):
             mod_B16C = self.ada_lin(cond_BC_or_B6C).view(-1, 1, 6, self.C)
         return mod_B16C.unbind(2)
 
-    def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_mask, kv_cache: KVCache | None = None
-                ) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
-        h = self.ln(x_BLC).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_mask, kv_cache).mul_(gamma1))
-        h = self.ln(x_BLC).mul(scale2.add(1)).add_(shift2)
-        return x_BLC + self.drop_path(self.ffn(h).mul_(gamma2))
+    def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_mask, kv_cache: KVCache | None = None,
+                region=None) -> torch.Tensor:
+        """``region`` (inference) wraps the parts around attention, e.g. in ``torch.compile``;
+        attention and the cache writes stay outside it."""
+        mod = self.modulation(cond)
+        run = region or _call
+        q, k, v = run(_block_qkv, self, x_BLC, mod)
+        o_BHLc = self.attn.attend(q, k, v, attn_mask, kv_cache)
+        return run(_block_out, self, x_BLC, o_BHLc, mod)
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def _block_qkv(block: AdaLNBlock, x_BLC: torch.Tensor, mod: tuple[torch.Tensor, ...]):
+    """AdaLN before attention, then q, k, v heads."""
+    _, _, scale1, _, shift1, _ = mod
+    return block.attn.qkv_heads(block.ln(x_BLC).mul(scale1.add(1)).add_(shift1))
+
+
+def _block_out(block: AdaLNBlock, x_BLC: torch.Tensor, o_BHLc: torch.Tensor, mod: tuple[torch.Tensor, ...]):
+    """Gated attention residual, AdaLN, gated FFN residual."""
+    gamma1, gamma2, _, scale2, _, shift2 = mod
+    x_BLC = x_BLC + block.drop_path(block.attn.out(o_BHLc).mul_(gamma1))
+    h = block.ln(x_BLC).mul(scale2.add(1)).add_(shift2)
+    return x_BLC + block.drop_path(block.ffn(h).mul_(gamma2))
 
 
 class AdaLNHead(nn.Module):
@@ -427,15 +451,19 @@ class VAR(nn.Module):
         return [KVCache(self.cfg.L) for _ in self.blocks]
 
     def forward_scale(self, x_BlC: torch.Tensor, cond_BC: torch.Tensor, start: int,
-                      kv_caches: list[KVCache]) -> torch.Tensor:
+                      kv_caches: list[KVCache], compiled: bool = False) -> torch.Tensor:
         """Logits of one scale's tokens ``[start, start + l)``; ``x_BlC`` is already embedded
         (``sos`` for scale 1, ``word_embed`` of the previous f_hat otherwise). No mask: the
-        cache holds exactly the earlier scales, all visible to the current one."""
+        cache holds exactly the earlier scales, all visible to the current one.
+
+        ``compiled`` runs the parts of each block around attention and the head through
+        ``torch.compile`` with a dynamic token count (one graph serves scales 2..K)."""
         x_BlC = x_BlC + self.scale_pos(start, start + x_BlC.shape[1])
         bc = self.block_cond(cond_BC)
+        region = _dynamic_region if compiled else None
         for block, cache in zip(self.blocks, kv_caches):
-            x_BlC = block(x_BlC, bc, None, cache)
-        return self.head(x_BlC, cond_BC)
+            x_BlC = block(x_BlC, bc, None, cache, region)
+        return (region or _call)(_run_head, self.head, x_BlC, cond_BC)
 
 
 # ---- compiled regions --------------------------------------------------------------------
@@ -454,5 +482,11 @@ COMPILE_BACKEND = "inductor"   # tests switch to "aot_eager" (same graphs, no co
 
 
 @functools.cache
-def compile_region(fn):
-    return torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+def compile_region(fn, dynamic: bool | None = False):
+    return torch.compile(fn, dynamic=dynamic, backend=COMPILE_BACKEND)
+
+
+def _dynamic_region(fn, *args):
+    # dynamic=None: the first scale (one token) compiles static, the next marks the token
+    # count dynamic, and that graph serves all later scales
+    return compile_region(fn, None)(*args)

@@ -29,6 +29,10 @@ for stage in "$@"; do
     final_train) run benchmarks/train_step.py --case 16:64 --plain --warmup 2 --iters 5
                  run benchmarks/train_step.py --case 16:64 --case 20:64 --case 24:32
                  run benchmarks/train_step.py --case 30:32:10 --case 30:32:30 --iters 5 ;;
+    last) run benchmarks/sample.py --case 16:64 --case 16:1 --check-tokens
+          run benchmarks/sample.py --case 20:64 --case 24:64 --case 20:1 --case 24:1
+          run benchmarks/sample.py --case 24:64 --decode-chunk 64 --iters 5 --profile
+          run benchmarks/attention.py --depth 16 --batch 64 ;;
     sample_big) run benchmarks/sample.py --case 20:64 --case 24:64 --case 20:1 --case 24:1 ;;
     *) python3 "$@"; break ;;
   esac

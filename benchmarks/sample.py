@@ -41,7 +41,7 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
 
     def decode():  # plain: eager decoder; otherwise compiled, channels-last, 16 images at a time
         with amp:
-            decode_images(vqvae, f_hat, args.decode_chunk or batch if args.engine == "plain" else 16,
+            decode_images(vqvae, f_hat, args.decode_chunk or (batch if args.engine == "plain" else 16),
                           compiled=None if args.engine != "plain" else False)
 
     def generate():  # what varcore.generate does, under bf16 autocast
@@ -53,7 +53,7 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
     t_tok = summary(time_ms(tokens, device, 1, args.iters))
     t_dec = summary(time_ms(decode, device, 1, args.iters))
     rec = {"bench": "sample", "depth": var.cfg.depth, "batch": batch, "engine": args.engine, "cfg": args.cfg,
-           "top_k": args.top_k, "top_p": args.top_p,
+           "top_k": args.top_k, "top_p": args.top_p, "decode_chunk": args.decode_chunk or None,
            **t_all, "ms_per_image": round(t_all["ms_median"] / batch, 3),
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
@@ -86,7 +86,7 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--top-k", type=int, default=900)
     ap.add_argument("--top-p", type=float, default=0.96)
-    ap.add_argument("--decode-chunk", type=int, default=0, help="plain engine: decode this many images at a time")
+    ap.add_argument("--decode-chunk", type=int, default=0, help="decode this many images at a time (default: all for plain, 16 otherwise)")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch")
     ap.add_argument("--check-tokens", action="store_true")
     ap.add_argument("--warmup", type=int, default=2)

@@ -209,3 +209,35 @@ def test_forward_scale_compiled_parts_equal_eager(tiny_var, tiny_var_cfg, monkey
     finally:
         var_mod.compile_region.cache_clear()
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 13])
+def test_bicubic_as_matmul_equals_interpolate(n):
+    """The quantiser's CUDA upsampling (two matmuls) is F.interpolate's bicubic map, in fp32 under autocast."""
+    import torch.nn.functional as F
+    from varcore.quant import upsample_bicubic
+    z = torch.randn(3, 8, n, n)
+    ref = F.interpolate(z, size=(16, 16), mode="bicubic")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsample_bicubic(z, 16)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
+
+
+def _filter_two_passes(logits, top_k, top_p):
+    """The two-pass filter (top-k pass, then a sort for top-p) that the one-sort filter replaces."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop_sorted[..., -1] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (50, 0.96), (900, 0.96), (300, 1.0), (0, 1.0), (5, 0.5)])
+def test_one_sort_filter_equals_two_passes(top_k, top_p):
+    from varcore.sample import filter_logits
+    logits = torch.randn(64, 1024) * 3
+    assert torch.equal(filter_logits(logits, top_k, top_p), _filter_two_passes(logits, top_k, top_p))

@@ -9,6 +9,7 @@ Decoding sums the same ``phi_k(z_k)`` terms into ``f_hat``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,7 +83,11 @@ class MultiScaleQuantizer(nn.Module):
 
     def _up(self, z_BChw: torch.Tensor) -> torch.Tensor:
         H = self.latent_size
-        return z_BChw if z_BChw.shape[-1] == H else F.interpolate(z_BChw, size=(H, H), mode="bicubic")
+        if z_BChw.shape[-1] == H:
+            return z_BChw
+        if z_BChw.is_cuda:  # the CUDA bicubic kernel loops over B*C in each thread: slow for 16x16 outputs
+            return upsample_bicubic(z_BChw, H)
+        return F.interpolate(z_BChw, size=(H, H), mode="bicubic")
 
     @staticmethod
     def _down(f_BChw: torch.Tensor, pn: int) -> torch.Tensor:
@@ -190,6 +195,21 @@ class MultiScaleQuantizer(nn.Module):
             out.append(idx_BL[:, start:start + pn * pn].reshape(-1, pn, pn))
             start += pn * pn
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix A with ``interpolate(z, bicubic) = A z A^T`` (the interpolation
+    is separable): column j is the upsampled j-th basis vector (along height, width 1 -> 1)."""
+    basis = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in, 1)
+    return F.interpolate(basis, size=(n_out, 1), mode="bicubic")[:, 0, :, 0].T.float()
+
+
+def upsample_bicubic(z_BChw: torch.Tensor, H: int) -> torch.Tensor:
+    """``F.interpolate(z, (H, H), mode="bicubic")`` as two matmuls, in z's dtype even under autocast."""
+    A_Hh = bicubic_matrix(z_BChw.shape[-1], H).to(z_BChw.device, z_BChw.dtype)
+    with torch.autocast(z_BChw.device.type, enabled=False):
+        return A_Hh @ z_BChw @ A_Hh.T
 
 
 def flatten_tokens(idx_list: list[torch.Tensor]) -> torch.Tensor:

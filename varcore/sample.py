@@ -49,18 +49,29 @@ class Teacher:
 
 
 def filter_logits(logits_NV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf."""
-    if 0 < top_k < logits_NV.shape[-1]:
-        kth = logits_NV.topk(top_k, dim=-1).values[..., -1:]
-        logits_NV = logits_NV.masked_fill(logits_NV < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits_NV.sort(dim=-1, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum <= (1 - top_p)
-        drop_sorted[..., -1] = False  # always keep the most likely token
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits_NV = logits_NV.masked_fill(drop, float("-inf"))
-    return logits_NV
+    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf.
+
+    The nucleus is cut from the tail of the top-k-filtered distribution sorted ascending;
+    with both filters on, one descending sort serves both (its k-th entry is the top-k
+    threshold, its reverse the ascending order), instead of a top-k pass plus a sort.
+    """
+    use_k = 0 < top_k < logits_NV.shape[-1]
+    if top_p >= 1.0:
+        if use_k:
+            kth = logits_NV.topk(top_k, dim=-1).values[..., -1:]
+            logits_NV = logits_NV.masked_fill(logits_NV < kth, float("-inf"))
+        return logits_NV
+    sorted_desc, order = logits_NV.sort(dim=-1, descending=True)
+    if use_k:
+        kth = sorted_desc[..., top_k - 1:top_k]
+        sorted_desc = sorted_desc.masked_fill(sorted_desc < kth, float("-inf"))
+    cum = sorted_desc.flip(-1).softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1 - top_p)
+    drop_sorted[..., -1] = False  # always keep the most likely token
+    drop = drop_sorted.scatter(-1, order.flip(-1), drop_sorted)
+    if use_k:
+        drop |= logits_NV < kth
+    return logits_NV.masked_fill(drop, float("-inf"))
 
 
 def sample_logits(logits_BlV: torch.Tensor, top_k: int, top_p: float,

@@ -33,6 +33,9 @@ for stage in "$@"; do
           run benchmarks/sample.py --case 20:64 --case 24:64 --case 20:1 --case 24:1
           run benchmarks/sample.py --case 24:64 --decode-chunk 64 --iters 5 --profile
           run benchmarks/attention.py --depth 16 --batch 64 ;;
+    final2) run benchmarks/sample.py --case 16:64 --case 16:1 --check-tokens
+            run benchmarks/sample.py --case 20:64 --case 24:64 --case 20:1 --case 24:1
+            run benchmarks/train_step.py --case 16:64 --case 24:32 --attn-impl dense ;;
     sample_big) run benchmarks/sample.py --case 20:64 --case 24:64 --case 20:1 --case 24:1 ;;
     *) python3 "$@"; break ;;
   esac

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms, top_kernels  # noqa: E402
 from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
+import varcore.sample as sample_mod  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402
 from varcore.static_sampler import release_static_engine  # noqa: E402
 
@@ -54,6 +55,7 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
     t_dec = summary(time_ms(decode, device, 1, args.iters))
     rec = {"bench": "sample", "depth": var.cfg.depth, "batch": batch, "engine": args.engine, "cfg": args.cfg,
            "top_k": args.top_k, "top_p": args.top_p, "decode_chunk": args.decode_chunk or None,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_autotune": sample_mod.CUDNN_AUTOTUNE,
            **t_all, "ms_per_image": round(t_all["ms_median"] / batch, 3),
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
@@ -87,6 +89,8 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=900)
     ap.add_argument("--top-p", type=float, default=0.96)
     ap.add_argument("--decode-chunk", type=int, default=0, help="decode this many images at a time (default: all for plain, 16 otherwise)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="also set cudnn.benchmark globally")
+    ap.add_argument("--no-cudnn-autotune", action="store_true", help="varcore.sample.CUDNN_AUTOTUNE = False")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch")
     ap.add_argument("--check-tokens", action="store_true")
     ap.add_argument("--warmup", type=int, default=2)
@@ -94,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    sample_mod.CUDNN_AUTOTUNE = not args.no_cudnn_autotune
     torch.manual_seed(0)
     vqvae = VQVAE(PAPER_VQ).to(device).eval()
     var, depth = None, None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
                          top_kernels)
+import varcore.var as var_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
 
 
@@ -68,7 +71,10 @@ def make_step(model, opt, loss_fn, data, amp: torch.dtype | None, device: torch.
 
 def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> dict:
     reset_peak(device)
-    rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **env()}
+    rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain,
+           "flex_options": var_mod.FLEX_KERNEL_OPTIONS or "inductor default",
+           "max_autotune": os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE") == "1",
+           **env()}
     try:
         model, opt, loss_fn = build(depth, batch, device, args.plain, ckpt, args.attn_impl)
         cfg = model.cfg
@@ -123,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--case", action="append", default=[], help="depth:batch[:checkpointed_blocks]")
     ap.add_argument("--plain", action="store_true", help="dense mask, no compile, foreach AdamW (baseline)")
     ap.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "flex", "per_scale"])
+    ap.add_argument("--flex-options", type=json.loads, default=None,
+                    help="JSON kernel_options for the flex kernels ('{}': inductor's defaults)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
@@ -134,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.flex_options is not None:
+        var_mod.FLEX_KERNEL_OPTIONS = args.flex_options
     for case in args.case:
         parts = [int(p) for p in case.split(":")]
         depth, batch, ckpt = parts[0], parts[1], parts[2] if len(parts) > 2 else 0

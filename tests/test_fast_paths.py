@@ -241,3 +241,21 @@ def test_one_sort_filter_equals_two_passes(top_k, top_p):
     from varcore.sample import filter_logits
     logits = torch.randn(64, 1024) * 3
     assert torch.equal(filter_logits(logits, top_k, top_p), _filter_two_passes(logits, top_k, top_p))
+
+
+def test_flex_kernel_options_only_tile_the_math():
+    """The CUDA flex tiles are speed settings: no option that changes the arithmetic, and tiles
+    that divide the block mask's 128-token tiles (flex rejects others)."""
+    for key, value in var_mod.FLEX_KERNEL_OPTIONS.items():
+        name = key.split("_", 1)[1]
+        assert name.startswith("BLOCK_") or name in ("num_warps", "num_stages"), key
+        if name.startswith("BLOCK_"):
+            assert 128 % value == 0, key
+
+
+def test_cudnn_autotune_restores_flag():
+    import varcore.sample as sample_mod
+    before = torch.backends.cudnn.benchmark
+    with sample_mod.cudnn_autotune():
+        assert torch.backends.cudnn.benchmark == (before or sample_mod.CUDNN_AUTOTUNE)
+    assert torch.backends.cudnn.benchmark == before

@@ -11,6 +11,7 @@ On CUDA the transformer calls run through the static engine (one CUDA graph per 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,21 @@ from .vqvae import VQVAE
 
 
 ENGINES = ("auto", "plain", "static", "static_exact")
+# cuDNN picks convolution kernels by timing them at the first call of each shape (the VQ-VAE
+# decoder and the quantiser's phi convolutions); its heuristic choice for the decoder's
+# channels-last bf16 convolutions was about 30% slower on an H100 (benchmarks/RESULTS.md, round 2).
+CUDNN_AUTOTUNE = True
+
+
+@contextlib.contextmanager
+def cudnn_autotune():
+    """Turn on ``cudnn.benchmark`` for the duration (when ``CUDNN_AUTOTUNE``), then restore it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or CUDNN_AUTOTUNE
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,7 @@ def guidance(k: int, K: int, cfg: float) -> float:
 
 
 @torch.no_grad()
+@cudnn_autotune()
 def sample_tokens(var: VAR, quantizer: MultiScaleQuantizer, label_B: torch.Tensor,
                   sampling: SamplingConfig = SamplingConfig(), generator: torch.Generator | None = None,
                   teacher: Teacher | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -151,6 +168,7 @@ def _decode(vqvae: VQVAE, f_hat_BChw: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@cudnn_autotune()
 def decode_images(vqvae: VQVAE, f_hat_BChw: torch.Tensor, chunk: int = 16, compiled: bool | None = None
                   ) -> torch.Tensor:
     """``f_hat -> images``, ``chunk`` images at a time (bounds the decoder's memory at 256x256).

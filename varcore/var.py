@@ -37,6 +37,14 @@ except ImportError:  # pragma: no cover - older torch
 
 PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 ATTN_IMPLS = ("auto", "dense", "flex", "per_scale")
+# Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d);
+# inductor's autotuning at L=680 on an H100 picked 64x64 tiles, 4 warps, 3 stages for the
+# forward and all four backward tiles (benchmarks/RESULTS.md, round 2). {}: inductor's defaults.
+FLEX_KERNEL_OPTIONS: dict = {
+    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+    "bwd_num_warps": 4, "bwd_num_stages": 3,
+}
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,8 @@ def attend(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, att
                 q_BHLc[:, :, start:end], k_BHLc[:, :, :end], v_BHLc[:, :, :end], dropout_p=dropout_p, scale=scale))
             start = end
         return torch.cat(outs, dim=2)
-    return flex_attention(q_BHLc, k_BHLc, v_BHLc, block_mask=attn, scale=scale)
+    return flex_attention(q_BHLc, k_BHLc, v_BHLc, block_mask=attn, scale=scale,
+                          kernel_options=FLEX_KERNEL_OPTIONS if q_BHLc.is_cuda else None)
 
 
 class KVCache:

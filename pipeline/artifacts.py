@@ -35,16 +35,23 @@ def save_tokenizer(path: str | Path, vqvae: VQVAE, extra: dict[str, Any] | None 
                       **(extra or {})})
 
 
-def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
+def read_checkpoint(path: str | Path, fmt: str, what: str, stage: str,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict of format ``fmt``; missing, corrupt or foreign files name the path."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: tokenizer checkpoint not found (run `dvc repro tokenizer`)")
+        raise ArtifactError(f"{path}: {what} checkpoint not found (run `dvc repro {stage}`)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many types for a truncated/corrupt file
-        raise ArtifactError(f"{path}: cannot read tokenizer checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "varscale.tokenizer.v1":
-        raise ArtifactError(f"{path}: not a varscale tokenizer checkpoint")
+        raise ArtifactError(f"{path}: cannot read {what} checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise ArtifactError(f"{path}: not a varscale {what} checkpoint")
+    return ckpt
+
+
+def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
+    ckpt = read_checkpoint(path, "varscale.tokenizer.v1", "tokenizer", "tokenizer", map_location)
     vqvae = VQVAE(VQVAEConfig(**ckpt["config"]))
     vqvae.load_state_dict(ckpt["state_dict"])
     return vqvae.eval()

@@ -10,7 +10,7 @@ import torch
 
 from varcore import VAR, VARConfig
 
-from .artifacts import ArtifactError
+from .artifacts import read_checkpoint
 from .io import save_torch
 
 VAR_FORMAT = "varscale.var.v1"
@@ -27,15 +27,7 @@ def save_var(path: str | Path, model: VAR, class_names: list[str] | None = None,
 
 def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VAR, dict[str, Any]]:
     """The model (eval mode) and the checkpoint's metadata (everything but the weights)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: VAR checkpoint not found (run `dvc repro train`)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises many types for a truncated/corrupt file
-        raise ArtifactError(f"{path}: cannot read VAR checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != VAR_FORMAT:
-        raise ArtifactError(f"{path}: not a varscale VAR checkpoint")
+    ckpt = read_checkpoint(path, VAR_FORMAT, "VAR", "train", map_location)
     model = VAR(VARConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}

@@ -130,7 +130,9 @@ def summarize_run(inputs: TrainInputs, tp: TrainParams, payload: dict[str, Any],
         **{k: last[k] for k in ("L_last", "L_mean", "Err_last", "Err_mean")},
         "curve": st["curve"], "train_curve": st["train_curve"],
         "batch_size": tp.batch_size, "lr_peak": tp.peak_lr, "num_workers": tp.ray.num_workers,
-        "wall_seconds": round(wall_seconds, 1), "var_config": dataclasses.asdict(cfg),
+        "train_seconds": round(st.get("train_seconds", 0.0), 1),  # all attempts, resumes included
+        "wall_seconds": round(wall_seconds, 1),  # this invocation of the stage
+        "var_config": dataclasses.asdict(cfg),
     }
     return metrics, model
 

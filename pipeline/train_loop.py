@@ -60,6 +60,7 @@ class TrainState:
     train_curve: list[dict[str, float]] = field(default_factory=list)   # train-loss points
     loss_sum: float = 0.0          # local train-loss sum since the last train-curve point
     loss_count: int = 0
+    train_seconds: float = 0.0     # time in the training loop, summed over resumed runs
 
 
 # ---- batches and randomness ------------------------------------------------------------------
@@ -226,7 +227,7 @@ def train_worker(config: dict[str, Any]) -> None:
     model.train()
     bar = tqdm(total=total, initial=state.step, desc=f"train d{cfg.depth}", unit="step",
                disable=rank != 0, mininterval=10)
-    t0 = time.perf_counter()
+    t0 = mark = time.perf_counter()
     while state.step < total:
         step = state.step
         rows = rank_slice(global_batch_indices(len(train_tok), B, tp.seed, step), rank, world)
@@ -270,6 +271,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if step in evals or step % tp.checkpoint_every == 0 or step == total:
             if state.train_curve:
                 metrics["train_loss"] = state.train_curve[-1]["train_loss"]
+            now = time.perf_counter()
+            state.train_seconds, mark = state.train_seconds + now - mark, now
             _report(ray, metrics, model, optim, state, rank)
         if spec.fail_once_at_step == step and spec.fail_marker and not os.path.exists(spec.fail_marker):
             Path(spec.fail_marker).touch()

@@ -69,6 +69,7 @@ def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
     out, m = one_worker_run
     saved = json.loads((out / "train-d1.json").read_text())
     assert saved["steps"] == STEPS and saved["tokens"] == STEPS * 8 * 30
+    assert 0 < saved["train_seconds"] <= saved["wall_seconds"]   # loop time within the stage's time
     model, meta = load_var(out / "var-d1.pt")
     assert saved["N"] == main_N(model.cfg) and saved["params_total"] == count_params(model)
     assert saved["compute"] == pytest.approx(var_flops(model.cfg).train_per_token * saved["tokens"])

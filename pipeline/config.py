@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from varcore import VARConfig, VQVAEConfig
-from varcore.errors import ConfigError
+from varcore.errors import ConfigError, require
 
 from .cli import InputError
 
@@ -98,13 +98,8 @@ def load_section(cls: type, data: Any, where: str):
         raise ParamsError(f"{where}: {e}") from e
 
 
-def check(cond: bool, field_name: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(field_name, message)
-
-
 def check_device(device: str) -> None:
-    check(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device",
+    require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device",
           f"must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
@@ -127,11 +122,11 @@ class DataParams:
     seed: int = 0
 
     def __post_init__(self):
-        check(self.source in ("fashion_mnist", "image_folder"), "source",
+        require(self.source in ("fashion_mnist", "image_folder"), "source",
               f"must be 'fashion_mnist' or 'image_folder', got {self.source!r}")
-        check(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
-        check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        check(self.max_per_class is None or self.max_per_class >= 2, "max_per_class",
+        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        require(self.max_per_class is None or self.max_per_class >= 2, "max_per_class",
               f"must be >= 2 or null, got {self.max_per_class}")
 
 
@@ -155,11 +150,11 @@ class TokenizerTrainParams:
 
     def __post_init__(self):
         check_device(self.device)
-        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(self.recon_loss in ("l1", "l2"), "recon_loss", f"must be 'l1' or 'l2', got {self.recon_loss!r}")
-        check(self.lambda_p >= 0 and self.lambda_g >= 0, "lambda_p", "loss weights must be >= 0")
+        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.recon_loss in ("l1", "l2"), "recon_loss", f"must be 'l1' or 'l2', got {self.recon_loss!r}")
+        require(self.lambda_p >= 0 and self.lambda_g >= 0, "lambda_p", "loss weights must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -176,8 +171,8 @@ class TokenizeParams:
 
     def __post_init__(self):
         check_device(self.device)
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
 
 
 def load_tokenizer_params(params: dict[str, Any], file: str = PARAMS_FILE) -> TokenizerParams:

@@ -15,7 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import PARAMS_FILE, ParamsError, check, load_section
+from varcore.errors import require
+
+from .config import PARAMS_FILE, ParamsError, load_section
 
 FIXED_VAR_KEYS = ("depth", "vocab_size", "Cvae", "patch_nums", "num_classes")
 LR_REFERENCE_BATCH = 256  # the paper quotes lr per 256 images
@@ -27,7 +29,7 @@ class VarParams:
 
     def __post_init__(self):
         fixed = sorted(set(self.model) & set(FIXED_VAR_KEYS))
-        check(not fixed, "model", f"{fixed} are set by train.depths and the tokenizer, not here")
+        require(not fixed, "model", f"{fixed} are set by train.depths and the tokenizer, not here")
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,11 @@ class RayParams:
     num_to_keep: int = 2                   # checkpoints kept per run
 
     def __post_init__(self):
-        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
-        check(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
-        check(bool(self.storage_path), "storage_path", "must be a non-empty path")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+        require(bool(self.storage_path), "storage_path", "must be a non-empty path")
 
 
 @dataclass(frozen=True)
@@ -77,37 +79,37 @@ class TrainParams:
     ray: RayParams = field(default_factory=RayParams)
 
     def __post_init__(self):
-        check(len(self.depths) >= 1 and all(d >= 1 for d in self.depths), "depths",
+        require(len(self.depths) >= 1 and all(d >= 1 for d in self.depths), "depths",
               f"must be a non-empty list of ints >= 1, got {list(self.depths)}")
-        check(len(set(self.depths)) == len(self.depths), "depths", f"has duplicates: {list(self.depths)}")
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.batch_size % self.ray.num_workers == 0, "batch_size",
+        require(len(set(self.depths)) == len(self.depths), "depths", f"has duplicates: {list(self.depths)}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.batch_size % self.ray.num_workers == 0, "batch_size",
               f"{self.batch_size} is not divisible by ray.num_workers={self.ray.num_workers}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
               f"must be two numbers in [0, 1), got {list(self.betas)}")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-        check(0 <= self.warmup_frac < 1, "warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
-        check(self.decay in ("linear", "cosine"), "decay", f"must be 'linear' or 'cosine', got {self.decay!r}")
-        check(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
-        check((self.steps is None) != (self.epochs is None), "steps",
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        require(0 <= self.warmup_frac < 1, "warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
+        require(self.decay in ("linear", "cosine"), "decay", f"must be 'linear' or 'cosine', got {self.decay!r}")
+        require(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
+        require((self.steps is None) != (self.epochs is None), "steps",
               "set exactly one of steps and epochs (the other null)")
-        check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        check(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
-        check(self.num_evals >= 1, "num_evals", f"must be >= 1, got {self.num_evals}")
-        check(self.eval_spacing in ("log", "linear"), "eval_spacing",
+        require(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        require(self.num_evals >= 1, "num_evals", f"must be >= 1, got {self.num_evals}")
+        require(self.eval_spacing in ("log", "linear"), "eval_spacing",
               f"must be 'log' or 'linear', got {self.eval_spacing!r}")
-        check(self.val_max_samples is None or self.val_max_samples >= 1, "val_max_samples",
+        require(self.val_max_samples is None or self.val_max_samples >= 1, "val_max_samples",
               f"must be >= 1 or null, got {self.val_max_samples}")
-        check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
-        check(self.precision in ("auto", "bf16", "fp32"), "precision",
+        require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.precision in ("auto", "bf16", "fp32"), "precision",
               f"must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        check(self.fsdp_min_depth is None or self.fsdp_min_depth >= 1, "fsdp_min_depth",
+        require(self.fsdp_min_depth is None or self.fsdp_min_depth >= 1, "fsdp_min_depth",
               f"must be >= 1 or null, got {self.fsdp_min_depth}")
-        check(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
+        require(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
 
     @property
     def peak_lr(self) -> float:

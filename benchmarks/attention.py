@@ -1,10 +1,14 @@
 """Block-causal attention alone, forward + backward, at a paper-config layer's shapes.
 
-Compares the forms ``varcore.var.attend`` accepts (dense bool mask, FlexAttention block
-mask compiled, one SDPA call per scale) and, for the per-scale form, each SDPA backend.
-One JSON line per variant: median ms, and TFLOP/s over the pairs the mask allows.
+Compares the forms ``varcore.var.attend`` accepts: the dense bool mask (SDPA's own kernel
+choice, or cuDNN, which takes the mask as an additive bias), the FlexAttention block mask,
+and ``ScaleSplit`` (the first n scales in one masked call, then one unmasked call per
+scale) with each SDPA kernel for the unmasked calls. Everything runs compiled, as in
+training. One JSON line per variant: median ms, TFLOP/s over the pairs the mask allows,
+and the three device kernels that take the most time.
 
     PYTHONPATH=. python benchmarks/attention.py --depth 16 --batch 64
+    PYTHONPATH=. python benchmarks/attention.py --depth 24 --batch 32 --only flex --only split7_cudnn
 """
 
 from __future__ import annotations
@@ -14,13 +18,24 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import emit, env, summary, time_ms  # noqa: E402
+from bench_utils import emit, env, summary, time_ms, top_kernels  # noqa: E402
 from varcore import PAPER_PATCH_NUMS  # noqa: E402
 from varcore.flops import attention_pairs  # noqa: E402
-from varcore.var import attend, block_causal_mask, flex_block_mask, scale_ends  # noqa: E402
+from varcore.var import SDPA_BACKENDS, ScaleSplit, attend, block_causal_mask, flex_block_mask  # noqa: E402
+
+
+def variants(pn: tuple[int, ...], dev: torch.device) -> dict:
+    """name -> (mask form, SDPA backends for the whole call or None)."""
+    dense = block_causal_mask(pn).to(dev)
+    out = {"dense": (dense, None), "dense_cudnn": (dense, ["cudnn"]), "flex": (flex_block_mask(pn, str(dev)), None)}
+    for prefix in (1, 7, 8, 9):
+        for kernel in ("cudnn", "flash", "efficient"):
+            backends = [SDPA_BACKENDS[b] for b in (kernel, "efficient", "math")]
+            out[f"split{prefix}_{kernel}"] = (ScaleSplit.build(pn, prefix, dev, backends), None)
+    return out
 
 
 def main(argv=None):
@@ -28,36 +43,39 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--only", action="append", default=[], help="run only these variants")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     H, c, pn = args.depth, 64, PAPER_PATCH_NUMS
     L = sum(p * p for p in pn)
-    q, k, v = (torch.randn(args.batch, H, L, c, device=dev, dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    # (B, L, H, c) storage seen as (B, H, L, c), the layout the model's qkv projection gives
+    q, k, v = (torch.randn(args.batch, L, H, c, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
     grad = torch.randn_like(q)
     flops = 3 * 4 * c * attention_pairs(pn) * args.batch * H   # fwd + 2x bwd, QK^T and AV
-    compiled_attend = torch.compile(attend, dynamic=False)
-    variants = {
-        "dense_mask": (attend, block_causal_mask(pn).to(dev), None),
-        "flex": (compiled_attend, flex_block_mask(pn, str(dev)), None),
-        "per_scale": (attend, scale_ends(pn), None),
-        "per_scale_compiled": (compiled_attend, scale_ends(pn), None),
-    }
-    for name, backend in (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"),
-                          ("efficient", "EFFICIENT_ATTENTION")):
-        if hasattr(SDPBackend, backend):
-            variants[f"per_scale_{name}"] = (attend, scale_ends(pn), getattr(SDPBackend, backend))
-    for name, (fn, mask, backend) in variants.items():
+
+    def run(q, k, v, mask, backends):
+        if backends is None:
+            return attend(q, k, v, mask, 0.0, 1.0)
+        with sdpa_kernel([SDPA_BACKENDS[b] for b in backends]):
+            return attend(q, k, v, mask, 0.0, 1.0)
+
+    for name, (mask, backends) in variants(pn, dev).items():
+        if args.only and name not in args.only:
+            continue
+        torch._dynamo.reset()                       # a fresh graph per variant (no recompile limit)
+        fn = torch.compile(run, dynamic=False)
+
         def step():
-            with sdpa_kernel([backend]) if backend is not None else torch.enable_grad():
-                out = fn(q, k, v, mask, 0.0, 1.0)
-            out.backward(grad)
+            fn(q, k, v, mask, backends).backward(grad)
         try:
             s = summary(time_ms(step, dev, 3, args.iters))
+            top = [r["kernel"][:60] for r in top_kernels(step, dev, steps=1, top=3)]
             emit({"bench": "attention", "variant": name, "depth": args.depth, "batch": args.batch, **s,
-                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), **env()})
+                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "top_kernels": top, **env()})
         except Exception as e:
-            emit({"bench": "attention", "variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            emit({"bench": "attention", "variant": name, "depth": args.depth,
+                  "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
 if __name__ == "__main__":

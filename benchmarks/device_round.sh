@@ -50,6 +50,13 @@ for stage in "$@"; do
               T=120 run benchmarks/sample.py --case 20:64 --case 24:64 --iters 5 --cudnn-benchmark ;;
     r2_sample) T=200 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --iters 5
                T=200 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --iters 5 --no-cudnn-autotune ;;
+    r3_explore) python3 -c 'import torch, importlib.util as u; print("cudnn", torch.backends.cudnn.version(), "flash_attn", u.find_spec("flash_attn"), "cutlass", u.find_spec("cutlass"))'
+                A16="--only dense --only dense_cudnn --only flex --only split1_cudnn --only split1_flash --only split7_cudnn --only split7_flash --only split7_efficient --only split9_cudnn --only split9_flash"
+                T=200 run benchmarks/attention.py --depth 16 --batch 64 $A16
+                T=100 run benchmarks/attention.py --depth 24 --batch 32 --only flex --only dense_cudnn --only split7_cudnn --only split7_flash --only split9_cudnn
+                S="--attn-impl per_scale --attn-prefix-scales 7 --attn-backends cudnn,flash,efficient,math --warmup 2 --iters 8"
+                T=120 run benchmarks/train_step.py --case 16:64 $S
+                T=150 run benchmarks/train_step.py --case 24:32 $S --profile ;;
     *) python3 "$@"; break ;;
   esac
 done

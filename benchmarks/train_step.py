@@ -15,6 +15,7 @@ A case is ``depth:batch[:checkpointed_blocks]``.
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,14 +71,24 @@ def make_step(model, opt, loss_fn, data, amp: torch.dtype | None, device: torch.
     return step
 
 
+def attn_kw(args) -> dict:
+    kw = {}
+    if args.attn_prefix_scales is not None:
+        kw["attn_prefix_scales"] = args.attn_prefix_scales
+    if args.attn_backends:
+        kw["attn_backends"] = tuple(args.attn_backends.split(","))
+    return kw
+
+
 def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> dict:
     reset_peak(device)
-    rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain,
+    rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **attn_kw(args),
+           "inductor": args.inductor,
            "flex_options": var_mod.FLEX_KERNEL_OPTIONS or "inductor default",
            "max_autotune": os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE") == "1",
            **env()}
     try:
-        model, opt, loss_fn = build(depth, batch, device, args.plain, ckpt, args.attn_impl)
+        model, opt, loss_fn = build(depth, batch, device, args.plain, ckpt, args.attn_impl, **attn_kw(args))
         cfg = model.cfg
         step = make_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
         times = time_ms(step, device, args.warmup, args.iters)
@@ -129,6 +141,9 @@ def main(argv=None):
     ap.add_argument("--case", action="append", default=[], help="depth:batch[:checkpointed_blocks]")
     ap.add_argument("--plain", action="store_true", help="dense mask, no compile, foreach AdamW (baseline)")
     ap.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "flex", "per_scale"])
+    ap.add_argument("--attn-prefix-scales", type=int, default=None, help="per_scale: scales in the masked call")
+    ap.add_argument("--attn-backends", default="", help="per_scale: SDPA kernels, e.g. cudnn,efficient,math")
+    ap.add_argument("--inductor", action="append", default=[], help="torch._inductor.config KEY=VALUE (Python literal)")
     ap.add_argument("--flex-options", type=json.loads, default=None,
                     help="JSON kernel_options for the flex kernels ('{}': inductor's defaults)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -142,6 +157,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    for kv in args.inductor:
+        key, value = kv.split("=", 1)
+        setattr(torch._inductor.config, key, ast.literal_eval(value))
     if args.flex_options is not None:
         var_mod.FLEX_KERNEL_OPTIONS = args.flex_options
     for case in args.case:

@@ -9,12 +9,13 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 import varcore.var as var_mod
 from varcore import ConfigError, SamplingConfig, VAR, VARConfig, sample_tokens
 from varcore.sample import Teacher
 from varcore.static_sampler import release_static_engine, static_engine
-from varcore.var import attend, block_causal_mask, flex_attention, scale_ends
+from varcore.var import ScaleSplit, attend, block_causal_mask, flex_attention, scale_ends
 from tests.conftest import randomize_
 
 
@@ -46,18 +47,41 @@ def test_scale_ends_paper():
     assert scale_ends((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) == (1, 5, 14, 30, 55, 91, 155, 255, 424, 680)
 
 
-@pytest.mark.parametrize("impl", ["per_scale", "flex"])
+@pytest.mark.parametrize("impl", ["per_scale1", "per_scale7", "per_scale10", "flex"])
 def test_attention_forms_equal_dense_mask(impl):
     if impl == "flex" and flex_attention is None:
         pytest.skip("no FlexAttention in this torch")
     pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)                  # paper scale: tiles straddle scale edges
-    q, k, v = (torch.randn(2, 2, 680, 16) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 680, 16, requires_grad=True) for _ in range(3))
     ref = attend(q, k, v, block_causal_mask(pn), 0.0, 1.0)
-    mask = scale_ends(pn) if impl == "per_scale" else var_mod.flex_block_mask(pn, "cpu")
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    if impl == "flex":
+        mask = var_mod.flex_block_mask(pn, "cpu")
+        q, k, v = q.detach(), k.detach(), v.detach()        # FlexAttention has no CPU backward
+    else:  # the first n scales in one masked call, every later scale unmasked against its prefix
+        mask = ScaleSplit.build(pn, int(impl[len("per_scale"):]), "cpu", backends=(SDPBackend.MATH,))
+        assert mask.prefix_mask_PP.shape[0] == scale_ends(pn)[int(impl[len("per_scale"):]) - 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                      # flex outside torch.compile warns
         out = attend(q, k, v, mask, 0.0, 1.0)
     assert (out - ref).norm() / ref.norm() < 1e-5
+    if impl != "flex":
+        for g0, g in zip(g_ref, torch.autograd.grad(out.square().sum(), (q, k, v))):
+            assert (g - g0).norm() / g0.norm() < 1e-5
+
+
+def test_scale_split_config_checks():
+    with pytest.raises(ConfigError) as e:
+        VARConfig(depth=2, patch_nums=(1, 2, 4), attn_prefix_scales=4)
+    assert e.value.field == "attn_prefix_scales"
+    with pytest.raises(ConfigError) as e:
+        VARConfig(depth=2, attn_backends=("fa3",))
+    assert e.value.field == "attn_backends"
+    m = VAR(VARConfig(depth=1, patch_nums=(1, 2, 4), Cvae=4, vocab_size=8, num_classes=2, attn_impl="per_scale",
+                      attn_prefix_scales=2, attn_backends=["math"]))
+    split = m.attention_mask(torch.device("cpu"))
+    assert split.prefix_mask_PP.shape == (5, 5) and split.ends == (21,) and split.backends == (SDPBackend.MATH,)
+    assert split is m.attention_mask(torch.device("cpu"))    # built once
 
 
 @pytest.mark.parametrize("impl", ["per_scale", "flex"])

@@ -19,6 +19,7 @@ plain dense-mask eager path elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, replace
@@ -30,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError, check_patch_nums, require
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch
@@ -37,6 +40,8 @@ except ImportError:  # pragma: no cover - older torch
 
 PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 ATTN_IMPLS = ("auto", "dense", "flex", "per_scale")
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 # Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d);
 # inductor's autotuning at L=680 on an H100 picked 64x64 tiles, 4 warps, 3 stages for the
 # forward and all four backward tiles (benchmarks/RESULTS.md, round 2). {}: inductor's defaults.
@@ -68,6 +73,8 @@ class VARConfig:
     norm_eps: float = 1e-6
     # execution only (same function, different speed and memory):
     attn_impl: str = "auto"               # dense | flex | per_scale; auto: flex on CUDA, dense elsewhere
+    attn_prefix_scales: int = 1           # per_scale: the first n scales attend in one masked call
+    attn_backends: tuple[str, ...] = ()   # per_scale: SDPA kernels for the unmasked calls, in order; (): SDPA's choice
     compile_blocks: bool | None = None    # torch.compile the blocks and head; None: on CUDA
     checkpointing: int = 0                # recompute the first n blocks in backward; True: all
 
@@ -85,6 +92,11 @@ class VARConfig:
         require(self.attn_impl in ATTN_IMPLS, "attn_impl", f"must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         require(not (self.attn_impl == "flex" and self.attn_drop_rate > 0), "attn_impl",
                 "flex has no attention dropout; use per_scale or dense with attn_drop_rate > 0")
+        object.__setattr__(self, "attn_backends", tuple(self.attn_backends))
+        require(1 <= self.attn_prefix_scales <= len(self.patch_nums), "attn_prefix_scales",
+                f"must be in [1, {len(self.patch_nums)}] (number of scales), got {self.attn_prefix_scales}")
+        bad = [b for b in self.attn_backends if b not in SDPA_BACKENDS]
+        require(not bad, "attn_backends", f"unknown SDPA backends {bad}; choose from {sorted(SDPA_BACKENDS)}")
         require(isinstance(self.checkpointing, int) and 0 <= self.checkpointing <= self.depth, "checkpointing",
                 f"must be a bool or an int in [0, depth={self.depth}], got {self.checkpointing}")
 
@@ -155,20 +167,51 @@ def flex_block_mask(patch_nums: tuple[int, ...], device: str) -> "BlockMask":
     return create_block_mask(block_causal, None, None, L, L, device=device)
 
 
+@dataclass(frozen=True, eq=False)
+class ScaleSplit:
+    """The block-causal mask as unmasked attention calls. The queries of each scale after the
+    prefix see every key of the scales up to theirs, so each such scale is one SDPA call
+    without a mask (which the flash and cuDNN kernels run); the first ``prefix`` tokens (the
+    small scales, where a call per scale costs more in launches than it saves) attend in one
+    call under ``prefix_mask``. ``backends``: SDPA kernels tried for the unmasked calls, in order."""
+
+    prefix_mask_PP: torch.Tensor                  # bool (P, P): the block-causal mask of the prefix
+    ends: tuple[int, ...]                         # end of every scale after the prefix
+    backends: tuple[SDPBackend, ...] = ()         # (): SDPA's own choice
+
+    @classmethod
+    def build(cls, patch_nums: tuple[int, ...], prefix_scales: int, device, backends=()) -> "ScaleSplit":
+        ends = scale_ends(patch_nums)
+        require(1 <= prefix_scales <= len(ends), "attn_prefix_scales",
+                f"must be in [1, {len(ends)}] for {len(ends)} scales, got {prefix_scales}")
+        P = ends[prefix_scales - 1]
+        return cls(block_causal_mask(patch_nums)[:P, :P].to(device), ends[prefix_scales:], tuple(backends))
+
+
+@functools.lru_cache(maxsize=16)
+def scale_split(patch_nums: tuple[int, ...], prefix_scales: int, device: str,
+                backends: tuple[str, ...] = ()) -> ScaleSplit:
+    """The model's :class:`ScaleSplit`, built once per device (backends by name, see ``SDPA_BACKENDS``)."""
+    return ScaleSplit.build(patch_nums, prefix_scales, device, tuple(SDPA_BACKENDS[b] for b in backends))
+
+
 def attend(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, attn, dropout_p: float,
            scale: float | None) -> torch.Tensor:
     """Attention under one of three equivalent forms of the mask ``attn``: ``None`` or a bool
-    ``(L, L)`` tensor (dense SDPA), a ``BlockMask`` (FlexAttention), or a tuple of scale ends
+    ``(L, L)`` tensor (dense SDPA), a ``BlockMask`` (FlexAttention), or a :class:`ScaleSplit`
     (one unmasked SDPA call per scale: queries of scale k see keys ``[0, end_k)``)."""
     if attn is None or isinstance(attn, torch.Tensor):
         return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn, dropout_p=dropout_p,
                                               scale=scale)
-    if isinstance(attn, tuple):
-        outs, start = [], 0
-        for end in attn:
-            outs.append(F.scaled_dot_product_attention(
-                q_BHLc[:, :, start:end], k_BHLc[:, :, :end], v_BHLc[:, :, :end], dropout_p=dropout_p, scale=scale))
-            start = end
+    if isinstance(attn, ScaleSplit):
+        P = start = attn.prefix_mask_PP.shape[0]
+        outs = [F.scaled_dot_product_attention(q_BHLc[:, :, :P], k_BHLc[:, :, :P], v_BHLc[:, :, :P],
+                                               attn_mask=attn.prefix_mask_PP, dropout_p=dropout_p, scale=scale)]
+        with sdpa_kernel(list(attn.backends), set_priority=True) if attn.backends else contextlib.nullcontext():
+            for end in attn.ends:
+                outs.append(F.scaled_dot_product_attention(q_BHLc[:, :, start:end], k_BHLc[:, :, :end],
+                                                           v_BHLc[:, :, :end], dropout_p=dropout_p, scale=scale))
+                start = end
         return torch.cat(outs, dim=2)
     return flex_attention(q_BHLc, k_BHLc, v_BHLc, block_mask=attn, scale=scale,
                           kernel_options=FLEX_KERNEL_OPTIONS if q_BHLc.is_cuda else None)
@@ -447,7 +490,7 @@ class VAR(nn.Module):
         if impl == "flex":
             return flex_block_mask(self.cfg.patch_nums, str(device))
         if impl == "per_scale":
-            return scale_ends(self.cfg.patch_nums)
+            return scale_split(self.cfg.patch_nums, self.cfg.attn_prefix_scales, str(device), self.cfg.attn_backends)
         return self.attn_mask_LL
 
     def compiled(self, device: torch.device) -> bool:

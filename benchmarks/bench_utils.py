@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,6 +20,8 @@ PAPER_VQ = VQVAEConfig(image_size=256, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_
 
 def env() -> dict:
     info = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if os.environ.get("BENCH_TAG"):   # which arm of a before/after comparison (device_round.sh)
+        info["tag"] = os.environ["BENCH_TAG"]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -57,6 +57,15 @@ for stage in "$@"; do
                 S="--attn-impl per_scale --attn-prefix-scales 7 --attn-backends cudnn,flash,efficient,math --warmup 2 --iters 8"
                 T=120 run benchmarks/train_step.py --case 16:64 $S
                 T=150 run benchmarks/train_step.py --case 24:32 $S --profile ;;
+    # r3_layout: .baseline/varcore is the code before a change (git archive of the commit
+    # before it, carried); the same benchmark runs on both copies in one call
+    r3_layout) mkdir -p /tmp/base && cp -r benchmarks /tmp/base/ && cp -r .baseline/varcore /tmp/base/
+               W="--warmup 2 --iters 8"
+               (cd /tmp/base && BENCH_TAG=before T=100 run benchmarks/train_step.py --case 16:64 $W)
+               (cd /tmp/base && BENCH_TAG=before T=100 run benchmarks/train_step.py --case 24:32 $W)
+               BENCH_TAG=after T=120 run benchmarks/train_step.py --case 16:64 $W
+               BENCH_TAG=after T=150 run benchmarks/train_step.py --case 24:32 $W --profile
+               BENCH_TAG=after_cdt T=170 run benchmarks/train_step.py --case 24:32 $W --inductor coordinate_descent_tuning=True ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -283,12 +283,15 @@ class SelfAttention(nn.Module):
     def qkv_heads(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, C = x_BLC.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.H, self.hd).permute(2, 0, 3, 1, 4)
+        # Normalise in the (B, L, H, hd) layout the projection writes and return (B, H, L, hd)
+        # views of it: the attention kernels take these strides as they are, so the compiled
+        # block does no transposing copies of q, k, v or of their gradients.
+        q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.H, self.hd).unbind(2)
         if self.l2_norm:
-            scale = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()
-            q = F.normalize(q, dim=-1).mul(scale).to(v.dtype)
+            scale_11H1 = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(1, 1, self.H, 1)
+            q = F.normalize(q, dim=-1).mul(scale_11H1).to(v.dtype)
             k = F.normalize(k, dim=-1).to(v.dtype)
-        return q, k, v  # each (B, H, L, hd)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, L, hd)
 
     def attend(self, q, k, v, attn_mask, kv_cache: KVCache | None = None) -> torch.Tensor:
         """``attn_mask``: None, the bool block-causal mask, or an equivalent form (see :func:`attend`)."""

@@ -14,6 +14,7 @@ and the three device kernels that take the most time.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import emit, env, summary, time_ms, top_kernels  # noqa: E402
 from varcore import PAPER_PATCH_NUMS  # noqa: E402
 from varcore.flops import attention_pairs  # noqa: E402
+import varcore.var as var_mod  # noqa: E402
 from varcore.var import SDPA_BACKENDS, ScaleSplit, attend, block_causal_mask, flex_block_mask  # noqa: E402
 
 
@@ -44,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--only", action="append", default=[], help="run only these variants")
+    ap.add_argument("--flex-config", action="append", default=[],
+                    help="NAME=JSON: also time flex with these kernel_options (variant flex_NAME)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     H, c, pn = args.depth, 64, PAPER_PATCH_NUMS
@@ -60,9 +64,17 @@ def main(argv=None):
         with sdpa_kernel([SDPA_BACKENDS[b] for b in backends]):
             return attend(q, k, v, mask, 0.0, 1.0)
 
-    for name, (mask, backends) in variants(pn, dev).items():
-        if args.only and name not in args.only:
+    forms = variants(pn, dev)
+    flex_options = {name: None for name in forms}
+    for spec in args.flex_config:
+        name, opts = spec.split("=", 1)
+        forms[f"flex_{name}"] = forms["flex"]
+        flex_options[f"flex_{name}"] = json.loads(opts)
+    tuned = var_mod.FLEX_KERNEL_OPTIONS
+    for name, (mask, backends) in forms.items():
+        if args.only and name not in args.only and flex_options[name] is None:   # --flex-config ones always run
             continue
+        var_mod.FLEX_KERNEL_OPTIONS = tuned if flex_options[name] is None else flex_options[name]
         torch._dynamo.reset()                       # a fresh graph per variant (no recompile limit)
         fn = torch.compile(run, dynamic=False)
 
@@ -72,7 +84,8 @@ def main(argv=None):
             s = summary(time_ms(step, dev, 3, args.iters))
             top = [r["kernel"][:60] for r in top_kernels(step, dev, steps=1, top=3)]
             emit({"bench": "attention", "variant": name, "depth": args.depth, "batch": args.batch, **s,
-                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "top_kernels": top, **env()})
+                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "top_kernels": top,
+                  "flex_options": flex_options[name], **env()})
         except Exception as e:
             emit({"bench": "attention", "variant": name, "depth": args.depth,
                   "error": f"{type(e).__name__}: {str(e)[:300]}"})

@@ -88,8 +88,16 @@ def top_kernels(fn, device: torch.device, steps: int = 2, top: int = 25) -> list
         sync(device)
     rows = []
     for e in prof.key_averages():
-        t = e.device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
         if t > 0 and e.count > 0:
             rows.append({"kernel": e.key[:90], "ms": round(t / 1e3 / steps, 3), "calls": e.count // steps})
     rows.sort(key=lambda r: -r["ms"])
-    return rows[:top]
+    return KernelList(rows[:top], total_ms=round(sum(r["ms"] for r in rows), 3))
+
+
+class KernelList(list):
+    """Top kernels, with ``total_ms``: the device time of all kernels per call (idle time excluded)."""
+
+    def __init__(self, rows, total_ms: float):
+        super().__init__(rows)
+        self.total_ms = total_ms

@@ -66,6 +66,17 @@ for stage in "$@"; do
                BENCH_TAG=after T=120 run benchmarks/train_step.py --case 16:64 $W
                BENCH_TAG=after T=150 run benchmarks/train_step.py --case 24:32 $W --profile
                BENCH_TAG=after_cdt T=170 run benchmarks/train_step.py --case 24:32 $W --inductor coordinate_descent_tuning=True ;;
+    r3_tune) F='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3'
+             B='"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64'
+             T=150 run benchmarks/attention.py --depth 24 --batch 32 --only flex \
+               --flex-config "b32x64={$F, \"bwd_BLOCK_M1\": 32, \"bwd_BLOCK_N1\": 64, \"bwd_BLOCK_M2\": 64, \"bwd_BLOCK_N2\": 32, \"bwd_num_warps\": 4, \"bwd_num_stages\": 3}" \
+               --flex-config "b32x128={$F, \"bwd_BLOCK_M1\": 32, \"bwd_BLOCK_N1\": 128, \"bwd_BLOCK_M2\": 128, \"bwd_BLOCK_N2\": 32, \"bwd_num_warps\": 4, \"bwd_num_stages\": 3}" \
+               --flex-config "bs4={$F, $B, \"bwd_num_warps\": 4, \"bwd_num_stages\": 4}" \
+               --flex-config "bs2={$F, $B, \"bwd_num_warps\": 4, \"bwd_num_stages\": 2}" \
+               --flex-config "f128w8={\"fwd_BLOCK_M\": 128, \"fwd_BLOCK_N\": 64, \"fwd_num_warps\": 8, \"fwd_num_stages\": 3, $B, \"bwd_num_warps\": 4, \"bwd_num_stages\": 3}" \
+               --flex-config "f128w4={\"fwd_BLOCK_M\": 128, \"fwd_BLOCK_N\": 64, \"fwd_num_warps\": 4, \"fwd_num_stages\": 3, $B, \"bwd_num_warps\": 4, \"bwd_num_stages\": 3}"
+             T=200 run benchmarks/train_step.py --case 24:32 --warmup 2 --iters 8 --profile --profile-top 60
+             T=200 run benchmarks/train_step.py --case 20:64 --warmup 2 --iters 8 ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -46,7 +46,7 @@ def build(depth: int, batch: int, device: torch.device, plain: bool, checkpointi
     fused = device.type == "cuda" and not plain
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05,
                             fused=fused)
-    loss_fn = cross_entropy if plain or not model.compiled(device) else torch.compile(cross_entropy, dynamic=False)
+    loss_fn = cross_entropy if plain or not model.compiled(device) else var_mod.compile_region(cross_entropy, tuned=True)
     return model, opt, loss_fn
 
 
@@ -99,7 +99,9 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         rec.update(error=f"{type(e).__name__}: {str(e)[:500]}", checkpointing=ckpt)
         return rec
     if args.profile:
-        emit({"bench": "train_profile", "depth": depth, "batch": batch, "top": top_kernels(step, device)})
+        top = top_kernels(step, device, top=args.profile_top)
+        emit({"bench": "train_profile", "depth": depth, "batch": batch, "kernel_ms_total": top.total_ms,
+              "top": list(top)})
     s = summary(times)
     flops = var_flops(cfg)
     tokens_per_s = batch * cfg.L / (s["ms_median"] / 1e3)
@@ -149,6 +151,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
+    ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--numerics", action="store_true")
     ap.add_argument("--numerics-depth", type=int, default=16)
     ap.add_argument("--numerics-batch", type=int, default=16)

@@ -467,14 +467,14 @@ class VAR(nn.Module):
         bc = self.block_cond(cond_BC)
         attn = self.attention_mask(x_BLC.device)
         compiled = self.compiled(x_BLC.device)
-        run_block = compile_region(_run_block) if compiled else _run_block
+        run_block = compile_region(_run_block, tuned=True) if compiled else _run_block
         recompute = cfg.checkpointing if self.training and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
             if i < recompute:
                 x_BLC = checkpoint(run_block, block, x_BLC, bc, attn, use_reentrant=False)
             else:
                 x_BLC = run_block(block, x_BLC, bc, attn)
-        return (compile_region(_run_head) if compiled else _run_head)(self.head, x_BLC, cond_BC)
+        return (compile_region(_run_head, tuned=True) if compiled else _run_head)(self.head, x_BLC, cond_BC)
 
     def attn_impl(self, device: torch.device) -> str:
         """The attention form ``forward`` uses on ``device`` (``cfg.attn_impl`` with auto resolved)."""
@@ -534,11 +534,18 @@ def _run_head(head: AdaLNHead, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> to
 
 
 COMPILE_BACKEND = "inductor"   # tests switch to "aot_eager" (same graphs, no code generation)
+# inductor options of the tuned regions (training blocks and head): coordinate-descent
+# tuning times block sizes of the generated element-wise and reduction kernels at compile
+# time; at d24 it took 1.6% off a training step (benchmarks/RESULTS.md, round 3).
+TUNED_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 @functools.cache
-def compile_region(fn, dynamic: bool | None = False):
-    return torch.compile(fn, dynamic=dynamic, backend=COMPILE_BACKEND)
+def compile_region(fn, dynamic: bool | None = False, tuned: bool = False):
+    """``fn`` through ``torch.compile``, once per (fn, dynamic, tuned); ``tuned`` adds
+    :data:`TUNED_OPTIONS` (longer compile, faster kernels) under inductor."""
+    options = TUNED_OPTIONS if tuned and COMPILE_BACKEND == "inductor" else None
+    return torch.compile(fn, dynamic=dynamic, backend=COMPILE_BACKEND, options=options)
 
 
 def _dynamic_region(fn, *args):

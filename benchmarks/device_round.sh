@@ -59,6 +59,7 @@ for stage in "$@"; do
                 T=150 run benchmarks/train_step.py --case 24:32 $S --profile ;;
     # r3_layout: .baseline/varcore is the code before a change (git archive of the commit
     # before it, carried); the same benchmark runs on both copies in one call
+    base) mkdir -p /tmp/base && cp -r benchmarks /tmp/base/ && cp -r .baseline/varcore /tmp/base/ ;;
     r3_layout) mkdir -p /tmp/base && cp -r benchmarks /tmp/base/ && cp -r .baseline/varcore /tmp/base/
                W="--warmup 2 --iters 8"
                (cd /tmp/base && BENCH_TAG=before T=100 run benchmarks/train_step.py --case 16:64 $W)
@@ -77,6 +78,19 @@ for stage in "$@"; do
                --flex-config "f128w4={\"fwd_BLOCK_M\": 128, \"fwd_BLOCK_N\": 64, \"fwd_num_warps\": 4, \"fwd_num_stages\": 3, $B, \"bwd_num_warps\": 4, \"bwd_num_stages\": 3}"
              T=200 run benchmarks/train_step.py --case 24:32 --warmup 2 --iters 8 --profile --profile-top 60
              T=200 run benchmarks/train_step.py --case 20:64 --warmup 2 --iters 8 ;;
+    r3_train) F='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3'
+              B='"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4'
+              for d in 16:64 20:64; do
+                T=60 run benchmarks/attention.py --depth ${d%:*} --batch ${d#*:} --only flex --flex-config "bs3={$F, $B, \"bwd_num_stages\": 3}"
+              done
+              T=280 run benchmarks/train_step.py --case 16:64 --case 20:64
+              T=170 run benchmarks/train_step.py --case 24:32 ;;
+    r3_sample) (cd /tmp/base && BENCH_TAG=before T=200 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --iters 5)
+               BENCH_TAG=after T=260 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --case 16:1 --case 20:1 --case 24:1 --iters 5 ;;
+    r3_rest) T=60 run benchmarks/train_step.py --case 16:64 --plain --warmup 2 --iters 5
+             T=200 run benchmarks/train_step.py --case 30:32:10 --iters 5
+             T=150 run benchmarks/train_step.py --numerics
+             T=120 run benchmarks/sample.py --case 16:64 --case 16:1 --check-tokens --iters 3 ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -44,11 +44,12 @@ SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 # Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d);
 # inductor's autotuning at L=680 on an H100 picked 64x64 tiles, 4 warps, 3 stages for the
-# forward and all four backward tiles (benchmarks/RESULTS.md, round 2). {}: inductor's defaults.
+# forward and all four backward tiles (benchmarks/RESULTS.md, round 2); a 4-stage pipeline
+# in the backward was faster again at d24 (round 3). {}: inductor's defaults.
 FLEX_KERNEL_OPTIONS: dict = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-    "bwd_num_warps": 4, "bwd_num_stages": 3,
+    "bwd_num_warps": 4, "bwd_num_stages": 4,
 }
 
 
@@ -221,26 +222,29 @@ class KVCache:
     """Keys/values of one attention layer, filled scale by scale at inference.
 
     Storage for all ``L`` tokens is allocated at the first append, in the dtype and device
-    of the keys (bf16 under autocast), so later appends copy in place.
+    of the keys (bf16 under autocast), so later appends copy in place. It is laid out
+    ``(B, L, H, hd)`` like the projection that makes the keys, so an append copies whole
+    rows and attention reads ``(B, H, L, hd)`` views of it.
     """
 
     def __init__(self, L: int):
         self.L, self.len = L, 0
-        self.k_BHLc: torch.Tensor | None = None
-        self.v_BHLc: torch.Tensor | None = None
+        self.k_BLHc: torch.Tensor | None = None
+        self.v_BLHc: torch.Tensor | None = None
 
     def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k_BHLc is None:
+        """Add one scale's keys/values; return all keys/values so far as ``(B, H, len, hd)`` views."""
+        if self.k_BLHc is None:
             B, H, _, c = k_BHlc.shape
-            self.k_BHLc = k_BHlc.new_empty(B, H, self.L, c)
-            self.v_BHLc = v_BHlc.new_empty(B, H, self.L, c)
+            self.k_BLHc = k_BHlc.new_empty(B, self.L, H, c)
+            self.v_BLHc = v_BHlc.new_empty(B, self.L, H, c)
         end = self.len + k_BHlc.shape[2]
         if end > self.L:
             raise ValueError(f"KV cache holds {self.L} tokens, appending would reach {end}")
-        self.k_BHLc[:, :, self.len:end] = k_BHlc
-        self.v_BHLc[:, :, self.len:end] = v_BHlc
+        self.k_BLHc[:, self.len:end] = k_BHlc.transpose(1, 2)
+        self.v_BLHc[:, self.len:end] = v_BHlc.transpose(1, 2)
         self.len = end
-        return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
+        return self.k_BLHc[:, :end].transpose(1, 2), self.v_BLHc[:, :end].transpose(1, 2)
 
     def reset(self) -> None:
         """Start a new image; the storage is kept and overwritten."""

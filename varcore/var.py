@@ -44,12 +44,12 @@ SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 # Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d);
 # inductor's autotuning at L=680 on an H100 picked 64x64 tiles, 4 warps, 3 stages for the
-# forward and all four backward tiles (benchmarks/RESULTS.md, round 2); a 4-stage pipeline
-# in the backward was faster again at d24 (round 3). {}: inductor's defaults.
+# forward and all four backward tiles (benchmarks/RESULTS.md, round 2). A 4-stage backward
+# was 5% faster at d24, equal at d16 and 7% slower at d20 (round 3), so 3 stays. {}: inductor's defaults.
 FLEX_KERNEL_OPTIONS: dict = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-    "bwd_num_warps": 4, "bwd_num_stages": 4,
+    "bwd_num_warps": 4, "bwd_num_stages": 3,
 }
 
 

@@ -88,10 +88,10 @@ for stage in "$@"; do
     r3_sample) T=60 run benchmarks/train_step.py --case 16:64 --plain --warmup 2 --iters 5
                (cd /tmp/base && BENCH_TAG=before T=200 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --iters 5)
                BENCH_TAG=after T=260 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --case 16:1 --case 20:1 --case 24:1 --iters 5 ;;
-    r3_rest) T=150 run benchmarks/train_step.py --case 16:64
-             T=200 run benchmarks/train_step.py --case 30:32:10 --iters 5
-             T=150 run benchmarks/train_step.py --numerics
-             T=120 run benchmarks/sample.py --case 16:64 --case 16:1 --check-tokens --iters 3 ;;
+    r3_final) T=150 run benchmarks/train_step.py --case 16:64
+              T=330 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --case 16:1 --case 20:1 --case 24:1 --iters 5 --check-tokens ;;
+    r3_rest) T=250 run benchmarks/train_step.py --case 30:32:10 --iters 5
+             T=200 run benchmarks/train_step.py --numerics ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -144,6 +144,27 @@ def test_compiled_blocks_share_one_graph(cfg, monkeypatch):
         torch._dynamo.reset()
 
 
+def test_compiled_region_keeps_compiling_past_dynamo_default_limit(monkeypatch):
+    """Many widths/batch sizes through one region (several depths sampled in one process)
+    each get a graph instead of falling back to eager after dynamo's default 8."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
+    var_mod.compile_region.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        head_fn = var_mod.compile_region(var_mod._run_head)
+        for C in range(8, 8 + 4 * 12, 4):                   # 12 widths > torch's default limit of 8
+            head = var_mod.AdaLNHead(C, 5, 1e-6)
+            x, cond = torch.randn(2, 3, C), torch.randn(2, C)
+            assert torch.allclose(head_fn(head, x, cond), head(x, cond), atol=1e-6)
+        assert counters["stats"]["unique_graphs"] == 12
+        assert torch._dynamo.config.recompile_limit == 8     # the raised limit is scoped to the calls
+    finally:
+        var_mod.compile_region.cache_clear()
+        torch._dynamo.reset()
+
+
 def test_config_checks_execution_options():
     with pytest.raises(ConfigError) as e:
         VARConfig(depth=2, attn_impl="flash")

@@ -544,12 +544,26 @@ COMPILE_BACKEND = "inductor"   # tests switch to "aot_eager" (same graphs, no co
 TUNED_OPTIONS = {"coordinate_descent_tuning": True}
 
 
+# Graphs one region may hold. Dynamo keys compiled code by the function's code object, so
+# every model width, batch size and mode (training, sampling, eval) that goes through a
+# region counts against one limit; torch's default of 8 is reached by sampling three
+# depths at two batch sizes in one process, after which the region silently runs eagerly.
+REGION_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compile_region(fn, dynamic: bool | None = False, tuned: bool = False):
     """``fn`` through ``torch.compile``, once per (fn, dynamic, tuned); ``tuned`` adds
-    :data:`TUNED_OPTIONS` (longer compile, faster kernels) under inductor."""
+    :data:`TUNED_OPTIONS` (longer compile, faster kernels) under inductor. Calls run with
+    dynamo's recompile limit raised to :data:`REGION_RECOMPILE_LIMIT` (scoped to the call)."""
     options = TUNED_OPTIONS if tuned and COMPILE_BACKEND == "inductor" else None
-    return torch.compile(fn, dynamic=dynamic, backend=COMPILE_BACKEND, options=options)
+    compiled = torch.compile(fn, dynamic=dynamic, backend=COMPILE_BACKEND, options=options)
+
+    @functools.wraps(fn)
+    def run(*args):
+        with torch._dynamo.config.patch(recompile_limit=REGION_RECOMPILE_LIMIT):
+            return compiled(*args)
+    return run
 
 
 def _dynamic_region(fn, *args):

@@ -24,8 +24,8 @@ from torch.nn.attention import sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import emit, env, summary, time_ms, top_kernels  # noqa: E402
 from varcore import PAPER_PATCH_NUMS  # noqa: E402
-from varcore.flops import attention_pairs  # noqa: E402
 import varcore.var as var_mod  # noqa: E402
+from varcore.flops import attention_pairs  # noqa: E402
 from varcore.var import SDPA_BACKENDS, ScaleSplit, attend, block_causal_mask, flex_block_mask  # noqa: E402
 
 
@@ -37,6 +37,7 @@ def variants(pn: tuple[int, ...], dev: torch.device) -> dict:
         for kernel in ("cudnn", "flash", "efficient"):
             backends = [SDPA_BACKENDS[b] for b in (kernel, "efficient", "math")]
             out[f"split{prefix}_{kernel}"] = (ScaleSplit.build(pn, prefix, dev, backends), None)
+        out[f"split{prefix}_fa4"] = (ScaleSplit.build(pn, prefix, dev, fa4=True), None)   # flash-attn-4
     return out
 
 
@@ -64,6 +65,8 @@ def main(argv=None):
         with sdpa_kernel([SDPA_BACKENDS[b] for b in backends]):
             return attend(q, k, v, mask, 0.0, 1.0)
 
+    with torch.no_grad():   # float32 dense-mask reference output
+        ref = attend(q.float(), k.float(), v.float(), block_causal_mask(pn).to(dev), 0.0, 1.0)
     forms = variants(pn, dev)
     flex_options = {name: None for name in forms}
     for spec in args.flex_config:
@@ -78,13 +81,17 @@ def main(argv=None):
         torch._dynamo.reset()                       # a fresh graph per variant (no recompile limit)
         fn = torch.compile(run, dynamic=False)
 
-        def step():
+        def step(fn=fn, mask=mask, backends=backends):
             fn(q, k, v, mask, backends).backward(grad)
         try:
+            with torch.no_grad():
+                out = fn(q, k, v, mask, backends).float()
+            err = ((out - ref).norm() / ref.norm()).item()
             s = summary(time_ms(step, dev, 3, args.iters))
             top = [r["kernel"][:60] for r in top_kernels(step, dev, steps=1, top=3)]
             emit({"bench": "attention", "variant": name, "depth": args.depth, "batch": args.batch, **s,
-                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "top_kernels": top,
+                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "rel_err_vs_fp32": round(err, 5),
+                  "top_kernels": top,
                   "flex_options": flex_options[name], **env()})
         except Exception as e:
             emit({"bench": "attention", "variant": name, "depth": args.depth,

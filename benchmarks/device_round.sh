@@ -92,6 +92,14 @@ for stage in "$@"; do
               T=330 run benchmarks/sample.py --case 16:64 --case 20:64 --case 24:64 --case 16:1 --case 20:1 --case 24:1 --iters 5 --check-tokens ;;
     r3_rest) T=250 run benchmarks/train_step.py --case 30:32:10 --iters 5
              T=200 run benchmarks/train_step.py --numerics ;;
+    # FlashAttention-4 from carried wheels, unpacked (.fa4/site.tar.xz: the wheels of
+    # flash-attn-4 4.0.0b36 and its dependencies, extracted and xz-compressed to fit the carry limit)
+    fa4) mkdir -p /tmp/fa4site && tar xJf .fa4/site.tar.xz -C /tmp/fa4site
+         export PYTHONPATH=.:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+         python3 -c 'import flash_attn.cute, cutlass; print("fa4 imports")' 2>&1 | tail -3
+         T=240 run benchmarks/attention.py --depth 16 --batch 64 --only flex --only split1_fa4 --only split7_fa4
+         T=100 run benchmarks/attention.py --depth 20 --batch 64 --only flex --only split7_fa4
+         T=200 run benchmarks/train_step.py --case 20:64 --attn-impl per_scale --attn-prefix-scales 7 --attn-backends fa4 --warmup 2 --iters 8 ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -70,6 +70,41 @@ def test_attention_forms_equal_dense_mask(impl):
             assert (g - g0).norm() / g0.norm() < 1e-5
 
 
+def test_scale_split_fa4_plumbing(monkeypatch):
+    """The FlashAttention-4 path hands the kernel (B, L, H, hd) tensors and the softmax scale
+    and gets the block-causal result back (a stand-in kernel; the real one needs a GPU)."""
+    import sys
+    import types
+
+    calls = []
+
+    def flash_attn_func(q_BlHc, k_BLHc, v_BLHc, softmax_scale=None):
+        calls.append((q_BlHc.shape, k_BLHc.shape, softmax_scale))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q_BlHc.transpose(1, 2), k_BLHc.transpose(1, 2), v_BLHc.transpose(1, 2), scale=softmax_scale)
+        return o.transpose(1, 2), None                       # (out, lse) like flash-attn-4
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    pn = (1, 2, 3, 4)
+    q, k, v = (torch.randn(2, 30, 3, 8).transpose(1, 2) for _ in range(3))   # (B, H, L, hd) views
+    ref = attend(q, k, v, block_causal_mask(pn), 0.0, 0.7)
+    out = attend(q, k, v, ScaleSplit.build(pn, 2, "cpu", fa4=True), 0.0, 0.7)
+    assert calls == [(torch.Size([2, 9, 3, 8]), torch.Size([2, 14, 3, 8]), 0.7),
+                     (torch.Size([2, 16, 3, 8]), torch.Size([2, 30, 3, 8]), 0.7)]
+    assert (out - ref).norm() / ref.norm() < 1e-5
+    assert out.transpose(1, 2).is_contiguous()               # (B, L, H, hd) storage for the projection
+
+
+def test_fa4_missing_names_the_package(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ImportError, match="flash-attn-4"):
+        attend(q, q, q, ScaleSplit.build((1, 2), 1, "cpu", fa4=True), 0.0, 1.0)
+
+
 def test_scale_split_config_checks():
     with pytest.raises(ConfigError) as e:
         VARConfig(depth=2, patch_nums=(1, 2, 4), attn_prefix_scales=4)
@@ -77,6 +112,10 @@ def test_scale_split_config_checks():
     with pytest.raises(ConfigError) as e:
         VARConfig(depth=2, attn_backends=("fa3",))
     assert e.value.field == "attn_backends"
+    for bad in (("fa4", "math"), ("fa4",)):
+        with pytest.raises(ConfigError) as e:                # fa4 alone, and without attention dropout
+            VARConfig(depth=2, attn_backends=bad, attn_drop_rate=0.1 if bad == ("fa4",) else 0.0)
+        assert e.value.field == "attn_backends"
     m = VAR(VARConfig(depth=1, patch_nums=(1, 2, 4), Cvae=4, vocab_size=8, num_classes=2, attn_impl="per_scale",
                       attn_prefix_scales=2, attn_backends=["math"]))
     split = m.attention_mask(torch.device("cpu"))

@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError, check_patch_nums, require
-
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from .fa4 import fa4_attention
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -75,7 +75,8 @@ class VARConfig:
     # execution only (same function, different speed and memory):
     attn_impl: str = "auto"               # dense | flex | per_scale; auto: flex on CUDA, dense elsewhere
     attn_prefix_scales: int = 1           # per_scale: the first n scales attend in one masked call
-    attn_backends: tuple[str, ...] = ()   # per_scale: SDPA kernels for the unmasked calls, in order; (): SDPA's choice
+    attn_backends: tuple[str, ...] = ()   # per_scale: SDPA kernels for the unmasked calls, in order; (): SDPA's
+                                          # choice; ("fa4",): FlashAttention-4 (optional package)
     compile_blocks: bool | None = None    # torch.compile the blocks and head; None: on CUDA
     checkpointing: int = 0                # recompute the first n blocks in backward; True: all
 
@@ -96,8 +97,10 @@ class VARConfig:
         object.__setattr__(self, "attn_backends", tuple(self.attn_backends))
         require(1 <= self.attn_prefix_scales <= len(self.patch_nums), "attn_prefix_scales",
                 f"must be in [1, {len(self.patch_nums)}] (number of scales), got {self.attn_prefix_scales}")
-        bad = [b for b in self.attn_backends if b not in SDPA_BACKENDS]
-        require(not bad, "attn_backends", f"unknown SDPA backends {bad}; choose from {sorted(SDPA_BACKENDS)}")
+        bad = [b for b in self.attn_backends if b not in SDPA_BACKENDS and b != "fa4"]
+        require(not bad, "attn_backends", f"unknown SDPA backends {bad}; choose from {sorted(SDPA_BACKENDS)} or fa4")
+        require("fa4" not in self.attn_backends or (self.attn_backends == ("fa4",) and self.attn_drop_rate == 0),
+                "attn_backends", "fa4 (FlashAttention-4) must be the only entry and needs attn_drop_rate 0")
         require(isinstance(self.checkpointing, int) and 0 <= self.checkpointing <= self.depth, "checkpointing",
                 f"must be a bool or an int in [0, depth={self.depth}], got {self.checkpointing}")
 
@@ -179,20 +182,24 @@ class ScaleSplit:
     prefix_mask_PP: torch.Tensor                  # bool (P, P): the block-causal mask of the prefix
     ends: tuple[int, ...]                         # end of every scale after the prefix
     backends: tuple[SDPBackend, ...] = ()         # (): SDPA's own choice
+    fa4: bool = False                             # unmasked calls through FlashAttention-4 instead of SDPA
 
     @classmethod
-    def build(cls, patch_nums: tuple[int, ...], prefix_scales: int, device, backends=()) -> "ScaleSplit":
+    def build(cls, patch_nums: tuple[int, ...], prefix_scales: int, device, backends=(),
+              fa4: bool = False) -> ScaleSplit:
         ends = scale_ends(patch_nums)
         require(1 <= prefix_scales <= len(ends), "attn_prefix_scales",
                 f"must be in [1, {len(ends)}] for {len(ends)} scales, got {prefix_scales}")
         P = ends[prefix_scales - 1]
-        return cls(block_causal_mask(patch_nums)[:P, :P].to(device), ends[prefix_scales:], tuple(backends))
+        return cls(block_causal_mask(patch_nums)[:P, :P].to(device), ends[prefix_scales:], tuple(backends), fa4)
 
 
 @functools.lru_cache(maxsize=16)
 def scale_split(patch_nums: tuple[int, ...], prefix_scales: int, device: str,
                 backends: tuple[str, ...] = ()) -> ScaleSplit:
     """The model's :class:`ScaleSplit`, built once per device (backends by name, see ``SDPA_BACKENDS``)."""
+    if backends == ("fa4",):
+        return ScaleSplit.build(patch_nums, prefix_scales, device, fa4=True)
     return ScaleSplit.build(patch_nums, prefix_scales, device, tuple(SDPA_BACKENDS[b] for b in backends))
 
 
@@ -210,10 +217,15 @@ def attend(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, att
                                                attn_mask=attn.prefix_mask_PP, dropout_p=dropout_p, scale=scale)]
         with sdpa_kernel(list(attn.backends), set_priority=True) if attn.backends else contextlib.nullcontext():
             for end in attn.ends:
-                outs.append(F.scaled_dot_product_attention(q_BHLc[:, :, start:end], k_BHLc[:, :, :end],
-                                                           v_BHLc[:, :, :end], dropout_p=dropout_p, scale=scale))
+                q_BHlc, k_BHec, v_BHec = q_BHLc[:, :, start:end], k_BHLc[:, :, :end], v_BHLc[:, :, :end]
+                if attn.fa4:
+                    outs.append(fa4_attention(q_BHlc, k_BHec, v_BHec, scale))
+                else:
+                    outs.append(F.scaled_dot_product_attention(q_BHlc, k_BHec, v_BHec, dropout_p=dropout_p,
+                                                               scale=scale))
                 start = end
-        return torch.cat(outs, dim=2)
+        # joined along L in (B, L, H, hd) order, so the output projection reads it without a copy
+        return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
     return flex_attention(q_BHLc, k_BHLc, v_BHLc, block_mask=attn, scale=scale,
                           kernel_options=FLEX_KERNEL_OPTIONS if q_BHLc.is_cuda else None)
 

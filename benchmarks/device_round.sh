@@ -94,9 +94,14 @@ for stage in "$@"; do
              T=200 run benchmarks/train_step.py --numerics ;;
     # FlashAttention-4 from carried wheels, unpacked (.fa4/site.tar.xz: the wheels of
     # flash-attn-4 4.0.0b36 and its dependencies, extracted and xz-compressed to fit the carry limit)
-    fa4) mkdir -p /tmp/fa4site && tar xJf .fa4/site.tar.xz -C /tmp/fa4site
+    # Two carries (64 MiB limit per call): stage fa4_stage carries .fa4 and unpacks it; fa4,
+    # called while the machine is still warm, carries .fa4x (libs-core, cuda-bindings, protobuf).
+    fa4_stage) mkdir -p /tmp/fa4site && tar xJf .fa4/site.tar.xz -C /tmp/fa4site && echo staged; break ;;
+    fa4) mkdir -p /tmp/fa4site
+         [ -d /tmp/fa4site/flash_attn ] || tar xJf .fa4/site.tar.xz -C /tmp/fa4site
+         [ -f .fa4x/extra.tar.xz ] && tar xJf .fa4x/extra.tar.xz -C /tmp/fa4site
          export PYTHONPATH=.:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
-         python3 -c 'import flash_attn.cute, cutlass; print("fa4 imports")' 2>&1 | tail -3
+         python3 -c 'import flash_attn.cute, cutlass; print("fa4 imports")' 2>&1 | tail -8
          T=240 run benchmarks/attention.py --depth 16 --batch 64 --only flex --only split1_fa4 --only split7_fa4
          T=100 run benchmarks/attention.py --depth 20 --batch 64 --only flex --only split7_fa4
          T=200 run benchmarks/train_step.py --case 20:64 --attn-impl per_scale --attn-prefix-scales 7 --attn-backends fa4 --warmup 2 --iters 8 ;;

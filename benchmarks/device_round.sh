@@ -8,6 +8,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ls .devcache/ind.tgz* >/dev/null 2>&1 && cat .devcache/ind.tgz* | tar xz -C /tmp
 R="$OUT/results.jsonl"
 run() { echo "## $*" >&2; timeout "${T:-400}" python3 "$@" 2>>"$OUT/stderr.log" | tee -a "$R"; }
+# /tmp/base: the benchmarks beside .baseline/varcore (the code before a change) for before-arms
+base() { mkdir -p /tmp/base && cp -r benchmarks /tmp/base/ && cp -r .baseline/varcore /tmp/base/; }
 for stage in "$@"; do
   case $stage in
     env) nvidia-smi -L; python3 -c 'import torch,triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' ;;
@@ -59,8 +61,8 @@ for stage in "$@"; do
                 T=150 run benchmarks/train_step.py --case 24:32 $S --profile ;;
     # r3_layout: .baseline/varcore is the code before a change (git archive of the commit
     # before it, carried); the same benchmark runs on both copies in one call
-    base) mkdir -p /tmp/base && cp -r benchmarks /tmp/base/ && cp -r .baseline/varcore /tmp/base/ ;;
-    r3_layout) mkdir -p /tmp/base && cp -r benchmarks /tmp/base/ && cp -r .baseline/varcore /tmp/base/
+    base) base ;;
+    r3_layout) base
                W="--warmup 2 --iters 8"
                (cd /tmp/base && BENCH_TAG=before T=100 run benchmarks/train_step.py --case 16:64 $W)
                (cd /tmp/base && BENCH_TAG=before T=100 run benchmarks/train_step.py --case 24:32 $W)

@@ -12,15 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def fa4_available() -> bool:
-    """Whether ``flash_attn.cute`` (flash-attn-4) imports."""
-    try:
-        import flash_attn.cute  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @torch.compiler.disable
 def fa4_attention(q_BHlc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
                   scale: float | None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch.nn.attention import sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import emit, env, summary, time_ms, top_kernels  # noqa: E402
 from varcore import PAPER_PATCH_NUMS  # noqa: E402
-import varcore.var as var_mod  # noqa: E402
+import varcore.flex as flex_mod  # noqa: E402
 from varcore.flops import attention_pairs  # noqa: E402
 from varcore.var import SDPA_BACKENDS, ScaleSplit, attend, block_causal_mask, flex_block_mask  # noqa: E402
 
@@ -32,7 +32,9 @@ from varcore.var import SDPA_BACKENDS, ScaleSplit, attend, block_causal_mask, fl
 def variants(pn: tuple[int, ...], dev: torch.device) -> dict:
     """name -> (mask form, SDPA backends for the whole call or None)."""
     dense = block_causal_mask(pn).to(dev)
-    out = {"dense": (dense, None), "dense_cudnn": (dense, ["cudnn"]), "flex": (flex_block_mask(pn, str(dev)), None)}
+    out = {"dense": (dense, None), "dense_cudnn": (dense, ["cudnn"]),
+           "flex": (flex_block_mask(pn, str(dev), flex_mod.mask_block()), None),     # the model's mask
+           "flex128": (flex_block_mask(pn, str(dev), 128), None)}                    # flex's default tiles
     for prefix in (1, 7, 8, 9):
         for kernel in ("cudnn", "flash", "efficient"):
             backends = [SDPA_BACKENDS[b] for b in (kernel, "efficient", "math")]
@@ -73,13 +75,13 @@ def main(argv=None):
         name, opts = spec.split("=", 1)
         forms[f"flex_{name}"] = forms["flex"]
         flex_options[f"flex_{name}"] = json.loads(opts)
-    tuned = var_mod.FLEX_KERNEL_OPTIONS
+    tuned = flex_mod.FLEX_KERNEL_OPTIONS
     for name, (mask, backends) in forms.items():
         if args.only and name not in args.only and flex_options[name] is None:   # --flex-config ones always run
             continue
-        var_mod.FLEX_KERNEL_OPTIONS = tuned if flex_options[name] is None else flex_options[name]
+        flex_mod.FLEX_KERNEL_OPTIONS = tuned if flex_options[name] is None else flex_options[name]
         torch._dynamo.reset()                       # a fresh graph per variant (no recompile limit)
-        fn = torch.compile(run, dynamic=False)
+        fn = torch.compile(run, dynamic=False, options=flex_mod.compile_options() or None)
 
         def step(fn=fn, mask=mask, backends=backends):
             fn(q, k, v, mask, backends).backward(grad)
@@ -91,11 +93,12 @@ def main(argv=None):
             top = [r["kernel"][:60] for r in top_kernels(step, dev, steps=1, top=3)]
             emit({"bench": "attention", "variant": name, "depth": args.depth, "batch": args.batch, **s,
                   "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "rel_err_vs_fp32": round(err, 5),
+                  "mask_block": list(getattr(mask, "BLOCK_SIZE", ())) or None,
                   "top_kernels": top,
                   "flex_options": flex_options[name], **env()})
         except Exception as e:
             emit({"bench": "attention", "variant": name, "depth": args.depth,
-                  "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                  "error": f"{type(e).__name__}: {str(e)[:600]}"})
 
 
 if __name__ == "__main__":

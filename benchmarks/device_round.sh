@@ -107,6 +107,24 @@ for stage in "$@"; do
          T=240 run benchmarks/attention.py --depth 16 --batch 64 --only flex --only split1_fa4 --only split7_fa4
          T=100 run benchmarks/attention.py --depth 20 --batch 64 --only flex --only split7_fa4
          T=200 run benchmarks/train_step.py --case 20:64 --attn-impl per_scale --attn-prefix-scales 7 --attn-backends fa4 --warmup 2 --iters 8 ;;
+    # round 4: 64-token flex block-mask tiles (varcore.flex) against flex's 128
+    r4_env) python3 -c 'import torch, inspect, torch._inductor.config as c; from torch._inductor.kernel.flex import flex_attention as f
+print(torch.__version__, "inductor_choices_class" in dir(c)); src = inspect.getsource(f)
+i = src.find("SPARSE_KV_BLOCK_SIZE % conf"); print(src[i-200:i+300] if i >= 0 else "no conf-tile check")' ;;
+    r4_attn) F='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3'
+             B='"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64'
+             T=240 run benchmarks/attention.py --depth 24 --batch 32 --only flex --only flex128 \
+               --flex-config "b32x64={$F, \"bwd_BLOCK_M1\": 32, \"bwd_BLOCK_N1\": 64, \"bwd_BLOCK_M2\": 64, \"bwd_BLOCK_N2\": 32, \"bwd_num_warps\": 4, \"bwd_num_stages\": 3}" \
+               --flex-config "bs4={$F, $B, \"bwd_num_warps\": 4, \"bwd_num_stages\": 4}" \
+               --flex-config "bw8={$F, $B, \"bwd_num_warps\": 8, \"bwd_num_stages\": 3}" \
+               --flex-config "f32={\"fwd_BLOCK_M\": 32, \"fwd_BLOCK_N\": 64, \"fwd_num_warps\": 4, \"fwd_num_stages\": 3, $B, \"bwd_num_warps\": 4, \"bwd_num_stages\": 3}"
+             T=90 run benchmarks/attention.py --depth 20 --batch 64 --only flex --only flex128 ;;
+    r4_train24) W="--warmup 2 --iters 8"
+                BENCH_TAG=after T=200 run benchmarks/train_step.py --case 24:32 $W
+                BENCH_TAG=before T=200 run benchmarks/train_step.py --case 24:32 $W --flex-mask-block 128 ;;
+    r4_train20) W="--warmup 2 --iters 8"
+                BENCH_TAG=after T=200 run benchmarks/train_step.py --case 20:64 $W
+                BENCH_TAG=before T=200 run benchmarks/train_step.py --case 20:64 $W --flex-mask-block 128 ;;
     *) python3 "$@"; break ;;
   esac
 done

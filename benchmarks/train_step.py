@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
                          top_kernels)
+import varcore.flex as flex_mod  # noqa: E402
 import varcore.var as var_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
 
@@ -84,7 +85,8 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     reset_peak(device)
     rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **attn_kw(args),
            "inductor": args.inductor,
-           "flex_options": var_mod.FLEX_KERNEL_OPTIONS or "inductor default",
+           "flex_options": flex_mod.FLEX_KERNEL_OPTIONS or "inductor default",
+           "flex_mask_block": flex_mod.mask_block(),
            "max_autotune": os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE") == "1",
            **env()}
     try:
@@ -148,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--inductor", action="append", default=[], help="torch._inductor.config KEY=VALUE (Python literal)")
     ap.add_argument("--flex-options", type=json.loads, default=None,
                     help="JSON kernel_options for the flex kernels ('{}': inductor's defaults)")
+    ap.add_argument("--flex-mask-block", type=int, default=None,
+                    help="tokens per flex block-mask tile (default varcore.flex.FLEX_MASK_BLOCK; 128: flex's own)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
@@ -164,7 +168,9 @@ def main(argv=None):
         key, value = kv.split("=", 1)
         setattr(torch._inductor.config, key, ast.literal_eval(value))
     if args.flex_options is not None:
-        var_mod.FLEX_KERNEL_OPTIONS = args.flex_options
+        flex_mod.FLEX_KERNEL_OPTIONS = args.flex_options
+    if args.flex_mask_block is not None:
+        flex_mod.FLEX_MASK_BLOCK = args.flex_mask_block
     for case in args.case:
         parts = [int(p) for p in case.split(":")]
         depth, batch, ckpt = parts[0], parts[1], parts[2] if len(parts) > 2 else 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
+import varcore.flex as flex_mod
 import varcore.var as var_mod
 from varcore import ConfigError, SamplingConfig, VAR, VARConfig, sample_tokens
 from varcore.sample import Teacher
@@ -329,12 +330,90 @@ def test_one_sort_filter_equals_two_passes(top_k, top_p):
 
 def test_flex_kernel_options_only_tile_the_math():
     """The CUDA flex tiles are speed settings: no option that changes the arithmetic, and tiles
-    that divide the block mask's 128-token tiles (flex rejects others)."""
-    for key, value in var_mod.FLEX_KERNEL_OPTIONS.items():
+    that divide the block mask's tiles (flex rejects others)."""
+    for key, value in flex_mod.FLEX_KERNEL_OPTIONS.items():
         name = key.split("_", 1)[1]
         assert name.startswith("BLOCK_") or name in ("num_warps", "num_stages"), key
         if name.startswith("BLOCK_"):
-            assert 128 % value == 0, key
+            assert flex_mod.FLEX_MASK_BLOCK % value == 0, key
+
+
+def test_flex_mask_tiles_cut_computed_pairs():
+    """At paper scale 64-token mask tiles compute 1.22x the pairs the mask allows, flex's
+    default 128-token tiles 1.60x; the model's mask uses FLEX_MASK_BLOCK-token tiles."""
+    from varcore.flops import attention_pairs
+    pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    allowed = attention_pairs(pn)
+    assert allowed == 286434
+    assert flex_mod.computed_pairs(pn, 128) == 458752                   # 1.60x
+    assert flex_mod.computed_pairs(pn, 64) == 348160                    # 1.22x
+    assert flex_mod.computed_pairs(pn, 1) == allowed                    # one-token tiles: exact
+    assert flex_mod.computed_pairs((1, 2), 8) == 8 * 8                  # one tile holds everything
+    if flex_attention is None:
+        pytest.skip("no FlexAttention in this torch")
+    mask = flex_mod.flex_block_mask(pn, "cpu", 64)
+    assert tuple(mask.BLOCK_SIZE) == (64, 64)
+    dense_LL = block_causal_mask(pn)
+    # a tile is skipped exactly when no query of it sees any key of it
+    kv_num_Q = mask.kv_num_blocks[0, 0]
+    for qb in range(kv_num_Q.numel()):
+        rows = dense_LL[qb * 64:(qb + 1) * 64]
+        last_seen = rows.any(0).nonzero().max().item()
+        assert kv_num_Q[qb].item() + (mask.full_kv_num_blocks[0, 0, qb].item() if mask.full_kv_num_blocks is not None
+                                      else 0) == last_seen // 64 + 1
+
+
+class _BaseChoices:
+    def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+        from dataclasses import dataclass
+
+        @dataclass
+        class Conf:
+            block_m1: int = 64
+            block_n1: int = 128
+            block_m2: int = 128
+            block_n2: int = 64
+            num_stages: int = 3
+            num_warps: int = 8
+        return [Conf()]
+
+
+def test_flex_choices_use_the_pinned_backward_tiles(monkeypatch):
+    """Inductor's flex backward check must see the tiles FLEX_KERNEL_OPTIONS pins, not its
+    128-wide defaults (which reject a 64-token mask); other devices and unpinned options
+    keep inductor's list."""
+    Choices = type("C", (flex_mod._TiledChoices, _BaseChoices), {})
+    (conf,) = Choices().get_flex_attention_bwd_configs(64, torch.bfloat16, "cuda")
+    opts = flex_mod.FLEX_KERNEL_OPTIONS
+    assert (conf.block_m1, conf.block_n1, conf.block_m2, conf.block_n2, conf.num_warps, conf.num_stages) == (
+        opts["bwd_BLOCK_M1"], opts["bwd_BLOCK_N1"], opts["bwd_BLOCK_M2"], opts["bwd_BLOCK_N2"],
+        opts["bwd_num_warps"], opts["bwd_num_stages"])
+    assert all(flex_mod.FLEX_MASK_BLOCK % b == 0 for b in (conf.block_m1, conf.block_n1, conf.block_m2, conf.block_n2))
+    (cpu_conf,) = Choices().get_flex_attention_bwd_configs(64, torch.bfloat16, "cpu")
+    assert cpu_conf.block_n1 == 128
+    monkeypatch.setattr(flex_mod, "FLEX_KERNEL_OPTIONS", {})
+    (default,) = Choices().get_flex_attention_bwd_configs(64, torch.bfloat16, "cuda")
+    assert default.block_n1 == 128
+
+
+def test_compiled_regions_carry_the_flex_choices(monkeypatch):
+    """Every region compiled under inductor gets the choices handler (the backward of a
+    64-token mask is compiled lazily, in autograd's thread, from these options)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    var_mod.compile_region.cache_clear()
+    try:
+        var_mod.compile_region(var_mod._run_head, tuned=True)
+        var_mod.compile_region(var_mod._run_block)
+    finally:
+        var_mod.compile_region.cache_clear()
+    expected = flex_mod.compile_options()
+    for kw in seen:
+        assert kw["backend"] == "inductor"
+        assert {k: kw["options"][k] for k in expected} == expected
+    assert seen[0]["options"]["coordinate_descent_tuning"] is True
+    if expected:
+        assert isinstance(expected["inductor_choices_class"](), flex_mod._TiledChoices)
 
 
 def test_cudnn_autotune_restores_flag():

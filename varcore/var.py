@@ -33,26 +33,18 @@ from torch.utils.checkpoint import checkpoint
 from .errors import ConfigError, check_patch_nums, require
 from .fa4 import fa4_attention
 
+from . import flex
+from .flex import flex_block_mask, scale_ids
+
 try:  # FlexAttention: torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 except ImportError:  # pragma: no cover - older torch
-    BlockMask = create_block_mask = flex_attention = None
+    flex_attention = None
 
 PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 ATTN_IMPLS = ("auto", "dense", "flex", "per_scale")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-# Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d);
-# inductor's autotuning at L=680 on an H100 picked 64x64 tiles, 4 warps, 3 stages for the
-# forward and all four backward tiles (benchmarks/RESULTS.md, round 2). A 4-stage backward
-# was 5% faster at d24, equal at d16 and 7% slower at d20 (round 3), so 3 stays. {}: inductor's defaults.
-FLEX_KERNEL_OPTIONS: dict = {
-    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
-    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-    "bwd_num_warps": 4, "bwd_num_stages": 3,
-}
-
-
 @dataclass(frozen=True)
 class VARConfig:
     """Transformer hyper-parameters; width, heads and drop-path follow the depth unless set."""
@@ -138,11 +130,6 @@ class VARConfig:
             raise ConfigError("patch_nums", f"transformer has {list(self.patch_nums)}, tokenizer has {list(patch_nums)}")
 
 
-def scale_ids(patch_nums: tuple[int, ...]) -> torch.Tensor:
-    """Scale index of every token: ``(L,)``."""
-    return torch.cat([torch.full((pn * pn,), k, dtype=torch.long) for k, pn in enumerate(patch_nums)])
-
-
 def block_causal_mask(patch_nums: tuple[int, ...]) -> torch.Tensor:
     """Bool ``(L, L)``; entry ``[i, j]`` is True where token i may attend to token j (scale_j <= scale_i)."""
     s = scale_ids(patch_nums)
@@ -156,19 +143,6 @@ def scale_ends(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
         n += pn * pn
         ends.append(n)
     return tuple(ends)
-
-
-@functools.lru_cache(maxsize=16)
-def flex_block_mask(patch_nums: tuple[int, ...], device: str) -> "BlockMask":
-    """The block-causal mask as a FlexAttention ``BlockMask``; 128x128 tiles that no query
-    of the tile may see are skipped (about 28% of the tiles at paper scale)."""
-    s_L = scale_ids(patch_nums).to(device)
-    L = s_L.numel()
-
-    def block_causal(b, h, q_idx, kv_idx):
-        return s_L[kv_idx] <= s_L[q_idx]
-
-    return create_block_mask(block_causal, None, None, L, L, device=device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,7 +201,7 @@ def attend(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, att
         # joined along L in (B, L, H, hd) order, so the output projection reads it without a copy
         return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
     return flex_attention(q_BHLc, k_BHLc, v_BHLc, block_mask=attn, scale=scale,
-                          kernel_options=FLEX_KERNEL_OPTIONS if q_BHLc.is_cuda else None)
+                          kernel_options=flex.FLEX_KERNEL_OPTIONS if q_BHLc.is_cuda else None)
 
 
 class KVCache:
@@ -507,7 +481,7 @@ class VAR(nn.Module):
         """The block-causal mask in the form :func:`attend` takes for this model's ``attn_impl``."""
         impl = self.attn_impl(device)
         if impl == "flex":
-            return flex_block_mask(self.cfg.patch_nums, str(device))
+            return flex_block_mask(self.cfg.patch_nums, str(device), flex.mask_block())
         if impl == "per_scale":
             return scale_split(self.cfg.patch_nums, self.cfg.attn_prefix_scales, str(device), self.cfg.attn_backends)
         return self.attn_mask_LL
@@ -566,9 +540,12 @@ REGION_RECOMPILE_LIMIT = 64
 @functools.cache
 def compile_region(fn, dynamic: bool | None = False, tuned: bool = False):
     """``fn`` through ``torch.compile``, once per (fn, dynamic, tuned); ``tuned`` adds
-    :data:`TUNED_OPTIONS` (longer compile, faster kernels) under inductor. Calls run with
+    :data:`TUNED_OPTIONS` (longer compile, faster kernels) under inductor, and every region
+    gets :func:`varcore.flex.compile_options` (flex's backward tiles for the block mask). Calls run with
     dynamo's recompile limit raised to :data:`REGION_RECOMPILE_LIMIT` (scoped to the call)."""
-    options = TUNED_OPTIONS if tuned and COMPILE_BACKEND == "inductor" else None
+    options = None
+    if COMPILE_BACKEND == "inductor":
+        options = {**flex.compile_options(), **(TUNED_OPTIONS if tuned else {})} or None
     compiled = torch.compile(fn, dynamic=dynamic, backend=COMPILE_BACKEND, options=options)
 
     @functools.wraps(fn)

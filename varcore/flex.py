@@ -1,0 +1,125 @@
+"""The block-causal mask as a FlexAttention block mask, and the tiles its CUDA kernels use.
+
+FlexAttention skips the (query tile, key tile) pairs of the block mask that no query of
+the tile may see and evaluates the mask only on partial tiles. How much it computes
+depends on the mask's tile size, because VAR's scale edges (1, 5, 14, 30, 55, 91, 155,
+255, 424, 680) fall inside tiles: at paper scale the 128-token tiles of flex's default
+compute 1.60x the allowed query-key pairs, 64-token tiles 1.22x (:func:`computed_pairs`).
+
+Torch releases up to at least 2.11 check a block mask against flex's *default* backward
+tiles (on Hopper with head dim 64: 128 wide) before applying the caller's tiles, and find
+no kernel for a 64-token mask. :func:`compile_options` hands inductor a choices handler
+whose default backward tiles are the caller's, so the check passes; it compiles the same
+kernel that ``kernel_options`` asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import torch
+
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = create_block_mask = None
+
+log = logging.getLogger(__name__)
+
+# Tokens per block-mask tile (queries and keys). 64 computes 24% fewer query-key pairs
+# than flex's default of 128 at paper scale; the kernel tiles below must divide it.
+FLEX_MASK_BLOCK = 64
+# Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d);
+# inductor's autotuning at L=680 on an H100 picked 64x64 tiles, 4 warps, 3 stages for the
+# forward and all four backward tiles (benchmarks/RESULTS.md, round 2). A 4-stage backward
+# was 5% faster at d24, equal at d16 and 7% slower at d20 (round 3), so 3 stays. {}: inductor's defaults.
+FLEX_KERNEL_OPTIONS: dict = {
+    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+    "bwd_num_warps": 4, "bwd_num_stages": 3,
+}
+_BWD_FIELDS = {"block_m1": "bwd_BLOCK_M1", "block_n1": "bwd_BLOCK_N1", "block_m2": "bwd_BLOCK_M2",
+               "block_n2": "bwd_BLOCK_N2", "num_warps": "bwd_num_warps", "num_stages": "bwd_num_stages"}
+
+
+def scale_ids(patch_nums: tuple[int, ...]) -> torch.Tensor:
+    """Scale index of every token: ``(L,)``."""
+    return torch.cat([torch.full((pn * pn,), k, dtype=torch.long) for k, pn in enumerate(patch_nums)])
+
+
+@functools.lru_cache(maxsize=16)
+def flex_block_mask(patch_nums: tuple[int, ...], device: str, block: int | None = None) -> "BlockMask":
+    """The block-causal mask (scale of key <= scale of query) as a ``BlockMask`` with
+    ``block``-token tiles (None: :data:`FLEX_MASK_BLOCK`)."""
+    s_L = scale_ids(patch_nums).to(device)
+    L = s_L.numel()
+
+    def block_causal(b, h, q_idx, kv_idx):
+        return s_L[kv_idx] <= s_L[q_idx]
+
+    return create_block_mask(block_causal, None, None, L, L, device=device, BLOCK_SIZE=block or FLEX_MASK_BLOCK)
+
+
+def computed_pairs(patch_nums: tuple[int, ...], block: int) -> int:
+    """Query-key pairs a block mask of ``block``-token tiles computes (every tile it does not skip)."""
+    ends, n = [], 0
+    for pn in patch_nums:
+        n += pn * pn
+        ends.append(n)
+    L, total = n, 0
+    for q0 in range(0, L, block):
+        last_q = min(L, q0 + block) - 1
+        end = next(e for e in ends if last_q < e)       # keys the tile's last query sees
+        total += block * math.ceil(end / block) * block
+    return total
+
+
+class _TiledChoices:
+    """Mixin for inductor's choices handler: flex's default backward tiles are the caller's
+    (``FLEX_KERNEL_OPTIONS``) when those pin every tile, so its divisibility check tests
+    the tiles that will actually run."""
+
+    def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+        configs = super().get_flex_attention_bwd_configs(head_dim, dtype, device_type)
+        opts = FLEX_KERNEL_OPTIONS
+        if device_type != "cuda" or not configs or not all(k in opts for k in _BWD_FIELDS.values()):
+            return configs
+        try:
+            return [dataclasses.replace(configs[0], **{f: opts[k] for f, k in _BWD_FIELDS.items()})]
+        except (TypeError, ValueError):   # another config type in this torch: leave it
+            return configs
+
+    def uuid(self):   # inductor's cache key for the handler
+        return f"varcore-flex-tiles-{sorted(FLEX_KERNEL_OPTIONS.items())}"
+
+
+@functools.cache
+def _choices_class():
+    from torch._inductor.choices import InductorChoices
+    return type("VarcoreFlexChoices", (_TiledChoices, InductorChoices), {})
+
+
+def _choices_factory():
+    return _choices_class()()
+
+
+@functools.cache
+def compile_options() -> dict:
+    """Inductor options that make a mask of :data:`FLEX_MASK_BLOCK`-token tiles compile
+    (see the module docstring); empty where this torch has no choices-handler option."""
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config, "inductor_choices_class"):
+        return {}
+    return {"inductor_choices_class": _choices_factory}
+
+
+def mask_block() -> int:
+    """The block-mask tile the compiled model uses: :data:`FLEX_MASK_BLOCK`, or flex's own
+    128 where this torch cannot be told the backward tiles (an older torch)."""
+    if FLEX_MASK_BLOCK < 128 and not compile_options():
+        log.warning("this torch has no inductor_choices_class option: flex block mask uses 128-token tiles")
+        return 128
+    return FLEX_MASK_BLOCK

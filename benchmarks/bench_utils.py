@@ -38,11 +38,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Per-call times in ms after ``warmup`` calls: CUDA events on GPU, a synchronised clock elsewhere."""
+def time_ms(fn, device: torch.device, warmup: int, iters: int, host_sync: bool = True) -> list[float]:
+    """Per-call times in ms after ``warmup`` calls: CUDA events on GPU, a synchronised clock elsewhere.
+
+    ``host_sync=False`` (GPU): the calls run back to back with an event pair each and one
+    synchronisation at the end, as in a training loop that never waits for the GPU; the
+    host's launch work then overlaps the previous call's kernels."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if device.type == "cuda" and not host_sync:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        sync(device)
+        return [start.elapsed_time(end) for start, end in events]
     times = []
     for _ in range(iters):
         if device.type == "cuda":

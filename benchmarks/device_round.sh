@@ -125,6 +125,22 @@ i = src.find("SPARSE_KV_BLOCK_SIZE % conf"); print(src[i-200:i+300] if i >= 0 el
     r4_train20) W="--warmup 2 --iters 8"
                 BENCH_TAG=after T=200 run benchmarks/train_step.py --case 20:64 $W
                 BENCH_TAG=before T=200 run benchmarks/train_step.py --case 20:64 $W --flex-mask-block 128 ;;
+    r4_tiles) T1='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4'
+              for d in 16:64 20:64 24:32; do
+                T=150 run benchmarks/attention.py --depth ${d%:*} --batch ${d#*:} --only flex \
+                  --flex-config "b32x64={$T1, \"bwd_num_stages\": 3}" --flex-config "b32x64s4={$T1, \"bwd_num_stages\": 4}" \
+                  --flex-config "b16x64={$T1, \"bwd_BLOCK_M1\": 16, \"bwd_BLOCK_N2\": 16, \"bwd_num_stages\": 3}"
+              done ;;
+    r4_train) O='{"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3}'
+              W="--warmup 2 --iters 8"
+              BENCH_TAG=after T=200 run benchmarks/train_step.py --case 20:64 $W --flex-options "$O"
+              BENCH_TAG=before T=200 run benchmarks/train_step.py --case 20:64 $W --flex-mask-block 128
+              BENCH_TAG=after T=200 run benchmarks/train_step.py --case 24:32 $W --flex-options "$O" --profile --profile-top 40 ;;
+    r4_final) W="--warmup 2 --iters 8"
+              T=170 run benchmarks/train_step.py --case 16:64 --case 20:64 $W
+              T=130 run benchmarks/train_step.py --case 24:32 $W
+              T=150 run benchmarks/train_step.py --numerics
+              T=120 run benchmarks/train_step.py --case 30:32:10 --warmup 2 --iters 5 ;;
     *) python3 "$@"; break ;;
   esac
 done

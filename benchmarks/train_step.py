@@ -1,6 +1,7 @@
 """Training-step speed of VAR at the paper configuration (random weights and data).
 
-One JSON line per case: median ms per step (forward, loss, backward, AdamW), tokens/s,
+One JSON line per case: median ms per step (forward, loss, backward, AdamW; the host waits
+for the GPU after every step, and ``pipelined_*`` repeats it without those waits), tokens/s,
 model FLOP utilisation against the H100's dense bf16 peak (FLOPs from
 ``varcore.flops.var_flops(cfg).train_per_token``, attention counted over the pairs the
 block-causal mask allows), and peak allocated memory.
@@ -94,6 +95,7 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         cfg = model.cfg
         step = make_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
         times = time_ms(step, device, args.warmup, args.iters)
+        pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], checkpointing=ckpt, peak_gib=peak_gib(device))
         return rec
@@ -112,6 +114,10 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
                tflops=round(tokens_per_s * flops.train_per_token / 1e12, 1),
                mfu=round(tokens_per_s * flops.train_per_token / H100_BF16_DENSE_FLOPS, 4),
                peak_gib=peak_gib(device))
+    if pipelined:   # no host synchronisation between steps (pipeline.train_loop runs like this on GPU)
+        p = summary(pipelined)["ms_median"]
+        rec.update(pipelined_ms_median=p, pipelined_tokens_per_s=round(batch * cfg.L / (p / 1e3)),
+                   pipelined_mfu=round(batch * cfg.L / (p / 1e3) * flops.train_per_token / H100_BF16_DENSE_FLOPS, 4))
     return rec
 
 

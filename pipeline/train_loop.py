@@ -176,12 +176,22 @@ def _fsdp_kwargs() -> dict[str, Any]:
     return {"auto_wrap_policy": ModuleWrapPolicy({AdaLNBlock}), "use_orig_params": True}
 
 
-def _clip(model: nn.Module, max_norm: float) -> float:
+def _clip(model: nn.Module, max_norm: float) -> torch.Tensor | float:
+    """Clip gradients to ``max_norm``; the norm before clipping, left on the device (read when logged)."""
     if max_norm <= 0:
         return float("nan")
     if hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over all shards
-        return float(model.clip_grad_norm_(max_norm))
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``; on CUDA through pinned memory without waiting for the copy,
+    so the host can queue the step while the GPU finishes the previous one."""
+    t = torch.from_numpy(a)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -228,11 +238,12 @@ def train_worker(config: dict[str, Any]) -> None:
     bar = tqdm(total=total, initial=state.step, desc=f"train d{cfg.depth}", unit="step",
                disable=rank != 0, mininterval=10)
     t0 = mark = time.perf_counter()
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)   # train-loss sum not yet in state.loss_sum
     while state.step < total:
         step = state.step
         rows = rank_slice(global_batch_indices(len(train_tok), B, tp.seed, step), rank, world)
-        tok = torch.from_numpy(train_tok[rows].astype(np.int64)).to(device)
-        lab = torch.from_numpy(train_lab[rows].astype(np.int64)).to(device)
+        tok = _to_device(train_tok[rows].astype(np.int64), device)
+        lab = _to_device(train_lab[rows].astype(np.int64), device)
         x = teacher_forcing(quant, tok)
         lr = lr_at(step, total, tp.peak_lr, tp.warmup_frac, tp.decay, tp.min_lr_frac)
         for g in optim.param_groups:
@@ -246,16 +257,19 @@ def train_worker(config: dict[str, Any]) -> None:
         grad_norm = _clip(model, tp.grad_clip)
         optim.step()
         state.step = step = step + 1
-        state.loss_sum += float(loss.detach())
+        loss_acc += loss.detach()      # read at the next log or checkpoint: no host wait per step
         state.loss_count += 1
         bar.update(1)
         tokens = step * B * L
         metrics: dict[str, Any] = {"step": step, "tokens": tokens, "compute": flops_tok * tokens}
 
+        if step % tp.log_every == 0 or step in evals or step % tp.checkpoint_every == 0 or step == total:
+            state.loss_sum += float(loss_acc)
+            loss_acc.zero_()
         if step % tp.log_every == 0 or step in evals:
             s = all_reduce_sum(torch.tensor([state.loss_sum, state.loss_count], dtype=torch.float64), device)
             train_loss = float(s[0] / s[1])
-            state.train_curve.append({**metrics, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm})
+            state.train_curve.append({**metrics, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)})
             state.loss_sum, state.loss_count = 0.0, 0
             bar.set_postfix(loss=f"{train_loss:.3f}")
             if not math.isfinite(train_loss):

@@ -32,13 +32,14 @@ log = logging.getLogger(__name__)
 # Tokens per block-mask tile (queries and keys). 64 computes 24% fewer query-key pairs
 # than flex's default of 128 at paper scale; the kernel tiles below must divide it.
 FLEX_MASK_BLOCK = 64
-# Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d);
-# inductor's autotuning at L=680 on an H100 picked 64x64 tiles, 4 warps, 3 stages for the
-# forward and all four backward tiles (benchmarks/RESULTS.md, round 2). A 4-stage backward
-# was 5% faster at d24, equal at d16 and 7% slower at d20 (round 3), so 3 stays. {}: inductor's defaults.
+# Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d).
+# Forward: 64x64, 4 warps, 3 stages (inductor's autotuning at L=680 on an H100, RESULTS.md
+# round 2). Backward with the 64-token mask: 32-query tiles for dk/dv and 32-key tiles for dq
+# (round 4: one layer 2.53 -> 2.27 ms at d16, 2.99 -> 2.70 ms at d20 against 64 everywhere;
+# 4 stages and 16-wide tiles were slower there). {}: inductor's defaults.
 FLEX_KERNEL_OPTIONS: dict = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
-    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
     "bwd_num_warps": 4, "bwd_num_stages": 3,
 }
 _BWD_FIELDS = {"block_m1": "bwd_BLOCK_M1", "block_n1": "bwd_BLOCK_N1", "block_m2": "bwd_BLOCK_M2",

@@ -238,7 +238,9 @@ def train_worker(config: dict[str, Any]) -> None:
     bar = tqdm(total=total, initial=state.step, desc=f"train d{cfg.depth}", unit="step",
                disable=rank != 0, mininterval=10)
     t0 = mark = time.perf_counter()
-    loss_acc = torch.zeros((), dtype=torch.float64, device=device)   # train-loss sum not yet in state.loss_sum
+    # state.loss_sum kept on the device (same float64 additions in the same order), read back
+    # only at log and checkpoint points
+    loss_acc = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
     while state.step < total:
         step = state.step
         rows = rank_slice(global_batch_indices(len(train_tok), B, tp.seed, step), rank, world)
@@ -264,13 +266,13 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"step": step, "tokens": tokens, "compute": flops_tok * tokens}
 
         if step % tp.log_every == 0 or step in evals or step % tp.checkpoint_every == 0 or step == total:
-            state.loss_sum += float(loss_acc)
-            loss_acc.zero_()
+            state.loss_sum = float(loss_acc)
         if step % tp.log_every == 0 or step in evals:
             s = all_reduce_sum(torch.tensor([state.loss_sum, state.loss_count], dtype=torch.float64), device)
             train_loss = float(s[0] / s[1])
             state.train_curve.append({**metrics, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)})
             state.loss_sum, state.loss_count = 0.0, 0
+            loss_acc.zero_()
             bar.set_postfix(loss=f"{train_loss:.3f}")
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"train loss is {train_loss} at step {step}")

@@ -110,7 +110,11 @@ def _choices_factory():
 @functools.cache
 def compile_options() -> dict:
     """Inductor options that make a mask of :data:`FLEX_MASK_BLOCK`-token tiles compile
-    (see the module docstring); empty where this torch has no choices-handler option."""
+    (see the module docstring); empty where this torch has no choices-handler option.
+
+    Inductor builds its choices handler once per thread, from the options of the first
+    compilation there, so a thread that compiled other code without these options first
+    keeps the default handler (and a 64-token mask's backward then finds no kernel)."""
     import torch._inductor.config as inductor_config
     if not hasattr(inductor_config, "inductor_choices_class"):
         return {}
@@ -121,6 +125,11 @@ def mask_block() -> int:
     """The block-mask tile the compiled model uses: :data:`FLEX_MASK_BLOCK`, or flex's own
     128 where this torch cannot be told the backward tiles (an older torch)."""
     if FLEX_MASK_BLOCK < 128 and not compile_options():
-        log.warning("this torch has no inductor_choices_class option: flex block mask uses 128-token tiles")
+        _warn_fallback()
         return 128
     return FLEX_MASK_BLOCK
+
+
+@functools.cache
+def _warn_fallback() -> None:
+    log.warning("this torch has no inductor_choices_class option: the flex block mask uses 128-token tiles")

@@ -141,6 +141,10 @@ i = src.find("SPARSE_KV_BLOCK_SIZE % conf"); print(src[i-200:i+300] if i >= 0 el
               T=130 run benchmarks/train_step.py --case 24:32 $W
               T=150 run benchmarks/train_step.py --numerics
               T=120 run benchmarks/train_step.py --case 30:32:10 --warmup 2 --iters 5 ;;
+    r4_resid) W="--warmup 2 --iters 6"     # bf16 residual stream (VARConfig.residual_dtype="autocast", the default)
+              T=110 run benchmarks/train_step.py --case 20:64 $W
+              T=90 run benchmarks/train_step.py --numerics
+              T=100 run benchmarks/train_step.py --case 24:32 $W ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -416,6 +416,39 @@ def test_compiled_regions_carry_the_flex_choices(monkeypatch):
         assert isinstance(expected["inductor_choices_class"](), flex_mod._TiledChoices)
 
 
+def _block_input_dtypes(model: VAR, label, x) -> list[torch.dtype]:
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype)) for b in model.blocks]
+    try:
+        logits = model(label, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, logits
+
+
+def test_residual_stream_in_the_autocast_dtype_as_the_official_code(cfg):
+    """Under bf16 autocast the blocks get a bf16 residual stream (the official code casts it
+    to the autocast dtype before the blocks); residual_dtype="float32" keeps float32, and
+    without autocast both settings are the same float32 computation."""
+    a, b = _twin(cfg, residual_dtype="float32")
+    assert a.cfg.residual_dtype == "autocast"
+    label, x = _batch(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen_a, logits_a = _block_input_dtypes(a, label, x)
+        seen_b, logits_b = _block_input_dtypes(b, label, x)
+    assert seen_a == [torch.bfloat16] * cfg.depth
+    assert seen_b == [torch.float32] * cfg.depth
+    rel = ((logits_a.float() - logits_b.float()).norm() / logits_b.float().norm()).item()
+    assert 0 < rel < 3e-2                                   # bf16 rounding of the stream, nothing more
+    seen_a, logits_a = _block_input_dtypes(a, label, x)
+    seen_b, logits_b = _block_input_dtypes(b, label, x)
+    assert seen_a == seen_b == [torch.float32] * cfg.depth
+    assert torch.equal(logits_a, logits_b)
+    with pytest.raises(ConfigError, match="residual_dtype"):
+        VARConfig(depth=2, residual_dtype="bf16")
+
+
 def test_cudnn_autotune_restores_flag():
     import varcore.sample as sample_mod
     before = torch.backends.cudnn.benchmark

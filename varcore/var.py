@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - older torch
 
 PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 ATTN_IMPLS = ("auto", "dense", "flex", "per_scale")
+RESIDUAL_DTYPES = ("autocast", "float32")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class VARConfig:
     cond_drop_rate: float = 0.1           # class dropout for classifier-free guidance
     attn_l2_norm: bool = True
     norm_eps: float = 1e-6
+    # the residual stream between blocks in training under autocast: "autocast" keeps it in the
+    # autocast dtype (bf16), as the official code trains; "float32" keeps it in float32 (more
+    # precise, more memory traffic). Without autocast it is float32 either way; sampling keeps
+    # float32, as the official code samples.
+    residual_dtype: str = "autocast"
     # execution only (same function, different speed and memory):
     attn_impl: str = "auto"               # dense | flex | per_scale; auto: flex on CUDA, dense elsewhere
     attn_prefix_scales: int = 1           # per_scale: the first n scales attend in one masked call
@@ -93,6 +99,8 @@ class VARConfig:
         require(not bad, "attn_backends", f"unknown SDPA backends {bad}; choose from {sorted(SDPA_BACKENDS)} or fa4")
         require("fa4" not in self.attn_backends or (self.attn_backends == ("fa4",) and self.attn_drop_rate == 0),
                 "attn_backends", "fa4 (FlashAttention-4) must be the only entry and needs attn_drop_rate 0")
+        require(self.residual_dtype in RESIDUAL_DTYPES, "residual_dtype",
+                f"must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
         require(isinstance(self.checkpointing, int) and 0 <= self.checkpointing <= self.depth, "checkpointing",
                 f"must be a bool or an int in [0, depth={self.depth}], got {self.checkpointing}")
 
@@ -453,7 +461,7 @@ class VAR(nn.Module):
                              f"got {tuple(x_BlCvae.shape)}")
         cond_BC = self.cond(self.drop_class(label_B))
         x_BLC = torch.cat([self.sos(cond_BC), self.word_embed(x_BlCvae.to(self.word_embed.weight.dtype))], dim=1)
-        x_BLC = x_BLC + self.scale_pos(0, cfg.L)
+        x_BLC = self.residual(x_BLC + self.scale_pos(0, cfg.L))
         bc = self.block_cond(cond_BC)
         attn = self.attention_mask(x_BLC.device)
         compiled = self.compiled(x_BLC.device)
@@ -465,6 +473,15 @@ class VAR(nn.Module):
             else:
                 x_BLC = run_block(block, x_BLC, bc, attn)
         return (compile_region(_run_head, tuned=True) if compiled else _run_head)(self.head, x_BLC, cond_BC)
+
+    def residual(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """The residual stream's dtype for the blocks (``cfg.residual_dtype``): under autocast
+        with "autocast", the autocast dtype, as the official code trains (its blocks then add
+        bf16 branches to a bf16 stream); float32 otherwise."""
+        dev = x_BLC.device.type
+        if self.cfg.residual_dtype == "autocast" and torch.is_autocast_enabled(dev):
+            return x_BLC.to(torch.get_autocast_dtype(dev))
+        return x_BLC
 
     def attn_impl(self, device: torch.device) -> str:
         """The attention form ``forward`` uses on ``device`` (``cfg.attn_impl`` with auto resolved)."""

@@ -126,11 +126,12 @@ def numerics(args, device: torch.device) -> dict:
     """Same init, same fixed batch: fp32 plain path vs the bf16 fast path, loss per step."""
     depth, B, steps = args.numerics_depth, args.numerics_batch, args.numerics_steps
     kw = dict(drop_path_rate=0.0, cond_drop_rate=0.0)   # no randomness, so the curves are comparable
+    fast_kw = {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     ref, ref_opt, ref_loss = build(depth, B, device, True, 0, "dense", **kw)
-    fast, fast_opt, fast_loss = build(depth, B, device, False, 0, args.attn_impl, **kw)
+    fast, fast_opt, fast_loss = build(depth, B, device, False, 0, args.attn_impl, **kw, **fast_kw)
     fast.load_state_dict(ref.state_dict())
     for o in (ref_opt, fast_opt):
         o.param_groups[0]["lr"] = args.numerics_lr

@@ -265,9 +265,11 @@ def train_worker(config: dict[str, Any]) -> None:
         tokens = step * B * L
         metrics: dict[str, Any] = {"step": step, "tokens": tokens, "compute": flops_tok * tokens}
 
-        if step % tp.log_every == 0 or step in evals or step % tp.checkpoint_every == 0 or step == total:
+        log_now = step % tp.log_every == 0 or step in evals
+        checkpoint_now = step in evals or step % tp.checkpoint_every == 0 or step == total
+        if log_now or checkpoint_now:
             state.loss_sum = float(loss_acc)
-        if step % tp.log_every == 0 or step in evals:
+        if log_now:
             s = all_reduce_sum(torch.tensor([state.loss_sum, state.loss_count], dtype=torch.float64), device)
             train_loss = float(s[0] / s[1])
             state.train_curve.append({**metrics, "train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)})
@@ -284,7 +286,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("d%d step %d/%d: L_mean %.4f L_last %.4f Err_mean %.4f (%.1f s)", cfg.depth, step,
                          total, ev["L_mean"], ev["L_last"], ev["Err_mean"], time.perf_counter() - t0)
-        if step in evals or step % tp.checkpoint_every == 0 or step == total:
+        if checkpoint_now:
             if state.train_curve:
                 metrics["train_loss"] = state.train_curve[-1]["train_loss"]
             now = time.perf_counter()

@@ -51,6 +51,15 @@ def scale_ids(patch_nums: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.full((pn * pn,), k, dtype=torch.long) for k, pn in enumerate(patch_nums)])
 
 
+def scale_ends(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
+    """End (exclusive) of every scale in the token sequence: ``(1, 5, 14, ..., 680)`` at paper scale."""
+    ends, n = [], 0
+    for pn in patch_nums:
+        n += pn * pn
+        ends.append(n)
+    return tuple(ends)
+
+
 @functools.lru_cache(maxsize=16)
 def flex_block_mask(patch_nums: tuple[int, ...], device: str, block: int | None = None) -> "BlockMask":
     """The block-causal mask (scale of key <= scale of query) as a ``BlockMask`` with
@@ -66,11 +75,8 @@ def flex_block_mask(patch_nums: tuple[int, ...], device: str, block: int | None 
 
 def computed_pairs(patch_nums: tuple[int, ...], block: int) -> int:
     """Query-key pairs a block mask of ``block``-token tiles computes (every tile it does not skip)."""
-    ends, n = [], 0
-    for pn in patch_nums:
-        n += pn * pn
-        ends.append(n)
-    L, total = n, 0
+    ends = scale_ends(patch_nums)
+    L, total = ends[-1], 0
     for q0 in range(0, L, block):
         last_q = min(L, q0 + block) - 1
         end = next(e for e in ends if last_q < e)       # keys the tile's last query sees

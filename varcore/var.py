@@ -34,7 +34,7 @@ from .errors import ConfigError, check_patch_nums, require
 from .fa4 import fa4_attention
 
 from . import flex
-from .flex import flex_block_mask, scale_ids
+from .flex import flex_block_mask, scale_ends, scale_ids
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import flex_attention
@@ -142,15 +142,6 @@ def block_causal_mask(patch_nums: tuple[int, ...]) -> torch.Tensor:
     """Bool ``(L, L)``; entry ``[i, j]`` is True where token i may attend to token j (scale_j <= scale_i)."""
     s = scale_ids(patch_nums)
     return s[None, :] <= s[:, None]
-
-
-def scale_ends(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
-    """End (exclusive) of every scale in the token sequence: ``(1, 5, 14, ..., 680)`` at paper scale."""
-    ends, n = [], 0
-    for pn in patch_nums:
-        n += pn * pn
-        ends.append(n)
-    return tuple(ends)
 
 
 @dataclass(frozen=True, eq=False)

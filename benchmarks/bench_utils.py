@@ -113,3 +113,48 @@ class KernelList(list):
     def __init__(self, rows, total_ms: float):
         super().__init__(rows)
         self.total_ms = total_ms
+
+
+def gpu_gaps(fn, device: torch.device, top: int = 15, min_us: float = 10.0) -> dict:
+    """Where the GPU sits idle during one call of ``fn``: idle time between device kernels, how
+    much of it waits on a late launch (the host launched the next kernel after the previous one
+    had finished) and the ``top`` largest gaps with the kernels around them and the host op that
+    launched the next one. Idle time is the step time the kernels' sum does not explain."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e),
+                 key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("cat") in ("cpu_op", "python_function") and "dur" in e]
+
+    def host_op(launch):   # the innermost host op around a launch, on the launching thread
+        inner = [o for o in ops if o["tid"] == launch["tid"] and o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
+        return min(inner, key=lambda o: o["dur"])["name"][:60] if inner else "?"
+
+    gaps, total, late_total = [], 0.0, 0.0
+    for prev, nxt in zip(gpu, gpu[1:]):
+        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap < min_us:
+            continue
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        late = launch is not None and launch["ts"] + launch.get("dur", 0) > prev["ts"] + prev["dur"]
+        total += gap
+        late_total += gap if late else 0.0
+        gaps.append((gap, late, prev, nxt, launch))
+    gaps.sort(key=lambda g: -g[0])
+    span = gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"] if gpu else 0.0
+    busy = sum(e["dur"] for e in gpu)
+    return {"span_ms": round(span / 1e3, 3), "kernel_ms": round(busy / 1e3, 3), "kernels": len(gpu),
+            f"gaps_over_{min_us:g}us_ms": round(total / 1e3, 3), "late_launch_ms": round(late_total / 1e3, 3),
+            "idle_ms": round((span - busy) / 1e3, 3),
+            "top": [{"us": round(g), "late": late, "prev": p["name"][:50], "next": n["name"][:50],
+                     "host_op": host_op(lz) if lz else "?"} for g, late, p, n, lz in gaps[:top]]}

@@ -145,6 +145,27 @@ i = src.find("SPARSE_KV_BLOCK_SIZE % conf"); print(src[i-200:i+300] if i >= 0 el
               T=110 run benchmarks/train_step.py --case 20:64 $W
               T=90 run benchmarks/train_step.py --numerics
               T=100 run benchmarks/train_step.py --case 24:32 $W ;;
+    # round 5: the bf16 residual stream (default) at d16/d24, its GPU numerics, a d24 profile
+    r5_a) W="--warmup 2 --iters 8"
+          T=170 run benchmarks/train_step.py --case 24:32 $W --profile --profile-top 70
+          T=120 run benchmarks/train_step.py --case 16:64 $W
+          T=150 run benchmarks/train_step.py --numerics ;;
+    r5_b) python3 -c 'import torch._inductor.config as c
+for k in ("triton.enable_pdl", "triton.mix_order_reduction", "combo_kernels", "triton.cudagraphs"):
+    print(k, c._config[k].default if k in c._config else "absent", getattr(c, k.split(".")[0]) if "." not in k else "")'
+          W="--warmup 2 --iters 10"
+          BENCH_TAG=base T=120 run benchmarks/train_step.py --case 24:32 $W --gaps
+          BENCH_TAG=pdl TORCHINDUCTOR_ENABLE_PDL=1 T=170 run benchmarks/train_step.py --case 24:32 $W --gaps
+          BENCH_TAG=combo T=170 run benchmarks/train_step.py --case 24:32 $W --inductor combo_kernels=True ;;
+    r5_c) W="--warmup 2 --iters 10"   # the whole step as one CUDA graph, against the same code without
+          BENCH_TAG=graph T=170 run benchmarks/train_step.py --case 24:32 $W --cuda-graph
+          BENCH_TAG=base T=110 run benchmarks/train_step.py --case 24:32 $W
+          T=200 run benchmarks/train_step.py --case 30:32:10 --warmup 2 --iters 5 ;;
+    # official code and ours in one call (.official: a FoundationVision/VAR checkout, carried, not committed)
+    r5_d) W="--warmup 2 --iters 10"
+          T=170 run benchmarks/official_step.py --official-root .official --case 16:64 --case 20:64 --case 24:32 $W
+          T=180 run benchmarks/train_step.py --case 16:64 --case 24:32 $W
+          T=140 run benchmarks/train_step.py --case 20:64 $W ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
-                         top_kernels)
+                         gpu_gaps, top_kernels)
 import varcore.flex as flex_mod  # noqa: E402
 import varcore.var as var_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
@@ -73,6 +73,37 @@ def make_step(model, opt, loss_fn, data, amp: torch.dtype | None, device: torch.
     return step
 
 
+def make_graph_step(model, opt, loss_fn, data, amp: torch.dtype, device: torch.device):
+    """The same step captured once as a CUDA graph (forward, backward, AdamW) and replayed:
+    one launch per step instead of ~2000, so the GPU never waits between kernels.
+    Needs a capturable optimizer; the inputs stay in the captured buffers."""
+    label_B, x_BlCvae, target_BL = data
+
+    def body():
+        with torch.autocast(device.type, dtype=amp):
+            loss = loss_fn(model(label_B, x_BlCvae), target_BL)
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # compile and autotune outside the capture
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)   # backward in the graph then writes (not adds) the grads
+    with torch.cuda.graph(graph):
+        static_loss = body()
+
+    def step():
+        graph.replay()
+        return static_loss
+    return step
+
+
 def attn_kw(args) -> dict:
     kw = {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
     if args.attn_prefix_scales is not None:
@@ -85,6 +116,7 @@ def attn_kw(args) -> dict:
 def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> dict:
     reset_peak(device)
     rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **attn_kw(args),
+           "cuda_graph": args.cuda_graph,
            "inductor": args.inductor,
            "flex_options": flex_mod.FLEX_KERNEL_OPTIONS or "inductor default",
            "flex_mask_block": flex_mod.mask_block(),
@@ -93,7 +125,12 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     try:
         model, opt, loss_fn = build(depth, batch, device, args.plain, ckpt, args.attn_impl, **attn_kw(args))
         cfg = model.cfg
-        step = make_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
+        if args.cuda_graph:
+            for g in opt.param_groups:
+                g["capturable"] = True
+            step = make_graph_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
+        else:
+            step = make_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
         times = time_ms(step, device, args.warmup, args.iters)
         pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
@@ -106,6 +143,8 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         top = top_kernels(step, device, top=args.profile_top)
         emit({"bench": "train_profile", "depth": depth, "batch": batch, "kernel_ms_total": top.total_ms,
               "top": list(top)})
+    if args.gaps:
+        emit({"bench": "train_gaps", "depth": depth, "batch": batch, **gpu_gaps(step, device)})
     s = summary(times)
     flops = var_flops(cfg)
     tokens_per_s = batch * cfg.L / (s["ms_median"] / 1e3)
@@ -167,6 +206,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
+    ap.add_argument("--cuda-graph", action="store_true", help="capture the whole step as one CUDA graph")
+    ap.add_argument("--gaps", action="store_true", help="also print where the GPU idles in a step")
     ap.add_argument("--numerics", action="store_true")
     ap.add_argument("--numerics-depth", type=int, default=16)
     ap.add_argument("--numerics-batch", type=int, default=16)

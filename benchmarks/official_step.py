@@ -1,0 +1,115 @@
+"""Training-step speed and peak memory of the official VAR code, for same-machine ratios.
+
+The issue's reference figures for the official code (FoundationVision/VAR) come from another
+run; this program times the official model on the machine that times ours, with the same step
+as ``train_step.py``: random weights and data at the paper configuration, bf16 autocast,
+cross-entropy on float32 logits, backward, fused AdamW, median of CUDA-event times after
+warm-up. One JSON line per case (``bench: official_train_step``); MFU uses varcore's FLOP
+count, as ``train_step.py`` does.
+
+    PYTHONPATH=. python benchmarks/official_step.py --official-root PATH/TO/VAR --case 16:64 --case 24:32
+
+``--official-root`` is a checkout of the official repository (not shipped with varscale). The
+model is built as the official ``build_vae_var`` builds it for depth d (width 64 d, d heads,
+drop-path 0.1 d / 24, shared AdaLN off, q/k L2-norm on, flash and fused kernels if installed).
+Its VQ-VAE is only used for sampling, so a stand-in with the vocabulary size and Cvae is
+passed. Modules of the checkout that only serve other purposes are replaced by stand-ins
+when they cannot be imported: ``huggingface_hub`` (the hub mixin of ``VARHF``), the
+repository's ``dist`` (``get_device``) and ``models.vqvae`` (type hints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from train_step import batch_of, cross_entropy, make_step  # noqa: E402
+from varcore import PAPER_PATCH_NUMS, VARConfig, var_flops  # noqa: E402
+
+
+def _stand_in(name: str, **attrs) -> None:
+    """Put a module ``name`` with ``attrs`` in ``sys.modules`` unless the real one imports."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+
+
+def official_var_class(root: Path, device: torch.device):
+    """The ``VAR`` class of the official checkout at ``root``."""
+    if not (root / "models" / "var.py").is_file():
+        raise SystemExit(f"--official-root {root}: no models/var.py there (expected a FoundationVision/VAR checkout)")
+    sys.path.insert(0, str(root))
+    _stand_in("huggingface_hub", PyTorchModelHubMixin=type("PyTorchModelHubMixin", (), {}))
+    _stand_in("dist", get_device=lambda: device)
+    _stand_in("models.vqvae", VQVAE=type("VQVAE", (), {}), VectorQuantizer2=type("VectorQuantizer2", (), {}))
+    return importlib.import_module("models.var").VAR
+
+
+def build(VAR, depth: int, batch: int, device: torch.device):
+    """The official model at depth ``depth`` (``models.build_vae_var``'s settings) and its optimizer."""
+    vae = types.SimpleNamespace(Cvae=32, vocab_size=4096, quantize=None)
+    with contextlib.redirect_stdout(sys.stderr):   # the constructor prints its configuration
+        model = VAR(vae_local=vae, num_classes=1000, depth=depth, embed_dim=64 * depth, num_heads=depth,
+                    mlp_ratio=4.0, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1 * depth / 24,
+                    norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1, attn_l2_norm=True,
+                    patch_nums=PAPER_PATCH_NUMS, flash_if_available=True, fused_if_available=True)
+        model.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05,
+                            fused=device.type == "cuda")
+    return model, opt
+
+
+def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
+    reset_peak(device)
+    rec = {"bench": "official_train_step", "depth": depth, "batch": batch, **env()}
+    try:
+        model, opt = build(VAR, depth, batch, device)
+        cfg = VARConfig(depth=depth)
+        step = make_step(model, opt, cross_entropy, batch_of(cfg, batch, device), torch.bfloat16, device)
+        times = time_ms(step, device, args.warmup, args.iters)
+    except torch.cuda.OutOfMemoryError as e:
+        rec.update(oom=True, error=str(e).splitlines()[0], peak_gib=peak_gib(device))
+        return rec
+    attn = model.blocks[0].attn
+    s = summary(times)
+    tokens_per_s = batch * cfg.L / (s["ms_median"] / 1e3)
+    rec.update(**s, tokens_per_s=round(tokens_per_s),
+               mfu=round(tokens_per_s * var_flops(cfg).train_per_token / H100_BF16_DENSE_FLOPS, 4),
+               peak_gib=peak_gib(device), params=sum(p.numel() for p in model.parameters()),
+               flash=bool(getattr(attn, "using_flash", False)), xformers=bool(getattr(attn, "using_xform", False)))
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--official-root", type=Path, required=True, help="checkout of FoundationVision/VAR")
+    ap.add_argument("--case", action="append", default=[], help="depth:batch")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    VAR = official_var_class(args.official_root.resolve(), device)
+    for case in args.case:
+        depth, batch = (int(p) for p in case.split(":"))
+        emit(run_case(VAR, depth, batch, args, device))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

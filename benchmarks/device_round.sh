@@ -166,6 +166,13 @@ for k in ("triton.enable_pdl", "triton.mix_order_reduction", "combo_kernels", "t
           T=170 run benchmarks/official_step.py --official-root .official --case 16:64 --case 20:64 --case 24:32 $W
           T=180 run benchmarks/train_step.py --case 16:64 --case 24:32 $W
           T=140 run benchmarks/train_step.py --case 20:64 $W ;;
+    # round 6 (prepared 2026-11-25, not yet run): varcore.qknorm's written-out q/k-norm backward at d24,
+    # same call; then d16/d20 with it if it helps. Carry .devcache (see RESULTS.md, round 5).
+    r6_qknorm) W="--warmup 2 --iters 10"
+               BENCH_TAG=explicit T=200 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --profile --profile-top 40
+               BENCH_TAG=autograd T=120 run benchmarks/train_step.py --case 24:32 $W
+               BENCH_TAG=explicit_graph T=120 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --cuda-graph
+               T=120 run benchmarks/train_step.py --numerics --qk-norm-impl explicit ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -116,12 +116,10 @@ class KernelList(list):
 
 
 def gpu_gaps(fn, device: torch.device, top: int = 15, min_us: float = 10.0) -> dict:
-    """Where the GPU sits idle during one call of ``fn``: idle time between device kernels, how
-    much of it waits on a late launch (the host launched the next kernel after the previous one
-    had finished) and the ``top`` largest gaps with the kernels around them and the host op that
-    launched the next one. Idle time is the step time the kernels' sum does not explain. The
-    profiler records every host op, which slows the host: gaps where the host is the bottleneck
-    come out larger than they are without it (round 5: a 221 ms step spanned 271 ms)."""
+    """Where the GPU sits idle during one call of ``fn`` (see :func:`trace_gaps`), from a
+    profiler trace. The profiler records every host op, which slows the host: gaps where the
+    host is the bottleneck come out larger than they are without it (round 5: a 221 ms step
+    spanned 271 ms)."""
     import tempfile
     from torch.profiler import ProfilerActivity, profile
     fn()
@@ -131,7 +129,16 @@ def gpu_gaps(fn, device: torch.device, top: int = 15, min_us: float = 10.0) -> d
         sync(device)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        with open(f.name) as trace:
+            return trace_gaps(json.load(trace)["traceEvents"], top, min_us)
+
+
+def trace_gaps(events: list[dict], top: int = 15, min_us: float = 10.0) -> dict:
+    """Idle device time in a Chrome trace (``events``, times in us): the span from the first
+    device kernel's start to the last one's end, the time some kernel runs (``busy_ms``, the
+    union over streams), the gaps of at least ``min_us``, how much of them waits on a late
+    launch (the host launched the next kernel after every earlier one had finished), and the
+    ``top`` largest gaps with the kernels around them and the host op that launched the next."""
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e),
                  key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
@@ -142,20 +149,23 @@ def gpu_gaps(fn, device: torch.device, top: int = 15, min_us: float = 10.0) -> d
         inner = [o for o in ops if o["tid"] == launch["tid"] and o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
         return min(inner, key=lambda o: o["dur"])["name"][:60] if inner else "?"
 
-    gaps, total, late_total = [], 0.0, 0.0
-    for prev, nxt in zip(gpu, gpu[1:]):
-        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
-        if gap < min_us:
-            continue
-        launch = launches.get(nxt.get("args", {}).get("correlation"))
-        late = launch is not None and launch["ts"] + launch.get("dur", 0) > prev["ts"] + prev["dur"]
-        total += gap
-        late_total += gap if late else 0.0
-        gaps.append((gap, late, prev, nxt, launch))
+    gaps, total, late_total, busy = [], 0.0, 0.0, 0.0
+    prev, end = None, None   # the kernel that ends last so far (kernels of several streams may overlap)
+    for nxt in gpu:
+        nxt_end = nxt["ts"] + nxt["dur"]
+        if end is not None and nxt["ts"] - end >= min_us:
+            gap = nxt["ts"] - end
+            launch = launches.get(nxt.get("args", {}).get("correlation"))
+            late = launch is not None and launch["ts"] + launch.get("dur", 0) > end
+            total += gap
+            late_total += gap if late else 0.0
+            gaps.append((gap, late, prev, nxt, launch))
+        busy += nxt["dur"] if end is None else max(0.0, nxt_end - max(nxt["ts"], end))
+        if end is None or nxt_end > end:
+            prev, end = nxt, nxt_end
     gaps.sort(key=lambda g: -g[0])
-    span = gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"] if gpu else 0.0
-    busy = sum(e["dur"] for e in gpu)
-    return {"span_ms": round(span / 1e3, 3), "kernel_ms": round(busy / 1e3, 3), "kernels": len(gpu),
+    span = end - gpu[0]["ts"] if gpu else 0.0
+    return {"span_ms": round(span / 1e3, 3), "busy_ms": round(busy / 1e3, 3), "kernels": len(gpu),
             f"gaps_over_{min_us:g}us_ms": round(total / 1e3, 3), "late_launch_ms": round(late_total / 1e3, 3),
             "idle_ms": round((span - busy) / 1e3, 3),
             "top": [{"us": round(g), "late": late, "prev": p["name"][:50], "next": n["name"][:50],

@@ -89,7 +89,9 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
     rec.update(**s, tokens_per_s=round(tokens_per_s),
                mfu=round(tokens_per_s * var_flops(cfg).train_per_token / H100_BF16_DENSE_FLOPS, 4),
                peak_gib=peak_gib(device), params=sum(p.numel() for p in model.parameters()),
-               flash=bool(getattr(attn, "using_flash", False)), xformers=bool(getattr(attn, "using_xform", False)))
+               # flash_attn serves the official code only without a mask (sampling); xformers takes the mask
+               flash_attn_installed=bool(getattr(attn, "using_flash", False)),
+               xformers_used=bool(getattr(attn, "using_xform", False)))
     return rec
 
 

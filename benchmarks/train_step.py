@@ -93,6 +93,8 @@ def make_graph_step(model, opt, loss_fn, data, amp: torch.dtype, device: torch.d
             opt.zero_grad(set_to_none=True)
             body()
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()   # the warm-up's cached blocks belong to the side stream; the graph has its own pool
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)   # backward in the graph then writes (not adds) the grads
     with torch.cuda.graph(graph):

@@ -484,6 +484,9 @@ def test_l2_norm_scale_out_dtype():
     assert y.dtype == torch.float32 and torch.allclose(y.norm(dim=-1), torch.ones(2, 3, 2), atol=1e-6)
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16
+    s_1H11 = torch.ones(1, 2, 1, 1, requires_grad=True)            # any shape holding H values
+    l2_norm_scale(x.detach().float(), s_1H11).square().sum().backward()
+    assert s_1H11.grad.shape == (1, 2, 1, 1) and torch.allclose(s_1H11.grad, torch.full((1, 2, 1, 1), 12.0))
 
 
 def test_qk_norm_impls_same_logits_and_grads(cfg, monkeypatch):

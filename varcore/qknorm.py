@@ -38,24 +38,27 @@ class _L2NormScale(torch.autograd.Function):
         return y.to(out_dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # the saved norms are constants here: no double backward
     def backward(ctx, dy: torch.Tensor):
         x_BLHc, inv_BLH1, norm_BLH1, scale_H = ctx.saved_tensors
         x, g = _wide(x_BLHc), _wide(dy)
         r_BLH1 = (x * g).sum(-1, keepdim=True)
-        # through the norm only where it is not clamped (clamp_min passes no gradient below eps)
-        through_norm = torch.where(norm_BLH1 >= ctx.eps, r_BLH1 * inv_BLH1 * inv_BLH1, torch.zeros_like(r_BLH1))
-        dx = (g - x * through_norm) * inv_BLH1
-        ds = None
-        if scale_H is not None:
-            s = _wide(scale_H).view(1, 1, -1, 1)
-            dx = dx * s
-            if ctx.needs_input_grad[1]:
-                ds = (r_BLH1 * inv_BLH1).sum(dim=(0, 1, 3)).to(scale_H.dtype)
-        return dx.to(x_BLHc.dtype), ds, None, None
+        dx = ds = None
+        if ctx.needs_input_grad[0]:
+            # through the norm only where it is not clamped (clamp_min passes no gradient below eps)
+            through_norm = torch.where(norm_BLH1 >= ctx.eps, r_BLH1 * inv_BLH1 * inv_BLH1, torch.zeros_like(r_BLH1))
+            dx = (g - x * through_norm) * inv_BLH1
+            if scale_H is not None:
+                dx = dx * _wide(scale_H).view(1, 1, -1, 1)
+            dx = dx.to(x_BLHc.dtype)
+        if scale_H is not None and ctx.needs_input_grad[1]:
+            ds = (r_BLH1 * inv_BLH1).sum(dim=(0, 1, 3)).reshape(scale_H.shape).to(scale_H.dtype)
+        return dx, ds, None, None
 
 
 def l2_norm_scale(x_BLHc: torch.Tensor, scale_H: torch.Tensor | None = None, eps: float = 1e-12,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``F.normalize(x, dim=-1, eps=eps) * scale_H`` per head (``x`` is ``(B, L, H, hd)``), in
+    """``F.normalize(x, dim=-1, eps=eps) * scale_H`` per head (``x`` is ``(B, L, H, hd)``, ``scale_H``
+    holds H values in any shape), in
     ``out_dtype`` (default: ``x``'s), with the one-pass backward described in the module."""
     return _L2NormScale.apply(x_BLHc, scale_H, eps, out_dtype or x_BLHc.dtype)

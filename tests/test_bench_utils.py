@@ -1,0 +1,39 @@
+"""benchmarks/bench_utils.trace_gaps: idle device time in a profiler trace."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_utils import trace_gaps  # noqa: E402
+
+
+def _kernel(name, ts, dur, corr):
+    return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+
+def _launch(ts, dur, corr, cat="cuda_runtime"):
+    return {"cat": cat, "name": "launch", "ts": ts, "dur": dur, "tid": 1, "args": {"correlation": corr}}
+
+
+def test_gaps_overlap_and_late_launches():
+    events = [
+        _kernel("a", 0, 100, 1), _launch(-5, 2, 1),
+        _kernel("b", 50, 100, 2), _launch(-3, 2, 2),              # overlaps a (another stream); ends at 150
+        _kernel("c", 200, 10, 3), _launch(0, 2, 3),               # launched early: a 50 us gap, not late
+        _kernel("d", 300, 20, 4), _launch(260, 5, 4, "cuda_driver"),   # launched after c ended: late
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 250, "dur": 30, "tid": 1},
+        _kernel("e", 325, 5, 5),                                  # a 5 us gap: under min_us
+    ]
+    out = trace_gaps(events, top=5, min_us=10)
+    assert out["kernels"] == 5 and out["span_ms"] == 0.33
+    assert out["busy_ms"] == 0.185                               # 150 (a and b joined) + 10 + 20 + 5
+    assert out["idle_ms"] == round(0.33 - 0.185, 3)
+    assert out["gaps_over_10us_ms"] == 0.14 and out["late_launch_ms"] == 0.09
+    top = out["top"]
+    assert [(g["us"], g["late"], g["prev"], g["next"]) for g in top] == [(90, True, "c", "d"), (50, False, "b", "c")]
+    assert top[0]["host_op"] == "aten::mm"
+
+
+def test_no_kernels():
+    out = trace_gaps([{"cat": "cpu_op", "name": "x", "ts": 0, "dur": 1, "tid": 1}])
+    assert out["kernels"] == 0 and out["span_ms"] == 0.0 and out["top"] == []

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
-from train_step import batch_of, cross_entropy, make_step  # noqa: E402
-from varcore import PAPER_PATCH_NUMS, VARConfig, var_flops  # noqa: E402
+from bench_utils import emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from train_step import adamw, batch_of, cross_entropy, make_step, rates  # noqa: E402
+from varcore import PAPER_PATCH_NUMS, VARConfig  # noqa: E402
 
 
 def _stand_in(name: str, **attrs) -> None:
@@ -67,9 +67,7 @@ def build(VAR, depth: int, batch: int, device: torch.device):
                     patch_nums=PAPER_PATCH_NUMS, flash_if_available=True, fused_if_available=True)
         model.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=device.type == "cuda")
-    return model, opt
+    return model, adamw(model, batch, fused=device.type == "cuda")
 
 
 def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
@@ -85,10 +83,8 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
         return rec
     attn = model.blocks[0].attn
     s = summary(times)
-    tokens_per_s = batch * cfg.L / (s["ms_median"] / 1e3)
-    rec.update(**s, tokens_per_s=round(tokens_per_s),
-               mfu=round(tokens_per_s * var_flops(cfg).train_per_token / H100_BF16_DENSE_FLOPS, 4),
-               peak_gib=peak_gib(device), params=sum(p.numel() for p in model.parameters()),
+    tokens_per_s, mfu = rates(cfg, batch, s["ms_median"])
+    rec.update(**s, tokens_per_s=round(tokens_per_s), mfu=round(mfu, 4), peak_gib=peak_gib(device), params=sum(p.numel() for p in model.parameters()),
                # flash_attn serves the official code only without a mask (sampling); xformers takes the mask
                flash_attn_installed=bool(getattr(attn, "using_flash", False)),
                xformers_used=bool(getattr(attn, "using_xform", False)))

@@ -45,11 +45,21 @@ def build(depth: int, batch: int, device: torch.device, plain: bool, checkpointi
                     attn_impl="dense" if plain else attn_impl,
                     compile_blocks=False if plain else None, **cfg_kw)
     model = VAR(cfg).to(device).train()
-    fused = device.type == "cuda" and not plain
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05,
-                            fused=fused)
+    opt = adamw(model, batch, fused=device.type == "cuda" and not plain)
     loss_fn = cross_entropy if plain or not model.compiled(device) else var_mod.compile_region(cross_entropy, tuned=True)
     return model, opt, loss_fn
+
+
+def adamw(model: torch.nn.Module, batch: int, fused: bool) -> torch.optim.AdamW:
+    """The paper's AdamW (lr 1e-4 per 256 images, betas 0.9/0.95, weight decay 0.05)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05,
+                             fused=fused)
+
+
+def rates(cfg: VARConfig, batch: int, ms: float) -> tuple[float, float]:
+    """Tokens/s and MFU (varcore's FLOP count against the H100's dense bf16 peak) of a ``ms`` step."""
+    tokens_per_s = batch * cfg.L / (ms / 1e3)
+    return tokens_per_s, tokens_per_s * var_flops(cfg).train_per_token / H100_BF16_DENSE_FLOPS
 
 
 def batch_of(cfg: VARConfig, B: int, device: torch.device, seed: int = 0):
@@ -129,12 +139,10 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     try:
         model, opt, loss_fn = build(depth, batch, device, args.plain, ckpt, args.attn_impl, **attn_kw(args))
         cfg = model.cfg
-        if args.cuda_graph:
-            for g in opt.param_groups:
-                g["capturable"] = True
-            step = make_graph_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
-        else:
-            step = make_step(model, opt, loss_fn, batch_of(cfg, batch, device), torch.bfloat16, device)
+        for g in opt.param_groups:
+            g["capturable"] = args.cuda_graph
+        step = (make_graph_step if args.cuda_graph else make_step)(model, opt, loss_fn, batch_of(cfg, batch, device),
+                                                                   torch.bfloat16, device)
         times = time_ms(step, device, args.warmup, args.iters)
         pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
@@ -151,17 +159,16 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         emit({"bench": "train_gaps", "depth": depth, "batch": batch, **gpu_gaps(step, device)})
     s = summary(times)
     flops = var_flops(cfg)
-    tokens_per_s = batch * cfg.L / (s["ms_median"] / 1e3)
+    tokens_per_s, mfu = rates(cfg, batch, s["ms_median"])
     rec.update(attn_impl=model.attn_impl(device), compiled=model.compiled(device), checkpointing=ckpt,
                residual_dtype=cfg.residual_dtype, qk_norm_impl=cfg.qk_norm_impl,
                fused_adamw=bool(opt.defaults.get("fused")), **s, tokens_per_s=round(tokens_per_s),
                tflops=round(tokens_per_s * flops.train_per_token / 1e12, 1),
-               mfu=round(tokens_per_s * flops.train_per_token / H100_BF16_DENSE_FLOPS, 4),
-               peak_gib=peak_gib(device))
+               mfu=round(mfu, 4), peak_gib=peak_gib(device))
     if pipelined:   # no host synchronisation between steps (pipeline.train_loop runs like this on GPU)
         p = summary(pipelined)["ms_median"]
-        rec.update(pipelined_ms_median=p, pipelined_tokens_per_s=round(batch * cfg.L / (p / 1e3)),
-                   pipelined_mfu=round(batch * cfg.L / (p / 1e3) * flops.train_per_token / H100_BF16_DENSE_FLOPS, 4))
+        p_tokens_per_s, p_mfu = rates(cfg, batch, p)
+        rec.update(pipelined_ms_median=p, pipelined_tokens_per_s=round(p_tokens_per_s), pipelined_mfu=round(p_mfu, 4))
     return rec
 
 

@@ -2,9 +2,9 @@
 as one autograd function with its backward written out.
 
 ``y = s_h * x / max(||x||, eps)`` over the head dimension, computed in float32 (float64 for
-float64 input) and returned in ``out_dtype``. Autograd's own backward of ``F.normalize(x) * s`` takes the temperature gradient
-as a sum over every element of ``x`` and ``dy`` (a second pass over both) and splits the norm's
-backward into several kernels. Written out, everything comes from one per-row dot product
+float64 input) and returned in ``out_dtype``. Autograd's own backward of ``F.normalize(x) * s``
+takes the temperature gradient as a sum over every element of ``x`` and ``dy`` (a second pass
+over both) and splits the norm's backward into several kernels. Written out, everything comes from one per-row dot product
 ``r = x . dy``:
 
     dx = s / n * (dy - x r / n^2)          (n = ||x||; only dy / n where n < eps)
@@ -29,18 +29,18 @@ class _L2NormScale(torch.autograd.Function):
     def forward(ctx, x_BLHc: torch.Tensor, scale_H: torch.Tensor | None, eps: float, out_dtype: torch.dtype):
         x = _wide(x_BLHc)
         norm_BLH1 = x.pow(2).sum(-1, keepdim=True).sqrt()
-        inv_BLH1 = norm_BLH1.clamp_min(eps).reciprocal()
-        y = x * inv_BLH1
+        y = x * norm_BLH1.clamp_min(eps).reciprocal()
         if scale_H is not None:
             y = y * _wide(scale_H).view(1, 1, -1, 1)
-        ctx.save_for_backward(x_BLHc, inv_BLH1, norm_BLH1, scale_H)
+        ctx.save_for_backward(x_BLHc, norm_BLH1, scale_H)
         ctx.eps = eps
         return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable   # the saved norms are constants here: no double backward
     def backward(ctx, dy: torch.Tensor):
-        x_BLHc, inv_BLH1, norm_BLH1, scale_H = ctx.saved_tensors
+        x_BLHc, norm_BLH1, scale_H = ctx.saved_tensors
+        inv_BLH1 = norm_BLH1.clamp_min(ctx.eps).reciprocal()
         x, g = _wide(x_BLHc), _wide(dy)
         r_BLH1 = (x * g).sum(-1, keepdim=True)
         dx = ds = None
@@ -59,6 +59,6 @@ class _L2NormScale(torch.autograd.Function):
 def l2_norm_scale(x_BLHc: torch.Tensor, scale_H: torch.Tensor | None = None, eps: float = 1e-12,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``F.normalize(x, dim=-1, eps=eps) * scale_H`` per head (``x`` is ``(B, L, H, hd)``, ``scale_H``
-    holds H values in any shape), in
-    ``out_dtype`` (default: ``x``'s), with the one-pass backward described in the module."""
+    holds H values in any shape), in ``out_dtype`` (default: ``x``'s), with the one-pass backward
+    described in the module."""
     return _L2NormScale.apply(x_BLHc, scale_H, eps, out_dtype or x_BLHc.dtype)

@@ -283,13 +283,13 @@ class SelfAttention(nn.Module):
         # views of it: the attention kernels take these strides as they are, so the compiled
         # block does no transposing copies of q, k, v or of their gradients.
         q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.H, self.hd).unbind(2)
-        if self.l2_norm and self.norm_impl == "explicit":
+        if self.l2_norm:
             scale_H = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(self.H)
-            q, k = l2_norm_scale(q, scale_H, out_dtype=v.dtype), l2_norm_scale(k, out_dtype=v.dtype)
-        elif self.l2_norm:
-            scale_11H1 = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(1, 1, self.H, 1)
-            q = F.normalize(q, dim=-1).mul(scale_11H1).to(v.dtype)
-            k = F.normalize(k, dim=-1).to(v.dtype)
+            if self.norm_impl == "explicit":
+                q, k = l2_norm_scale(q, scale_H, out_dtype=v.dtype), l2_norm_scale(k, out_dtype=v.dtype)
+            else:
+                q = F.normalize(q, dim=-1).mul(scale_H.view(1, 1, self.H, 1)).to(v.dtype)
+                k = F.normalize(k, dim=-1).to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, L, hd)
 
     def attend(self, q, k, v, attn_mask, kv_cache: KVCache | None = None) -> torch.Tensor:

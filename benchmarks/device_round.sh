@@ -166,13 +166,23 @@ for k in ("triton.enable_pdl", "triton.mix_order_reduction", "combo_kernels", "t
           T=170 run benchmarks/official_step.py --official-root .official --case 16:64 --case 20:64 --case 24:32 $W
           T=180 run benchmarks/train_step.py --case 16:64 --case 24:32 $W
           T=140 run benchmarks/train_step.py --case 20:64 $W ;;
-    # round 6 (prepared 2026-11-25, not yet run): varcore.qknorm's written-out q/k-norm backward at d24,
-    # same call; then d16/d20 with it if it helps. Carry .devcache (see RESULTS.md, round 5).
-    r6_qknorm) W="--warmup 2 --iters 10"
-               BENCH_TAG=explicit T=200 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --profile --profile-top 40
-               BENCH_TAG=autograd T=120 run benchmarks/train_step.py --case 24:32 $W
-               BENCH_TAG=explicit_graph T=120 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --cuda-graph
-               T=120 run benchmarks/train_step.py --numerics --qk-norm-impl explicit ;;
+    # round 6: varcore.qknorm's written-out q/k-norm backward against autograd's at d24, same call
+    # (cold inductor cache: no .devcache in that checkout); then with a CUDA graph, and numerics.
+    r6_a) W="--warmup 2 --iters 10"
+          BENCH_TAG=explicit T=280 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --profile --profile-top 40
+          BENCH_TAG=autograd T=250 run benchmarks/train_step.py --case 24:32 $W ;;
+    r6_b) W="--warmup 2 --iters 10"
+          BENCH_TAG=explicit_graph T=250 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --cuda-graph
+          T=250 run benchmarks/train_step.py --numerics --qk-norm-impl explicit ;;
+    # inductor switches at d24, each in its own process, against the default in the same call
+    r6_c) python3 -c 'import torch._inductor.config as c
+for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs", "triton.cooperative_reductions", "loop_ordering_after_fusion", "triton.enable_pdl"):
+    print(k, c._config[k].default if k in c._config else "absent")'
+          W="--warmup 4 --iters 10"
+          BENCH_TAG=base T=150 run benchmarks/train_step.py --case 24:32 $W
+          BENCH_TAG=cudagraphs T=170 run benchmarks/train_step.py --case 24:32 $W --inductor triton.cudagraphs=True
+          BENCH_TAG=mix_order T=150 run benchmarks/train_step.py --case 24:32 $W --inductor triton.mix_order_reduction=True
+          BENCH_TAG=aggressive T=150 run benchmarks/train_step.py --case 24:32 $W --inductor aggressive_fusion=True ;;
     *) python3 "$@"; break ;;
   esac
 done

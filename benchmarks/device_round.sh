@@ -166,15 +166,12 @@ for k in ("triton.enable_pdl", "triton.mix_order_reduction", "combo_kernels", "t
           T=170 run benchmarks/official_step.py --official-root .official --case 16:64 --case 20:64 --case 24:32 $W
           T=180 run benchmarks/train_step.py --case 16:64 --case 24:32 $W
           T=140 run benchmarks/train_step.py --case 20:64 $W ;;
-    # round 6: varcore.qknorm's written-out q/k-norm backward against autograd's at d24, same call
-    # (cold inductor cache: no .devcache in that checkout); then with a CUDA graph, and numerics.
+    # round 6 (r6-1): the written-out q/k-norm backward against autograd's at d24, same call;
+    # --qk-norm-impl was removed after this round, so r6_a runs only on the code of 21803f3
     r6_a) W="--warmup 2 --iters 10"
           BENCH_TAG=explicit T=280 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --profile --profile-top 40
           BENCH_TAG=autograd T=250 run benchmarks/train_step.py --case 24:32 $W ;;
-    r6_b) W="--warmup 2 --iters 10"
-          BENCH_TAG=explicit_graph T=250 run benchmarks/train_step.py --case 24:32 $W --qk-norm-impl explicit --cuda-graph
-          T=250 run benchmarks/train_step.py --numerics --qk-norm-impl explicit ;;
-    # inductor switches at d24, each in its own process, against the default in the same call
+    # r6-2: inductor switches at d24, each in its own process, against the default in the same call
     r6_c) python3 -c 'import torch._inductor.config as c
 for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs", "triton.cooperative_reductions", "loop_ordering_after_fusion", "triton.enable_pdl"):
     print(k, c._config[k].default if k in c._config else "absent")'

@@ -16,7 +16,6 @@ import varcore.var as var_mod
 from varcore import ConfigError, SamplingConfig, VAR, VARConfig, sample_tokens
 from varcore.sample import Teacher
 from varcore.static_sampler import release_static_engine, static_engine
-from varcore.qknorm import l2_norm_scale
 from varcore.var import ScaleSplit, attend, block_causal_mask, flex_attention, scale_ends
 from tests.conftest import randomize_
 
@@ -448,68 +447,6 @@ def test_residual_stream_in_the_autocast_dtype_as_the_official_code(cfg):
     assert torch.equal(logits_a, logits_b)
     with pytest.raises(ConfigError, match="residual_dtype"):
         VARConfig(depth=2, residual_dtype="bf16")
-
-
-def _normalize_ref(x, s):
-    y = torch.nn.functional.normalize(x, dim=-1)
-    return y if s is None else y * s.view(1, 1, -1, 1)
-
-
-@pytest.mark.parametrize("with_scale", [True, False])
-def test_l2_norm_scale_equals_normalize_in_value_and_gradient(with_scale):
-    """varcore.qknorm's written-out backward gives autograd's gradients of F.normalize(x) * s,
-    also for a row below eps (all zeros: the clamped branch) and for the temperature."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
-    x[0, 1, 2] = 0.0
-    s = torch.tensor([0.5, 4.0, 30.0], dtype=torch.float64) if with_scale else None
-    dy = torch.randn_like(x)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    s1, s2 = (s.clone().requires_grad_(), s.clone().requires_grad_()) if with_scale else (None, None)
-    y1, y2 = _normalize_ref(x1, s1), l2_norm_scale(x2, s2)
-    assert y2.dtype == torch.float64 and torch.allclose(y1, y2, rtol=1e-12, atol=1e-15)
-    (y1 * dy).sum().backward()
-    (y2 * dy).sum().backward()
-    assert torch.allclose(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(x2.grad[0, 1, 2], dy[0, 1, 2] / 1e-12 * (s[2] if with_scale else 1), rtol=1e-12)
-    if with_scale:
-        assert torch.allclose(s1.grad, s2.grad, rtol=1e-10)
-        smooth = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)   # no row at the clamp
-        assert torch.autograd.gradcheck(l2_norm_scale, (smooth, s.clone().requires_grad_()))
-
-
-def test_l2_norm_scale_out_dtype():
-    x = torch.randn(2, 3, 2, 4, dtype=torch.bfloat16, requires_grad=True)
-    y = l2_norm_scale(x, torch.ones(2), out_dtype=torch.float32)
-    assert y.dtype == torch.float32 and torch.allclose(y.norm(dim=-1), torch.ones(2, 3, 2), atol=1e-6)
-    y.sum().backward()
-    assert x.grad.dtype == torch.bfloat16
-    s_1H11 = torch.ones(1, 2, 1, 1, requires_grad=True)            # any shape holding H values
-    l2_norm_scale(x.detach().float(), s_1H11).square().sum().backward()
-    assert s_1H11.grad.shape == (1, 2, 1, 1) and torch.allclose(s_1H11.grad, torch.full((1, 2, 1, 1), 12.0))
-
-
-def test_qk_norm_impls_same_logits_and_grads(cfg, monkeypatch):
-    """qk_norm_impl="explicit" computes the model of "autograd": same logits and gradients, eager
-    and through the compiled regions (aot_eager: same graphs as inductor, no code generation)."""
-    ref, fast = _twin(cfg, qk_norm_impl="explicit")
-    label, x = _batch(cfg)
-    assert torch.allclose(fast(label, x), ref(label, x), rtol=1e-5, atol=1e-6)
-    for g_ref, g in zip(_grads(ref, label, x), _grads(fast, label, x)):
-        assert (g - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-12
-    monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
-    var_mod.compile_region.cache_clear()
-    torch._dynamo.reset()
-    try:
-        comp = VAR(VARConfig(**{**fast.cfg.__dict__, "compile_blocks": True})).eval()
-        comp.load_state_dict(ref.state_dict())
-        for g_ref, g in zip(_grads(ref, label, x), _grads(comp, label, x)):
-            assert (g - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-12
-    finally:
-        var_mod.compile_region.cache_clear()
-        torch._dynamo.reset()
-    with pytest.raises(ConfigError, match="qk_norm_impl"):
-        VARConfig(depth=2, qk_norm_impl="fused")
 
 
 def test_cudnn_autotune_restores_flag():

@@ -32,7 +32,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError, check_patch_nums, require
 from .fa4 import fa4_attention
-from .qknorm import l2_norm_scale
 
 from . import flex
 from .flex import flex_block_mask, scale_ends, scale_ids
@@ -45,7 +44,6 @@ except ImportError:  # pragma: no cover - older torch
 PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 ATTN_IMPLS = ("auto", "dense", "flex", "per_scale")
 RESIDUAL_DTYPES = ("autocast", "float32")
-QK_NORM_IMPLS = ("autograd", "explicit")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 @dataclass(frozen=True)
@@ -78,8 +76,6 @@ class VARConfig:
     attn_backends: tuple[str, ...] = ()   # per_scale: SDPA kernels for the unmasked calls, in order; (): SDPA's
                                           # choice; ("fa4",): FlashAttention-4 (optional package)
     compile_blocks: bool | None = None    # torch.compile the blocks and head; None: on CUDA
-    qk_norm_impl: str = "autograd"        # q/k L2-norm backward: autograd's, or "explicit" (varcore.qknorm:
-                                          # one pass over q and k; not yet measured on a GPU)
     checkpointing: int = 0                # recompute the first n blocks in backward; True: all
 
     def __post_init__(self):
@@ -103,8 +99,6 @@ class VARConfig:
         require(not bad, "attn_backends", f"unknown SDPA backends {bad}; choose from {sorted(SDPA_BACKENDS)} or fa4")
         require("fa4" not in self.attn_backends or (self.attn_backends == ("fa4",) and self.attn_drop_rate == 0),
                 "attn_backends", "fa4 (FlashAttention-4) must be the only entry and needs attn_drop_rate 0")
-        require(self.qk_norm_impl in QK_NORM_IMPLS, "qk_norm_impl",
-                f"must be one of {QK_NORM_IMPLS}, got {self.qk_norm_impl!r}")
         require(self.residual_dtype in RESIDUAL_DTYPES, "residual_dtype",
                 f"must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
         require(isinstance(self.checkpointing, int) and 0 <= self.checkpointing <= self.depth, "checkpointing",
@@ -265,10 +259,9 @@ class DropPath(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head attention with L2-normalised q, k and a learned per-head scale."""
 
-    def __init__(self, C: int, H: int, attn_drop: float, proj_drop: float, l2_norm: bool,
-                 norm_impl: str = "autograd"):
+    def __init__(self, C: int, H: int, attn_drop: float, proj_drop: float, l2_norm: bool):
         super().__init__()
-        self.H, self.hd, self.l2_norm, self.norm_impl = H, C // H, l2_norm, norm_impl
+        self.H, self.hd, self.l2_norm = H, C // H, l2_norm
         self.qkv = nn.Linear(C, 3 * C, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(C)), nn.Parameter(torch.zeros(C))
         if l2_norm:  # cosine attention: temperature starts at 4, capped at 100
@@ -285,11 +278,8 @@ class SelfAttention(nn.Module):
         q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.H, self.hd).unbind(2)
         if self.l2_norm:
             scale_H = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(self.H)
-            if self.norm_impl == "explicit":
-                q, k = l2_norm_scale(q, scale_H, out_dtype=v.dtype), l2_norm_scale(k, out_dtype=v.dtype)
-            else:
-                q = F.normalize(q, dim=-1).mul(scale_H.view(1, 1, self.H, 1)).to(v.dtype)
-                k = F.normalize(k, dim=-1).to(v.dtype)
+            q = F.normalize(q, dim=-1).mul(scale_H.view(1, 1, self.H, 1)).to(v.dtype)
+            k = F.normalize(k, dim=-1).to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, L, hd)
 
     def attend(self, q, k, v, attn_mask, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -322,7 +312,7 @@ class AdaLNBlock(nn.Module):
         super().__init__()
         C = cfg.C
         self.C = C
-        self.attn = SelfAttention(C, cfg.H, cfg.attn_drop_rate, cfg.drop_rate, cfg.attn_l2_norm, cfg.qk_norm_impl)
+        self.attn = SelfAttention(C, cfg.H, cfg.attn_drop_rate, cfg.drop_rate, cfg.attn_l2_norm)
         self.ffn = FFN(C, round(C * cfg.mlp_ratio), cfg.drop_rate)
         self.ln = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path, active=cfg.dpr > 0)

@@ -10,10 +10,14 @@ import torch
 
 from varcore import VAR, VARConfig
 
-from .artifacts import read_checkpoint
+from .artifacts import ArtifactError, read_checkpoint
 from .io import save_torch
 
 VAR_FORMAT = "varscale.var.v1"
+# VARConfig fields that earlier varcore versions saved and that never changed the model's
+# function; a checkpoint holding them still loads. qk_norm_impl chose how the q/k-norm's
+# backward was computed (removed 2026-11-25, benchmarks/RESULTS.md round 6).
+RETIRED_CONFIG_FIELDS = ("qk_norm_impl",)
 
 
 def save_var(path: str | Path, model: VAR, class_names: list[str] | None = None,
@@ -28,7 +32,15 @@ def save_var(path: str | Path, model: VAR, class_names: list[str] | None = None,
 def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VAR, dict[str, Any]]:
     """The model (eval mode) and the checkpoint's metadata (everything but the weights)."""
     ckpt = read_checkpoint(path, VAR_FORMAT, "VAR", "train", map_location)
-    model = VAR(VARConfig(**ckpt["config"]))
+    model = VAR(_var_config(path, ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.eval(), meta
+
+
+def _var_config(path: str | Path, fields: dict[str, Any]) -> VARConfig:
+    fields = {k: v for k, v in fields.items() if k not in RETIRED_CONFIG_FIELDS}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VARConfig)})
+    if unknown:
+        raise ArtifactError(f"{path}: VAR checkpoint config has fields this varcore does not know: {unknown}")
+    return VARConfig(**fields)

@@ -219,6 +219,22 @@ def test_save_load_var_round_trip(tmp_path, tiny_var_cfg):
         load_var(tmp_path / "bad.pt")
 
 
+def test_load_var_drops_retired_config_fields_and_names_unknown_ones(tmp_path, tiny_var_cfg):
+    """A checkpoint saved while VARConfig had qk_norm_impl loads as the same model; a field
+    that this varcore does not know is an error that names the file and the field."""
+    model = VAR(tiny_var_cfg).eval()
+    save_var(tmp_path / "var.pt", model)
+    ckpt = torch.load(tmp_path / "var.pt", weights_only=False)
+    ckpt["config"]["qk_norm_impl"] = "explicit"
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded, _ = load_var(tmp_path / "old.pt")
+    assert loaded.cfg == tiny_var_cfg
+    ckpt["config"]["rope_theta"] = 10000.0
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(ArtifactError, match=r"future.pt: .*\['rope_theta'\]"):
+        load_var(tmp_path / "future.pt")
+
+
 def test_load_inputs_checks_tokenizer_and_manifest(tmp_path):
     tok, tokens = write_synthetic_artifacts(tmp_path, TINY_VQ, n_train=32, n_val=8, num_classes=3)
     inputs = load_inputs(tiny_params(), 2, tok, tokens)

@@ -277,8 +277,8 @@ class SelfAttention(nn.Module):
         # block does no transposing copies of q, k, v or of their gradients.
         q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.H, self.hd).unbind(2)
         if self.l2_norm:
-            scale_H = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(self.H)
-            q = F.normalize(q, dim=-1).mul(scale_H.view(1, 1, self.H, 1)).to(v.dtype)
+            scale_11H1 = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(1, 1, self.H, 1)
+            q = F.normalize(q, dim=-1).mul(scale_11H1).to(v.dtype)
             k = F.normalize(k, dim=-1).to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, L, hd)
 

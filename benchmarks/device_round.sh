@@ -180,6 +180,11 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           BENCH_TAG=cudagraphs T=170 run benchmarks/train_step.py --case 24:32 $W --inductor triton.cudagraphs=True
           BENCH_TAG=mix_order T=150 run benchmarks/train_step.py --case 24:32 $W --inductor triton.mix_order_reduction=True
           BENCH_TAG=aggressive T=150 run benchmarks/train_step.py --case 24:32 $W --inductor aggressive_fusion=True ;;
+    # r7-1: GELU in cuBLASLt epilogues (varcore.fused_mlp): one FFN, then d24 with and without
+    r7_a) T=120 run benchmarks/mlp.py --depth 24 --batch 32
+          W="--warmup 3 --iters 10"
+          BENCH_TAG=fused T=220 run benchmarks/train_step.py --case 24:32 $W --mlp-impl fused --profile --profile-top 30
+          BENCH_TAG=plain T=200 run benchmarks/train_step.py --case 24:32 $W --mlp-impl plain ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -118,6 +118,8 @@ def make_graph_step(model, opt, loss_fn, data, amp: torch.dtype, device: torch.d
 
 def attn_kw(args) -> dict:
     kw = {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
+    if args.mlp_impl is not None:
+        kw["mlp_impl"] = args.mlp_impl
     if args.attn_prefix_scales is not None:
         kw["attn_prefix_scales"] = args.attn_prefix_scales
     if args.attn_backends:
@@ -158,8 +160,10 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     s = summary(times)
     flops = var_flops(cfg)
     tokens_per_s, mfu = rates(cfg, batch, s["ms_median"])
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        mlp_fused = model.mlp_fused(torch.empty(0, device=device))
     rec.update(attn_impl=model.attn_impl(device), compiled=model.compiled(device), checkpointing=ckpt,
-               residual_dtype=cfg.residual_dtype,
+               residual_dtype=cfg.residual_dtype, mlp_fused=mlp_fused,
                fused_adamw=bool(opt.defaults.get("fused")), **s, tokens_per_s=round(tokens_per_s),
                tflops=round(tokens_per_s * flops.train_per_token / 1e12, 1),
                mfu=round(mfu, 4), peak_gib=peak_gib(device))
@@ -191,7 +195,7 @@ def numerics(args, device: torch.device) -> dict:
     diff = [abs(a - b) for a, b in zip(l32, l16)]
     return {"bench": "train_numerics", "depth": depth, "batch": B, "steps": steps, "lr": args.numerics_lr,
             "fast_attn_impl": fast.attn_impl(device), "fast_compiled": fast.compiled(device),
-            "fast_residual_dtype": fast.cfg.residual_dtype,
+            "fast_residual_dtype": fast.cfg.residual_dtype, "fast_mlp_impl": fast.cfg.mlp_impl,
             "loss_fp32": [round(x, 4) for x in l32], "loss_bf16": [round(x, 4) for x in l16],
             "max_abs_diff": round(max(diff), 4), "max_rel_diff": round(max(d / a for d, a in zip(diff, l32)), 5),
             "loss_drop_fp32": round(l32[0] - l32[-1], 4), **env()}
@@ -204,6 +208,8 @@ def main(argv=None):
     ap.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "flex", "per_scale"])
     ap.add_argument("--attn-prefix-scales", type=int, default=None, help="per_scale: scales in the masked call")
     ap.add_argument("--attn-backends", default="", help="per_scale: SDPA kernels, e.g. cudnn,efficient,math")
+    ap.add_argument("--mlp-impl", default=None, choices=["auto", "plain", "fused"],
+                    help="FFN: GELU in the matmul epilogues (fused) or element-wise (plain); default: VARConfig's")
     ap.add_argument("--residual-dtype", default=None, choices=["autocast", "float32"],
                     help="VARConfig.residual_dtype (default: the config's, autocast)")
     ap.add_argument("--inductor", action="append", default=[], help="torch._inductor.config KEY=VALUE (Python literal)")

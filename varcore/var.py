@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError, check_patch_nums, require
 from .fa4 import fa4_attention
+from .fused_mlp import fused_usable, gelu_mlp
 
 from . import flex
 from .flex import flex_block_mask, scale_ends, scale_ids
@@ -43,6 +44,7 @@ except ImportError:  # pragma: no cover - older torch
 
 PAPER_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 ATTN_IMPLS = ("auto", "dense", "flex", "per_scale")
+MLP_IMPLS = ("auto", "plain", "fused")
 RESIDUAL_DTYPES = ("autocast", "float32")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -75,6 +77,8 @@ class VARConfig:
     attn_prefix_scales: int = 1           # per_scale: the first n scales attend in one masked call
     attn_backends: tuple[str, ...] = ()   # per_scale: SDPA kernels for the unmasked calls, in order; (): SDPA's
                                           # choice; ("fa4",): FlashAttention-4 (optional package)
+    mlp_impl: str = "auto"                # plain | fused (GELU in the matmul epilogues, varcore.fused_mlp);
+                                          # auto: fused when training on CUDA in bf16/fp16 where cuBLASLt loads
     compile_blocks: bool | None = None    # torch.compile the blocks and head; None: on CUDA
     checkpointing: int = 0                # recompute the first n blocks in backward; True: all
 
@@ -99,6 +103,7 @@ class VARConfig:
         require(not bad, "attn_backends", f"unknown SDPA backends {bad}; choose from {sorted(SDPA_BACKENDS)} or fa4")
         require("fa4" not in self.attn_backends or (self.attn_backends == ("fa4",) and self.attn_drop_rate == 0),
                 "attn_backends", "fa4 (FlashAttention-4) must be the only entry and needs attn_drop_rate 0")
+        require(self.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
         require(self.residual_dtype in RESIDUAL_DTYPES, "residual_dtype",
                 f"must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
         require(isinstance(self.checkpointing, int) and 0 <= self.checkpointing <= self.depth, "checkpointing",
@@ -301,7 +306,10 @@ class FFN(nn.Module):
         super().__init__()
         self.fc1, self.fc2, self.drop = nn.Linear(C, hidden), nn.Linear(hidden, C), nn.Dropout(drop)
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
+        """``fused``: the GELU inside the matmuls' epilogues (:mod:`varcore.fused_mlp`), same function."""
+        if fused:
+            return self.drop(gelu_mlp(x, self.fc1, self.fc2))
         return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
 
 
@@ -332,14 +340,14 @@ class AdaLNBlock(nn.Module):
         return mod_B16C.unbind(2)
 
     def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_mask, kv_cache: KVCache | None = None,
-                region=None) -> torch.Tensor:
+                region=None, fused_mlp: bool = False) -> torch.Tensor:
         """``region`` (inference) wraps the parts around attention, e.g. in ``torch.compile``;
-        attention and the cache writes stay outside it."""
+        attention and the cache writes stay outside it. ``fused_mlp``: see :meth:`FFN.forward`."""
         mod = self.modulation(cond)
         run = region or _call
         q, k, v = run(_block_qkv, self, x_BLC, mod)
         o_BHLc = self.attn.attend(q, k, v, attn_mask, kv_cache)
-        return run(_block_out, self, x_BLC, o_BHLc, mod)
+        return run(_block_out, self, x_BLC, o_BHLc, mod, fused_mlp)
 
 
 def _call(fn, *args):
@@ -352,12 +360,13 @@ def _block_qkv(block: AdaLNBlock, x_BLC: torch.Tensor, mod: tuple[torch.Tensor, 
     return block.attn.qkv_heads(block.ln(x_BLC).mul(scale1.add(1)).add_(shift1))
 
 
-def _block_out(block: AdaLNBlock, x_BLC: torch.Tensor, o_BHLc: torch.Tensor, mod: tuple[torch.Tensor, ...]):
+def _block_out(block: AdaLNBlock, x_BLC: torch.Tensor, o_BHLc: torch.Tensor, mod: tuple[torch.Tensor, ...],
+               fused_mlp: bool = False):
     """Gated attention residual, AdaLN, gated FFN residual."""
     gamma1, gamma2, _, scale2, _, shift2 = mod
     x_BLC = x_BLC + block.drop_path(block.attn.out(o_BHLc).mul_(gamma1))
     h = block.ln(x_BLC).mul(scale2.add(1)).add_(shift2)
-    return x_BLC + block.drop_path(block.ffn(h).mul_(gamma2))
+    return x_BLC + block.drop_path(block.ffn(h, fused_mlp).mul_(gamma2))
 
 
 class AdaLNHead(nn.Module):
@@ -456,13 +465,14 @@ class VAR(nn.Module):
         bc = self.block_cond(cond_BC)
         attn = self.attention_mask(x_BLC.device)
         compiled = self.compiled(x_BLC.device)
+        fused = self.mlp_fused(x_BLC)
         run_block = compile_region(_run_block, tuned=True) if compiled else _run_block
         recompute = cfg.checkpointing if self.training and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
             if i < recompute:
-                x_BLC = checkpoint(run_block, block, x_BLC, bc, attn, use_reentrant=False)
+                x_BLC = checkpoint(run_block, block, x_BLC, bc, attn, fused, use_reentrant=False)
             else:
-                x_BLC = run_block(block, x_BLC, bc, attn)
+                x_BLC = run_block(block, x_BLC, bc, attn, fused)
         return (compile_region(_run_head, tuned=True) if compiled else _run_head)(self.head, x_BLC, cond_BC)
 
     def residual(self, x_BLC: torch.Tensor) -> torch.Tensor:
@@ -484,6 +494,15 @@ class VAR(nn.Module):
         if flex_attention is not None and self.cfg.attn_drop_rate == 0 and self.compiled(device):
             return "flex"
         return "per_scale"
+
+    def mlp_fused(self, x_BLC: torch.Tensor) -> bool:
+        """Whether ``forward`` runs the FFNs with GELU in the matmul epilogues (``cfg.mlp_impl``;
+        auto: when gradients are on and the fused matmuls run for ``x_BLC``, i.e. on CUDA in
+        bf16/fp16 with cuBLASLt). Sampling keeps the plain FFN: it needs no GELU input."""
+        impl = self.cfg.mlp_impl
+        if impl != "auto":
+            return impl == "fused"
+        return torch.is_grad_enabled() and fused_usable(x_BLC)
 
     def attention_mask(self, device: torch.device):
         """The block-causal mask in the form :func:`attend` takes for this model's ``attn_impl``."""
@@ -523,8 +542,9 @@ class VAR(nn.Module):
 # One compiled function serves every block: the blocks have the same structure and their
 # parameters are graph inputs, so dynamo traces once per shape. dynamic=False keeps the
 # kernels specialised to the paper's fixed shapes (one recompile per batch size).
-def _run_block(block: AdaLNBlock, x_BLC: torch.Tensor, cond: torch.Tensor, attn) -> torch.Tensor:
-    return block(x_BLC, cond, attn)
+def _run_block(block: AdaLNBlock, x_BLC: torch.Tensor, cond: torch.Tensor, attn, fused_mlp: bool = False
+               ) -> torch.Tensor:
+    return block(x_BLC, cond, attn, fused_mlp=fused_mlp)
 
 
 def _run_head(head: AdaLNHead, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""The FFN ``fc2(gelu(fc1(x)))`` (tanh GELU) with the GELU inside its matmuls' epilogues.
+
+Same function and gradients as the three modules in a row. The forward's first matmul
+writes both the GELU output and its input; the backward's matmul into the hidden layer
+applies the GELU derivative and sums the first bias's gradient in its epilogue
+(:mod:`varcore.cublaslt`). That removes the element-wise GELU passes over the
+``(tokens, 4C)`` activations, forward and backward, at the cost of keeping both the GELU's
+input and output for the backward.
+
+The two matmuls are custom ops, so ``torch.compile`` keeps them as calls in its graphs;
+where cuBLASLt is not there (the CPU) they compute the same thing with plain torch ops,
+which is how the CPU tests check the gradients this module writes out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import cublaslt
+
+FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("varcore::linear_gelu_aux", mutates_args=())
+def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gelu(h), h)`` with ``h = x W^T + b``."""
+    if x_NK.is_cuda and x_NK.dtype in FUSED_DTYPES and cublaslt.available():
+        return cublaslt.linear_gelu_aux(x_NK, w_MK, b_M)
+    h_NM = F.linear(x_NK, w_MK, b_M)
+    return F.gelu(h_NM, approximate="tanh"), h_NM
+
+
+@linear_gelu_aux.register_fake
+def _(x_NK, w_MK, b_M):
+    out = x_NK.new_empty(x_NK.shape[0], w_MK.shape[0])
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("varcore::matmul_dgelu_bgrad", mutates_args=())
+def matmul_dgelu_bgrad(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh, db)``: ``dh = (dy W) * gelu'(h)``, ``db`` its column sums."""
+    if dy_NK.is_cuda and dy_NK.dtype in FUSED_DTYPES and cublaslt.available():
+        return cublaslt.matmul_dgelu_bgrad(dy_NK, w_KM, h_NM)
+    dh_NM = torch.ops.aten.gelu_backward(dy_NK @ w_KM, h_NM, approximate="tanh")
+    return dh_NM, dh_NM.sum(0)
+
+
+@matmul_dgelu_bgrad.register_fake
+def _(dy_NK, w_KM, h_NM):
+    return torch.empty_like(h_NM), h_NM.new_empty(h_NM.shape[1])
+
+
+class _GeluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NC, w1_HC, b1_H, w2_CH, b2_C):
+        g_NH, h_NH = linear_gelu_aux(x_NC, w1_HC, b1_H)
+        ctx.save_for_backward(x_NC, w1_HC, w2_CH, g_NH, h_NH)
+        return F.linear(g_NH, w2_CH, b2_C)
+
+    @staticmethod
+    def backward(ctx, dy_NC):
+        x_NC, w1_HC, w2_CH, g_NH, h_NH = ctx.saved_tensors
+        dh_NH, db1_H = matmul_dgelu_bgrad(dy_NC, w2_CH, h_NH)
+        return dh_NH @ w1_HC, dh_NH.t() @ x_NC, db1_H, dy_NC.t() @ g_NH, dy_NC.sum(0)
+
+
+def fused_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the FFN's matmuls run in: the autocast dtype under autocast, else ``x``'s."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def gelu_mlp(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
+    """``fc2(gelu(fc1(x), approximate="tanh"))`` through the fused matmuls, in :func:`fused_dtype`
+    (the casts autocast would make are made here: custom ops are outside autocast)."""
+    dt = fused_dtype(x_BLC)
+    x_NC = x_BLC.reshape(-1, x_BLC.shape[-1]).to(dt)
+    y_NC = _GeluMLP.apply(x_NC, fc1.weight.to(dt), fc1.bias.to(dt), fc2.weight.to(dt), fc2.bias.to(dt))
+    return y_NC.view(*x_BLC.shape[:-1], y_NC.shape[-1])
+
+
+def fused_usable(x: torch.Tensor) -> bool:
+    """Whether :func:`gelu_mlp` runs the epilogue matmuls for ``x`` (CUDA, bf16/fp16, cuBLASLt)."""
+    return x.is_cuda and fused_dtype(x) in FUSED_DTYPES and cublaslt.available()

@@ -185,6 +185,11 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           W="--warmup 3 --iters 10"
           BENCH_TAG=fused T=220 run benchmarks/train_step.py --case 24:32 $W --mlp-impl fused --profile --profile-top 30
           BENCH_TAG=plain T=200 run benchmarks/train_step.py --case 24:32 $W --mlp-impl plain ;;
+    # r7-2: every cuBLASLt algorithm per epilogue; d24 with GELU (not the bias sum) in the epilogues
+    r7_b) T=150 run benchmarks/mlp.py --depth 24 --batch 32 --sweep
+          W="--warmup 3 --iters 10"
+          BENCH_TAG=fused T=200 run benchmarks/train_step.py --case 24:32 $W --mlp-impl fused --profile --profile-top 30
+          BENCH_TAG=plain T=180 run benchmarks/train_step.py --case 24:32 $W --mlp-impl plain ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -37,15 +37,75 @@ def op_errors(N: int, C: int, dev) -> dict:
     dy = torch.randn(N, C, device=dev, generator=g).bfloat16()
     gl, hl = cublaslt.linear_gelu_aux(x, w1, b1)
     h32 = F.linear(x.float(), w1.float(), b1.float())
-    dhl, dbl = cublaslt.matmul_dgelu_bgrad(dy, w2, hl)
+    dhl = cublaslt.matmul_dgelu(dy, w2, hl)
     dh32 = torch.ops.aten.gelu_backward(dy.float() @ w2.float(), hl.float(), approximate="tanh")
     hb = F.linear(x, w1, b1)
     dhb = torch.ops.aten.gelu_backward(dy @ w2, hl, approximate="tanh")
+    # weight gradient in float32 with the bias gradient from the same matmul (BGRADB)
+    dw, db = torch.empty(4 * C, C, device=dev), torch.empty(4 * C, device=dev)
+    cublaslt.gemm(cublaslt.EPILOGUE_BGRADB, x, cublaslt.OP_N, dhb, cublaslt.OP_T, dw, bias=db)
     return {"h_rel_err": rel(hl, h32), "h_rel_err_torch_bf16": rel(hb, h32),
             "g_rel_err": rel(gl, F.gelu(h32, approximate="tanh")),
             "g_rel_err_torch_bf16": rel(F.gelu(hb, approximate="tanh"), F.gelu(h32, approximate="tanh")),
             "dh_rel_err": rel(dhl, dh32), "dh_rel_err_torch_bf16": rel(dhb, dh32),
-            "db_rel_err": rel(dbl, dh32.sum(0)), "db_rel_err_of_dh_sum": rel(dhl.float().sum(0), dh32.sum(0))}
+            "wgrad_fp32_rel_err": rel(dw, dhb.float().t() @ x.float()),
+            "bgradb_rel_err": rel(db, dhb.float().sum(0))}
+
+
+def event_ms(fn, iters: int = 20) -> float:
+    """Median ms of ``fn`` over ``iters`` calls, each between CUDA events (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def sweep(N: int, C: int, dev, base: dict) -> None:
+    """Every algorithm cuBLASLt's heuristic offers for each epilogue, against torch's own ops."""
+    x, dy = torch.randn(N, C, device=dev).bfloat16(), torch.randn(N, C, device=dev).bfloat16()
+    w1, b1 = torch.randn(4 * C, C, device=dev).bfloat16() / C ** 0.5, torch.zeros(4 * C, device=dev).bfloat16()
+    w2 = torch.randn(C, 4 * C, device=dev).bfloat16() / (4 * C) ** 0.5
+    h, g, db = torch.empty(N, 4 * C, device=dev).bfloat16(), torch.empty(N, 4 * C, device=dev).bfloat16(), b1.clone()
+    hb = F.linear(x, w1, b1)
+    torch_ops = {"torch_linear_bias": lambda: F.linear(x, w1, b1), "torch_gelu": lambda: F.gelu(hb, approximate="tanh"),
+                 "torch_dy_w2": lambda: dy @ w2,
+                 "torch_gelu_backward": lambda: torch.ops.aten.gelu_backward(hb, hb, approximate="tanh"),
+                 "torch_colsum": lambda: hb.sum(0)}
+    for name, fn in torch_ops.items():
+        emit({**base, "arm": "sweep", "op": name, "ms": round(event_ms(fn), 4)})
+    dw_b, dw_f = torch.empty(4 * C, C, device=dev).bfloat16(), torch.empty(4 * C, C, device=dev)
+    db_f = torch.empty(4 * C, device=dev)
+    emit({**base, "arm": "sweep", "op": "torch_wgrad_bf16", "ms": round(event_ms(lambda: hb.t() @ x), 4)})
+    emit({**base, "arm": "sweep", "op": "torch_wgrad_bf16_to_fp32",
+          "ms": round(event_ms(lambda: (hb.t() @ x).float()), 4)})
+    L = cublaslt
+    cases = {"lt_bias": (L.EPILOGUE_BIAS, w1, L.OP_T, x, L.OP_N, g, b1, None),
+             "lt_gelu_aux_bias": (L.EPILOGUE_GELU_AUX_BIAS, w1, L.OP_T, x, L.OP_N, g, b1, h),
+             "lt_default_dgrad": (L.EPILOGUE_DEFAULT, w2, L.OP_N, dy, L.OP_N, g, None, None),
+             "lt_dgelu": (L.EPILOGUE_DGELU, w2, L.OP_N, dy, L.OP_N, g, None, hb),
+             "lt_dgelu_bgrad": (L.EPILOGUE_DGELU_BGRAD, w2, L.OP_N, dy, L.OP_N, g, db, hb),
+             "lt_wgrad_bf16": (L.EPILOGUE_DEFAULT, x, L.OP_N, hb, L.OP_T, dw_b, None, None),
+             "lt_wgrad_fp32": (L.EPILOGUE_DEFAULT, x, L.OP_N, hb, L.OP_T, dw_f, None, None),
+             "lt_wgrad_fp32_bgradb": (L.EPILOGUE_BGRADB, x, L.OP_N, hb, L.OP_T, dw_f, db_f, None),
+             "lt_wgrad_bf16_bgradb": (L.EPILOGUE_BGRADB, x, L.OP_N, hb, L.OP_T, dw_b, db, None)}
+    for name, args in cases.items():
+        try:
+            n = cublaslt.gemm(*args, algo=0)
+            for i in range(n):
+                emit({**base, "arm": "sweep", "op": name, "algo": i,
+                      "ms": round(event_ms(lambda: cublaslt.gemm(*args, algo=i)), 4)})
+            cublaslt.gemm(*args)   # times the algorithms and keeps the fastest
+            emit({**base, "arm": "sweep", "op": name, "algo": "tuned",
+                  "ms": round(event_ms(lambda: cublaslt.gemm(*args)), 4)})
+        except Exception as e:   # an epilogue this cuBLASLt lacks must not hide the others
+            emit({**base, "arm": "sweep", "op": name, "error": f"{type(e).__name__}: {e}"})
 
 
 def main(argv=None):
@@ -53,11 +113,14 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=24)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time every cuBLASLt algorithm per epilogue")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     C, N = 64 * args.depth, args.batch * sum(p * p for p in PAPER_PATCH_NUMS)
     base = {"bench": "mlp", "depth": args.depth, "batch": args.batch, "tokens": N, **env()}
     emit({**base, "arm": "ops", "cublaslt": cublaslt.available(), **op_errors(N, C, dev)})
+    if args.sweep:
+        sweep(N, C, dev, base)
     torch.manual_seed(0)
     ffn = FFN(C, 4 * C, 0.0).to(dev)
     x = torch.randn(args.batch, N // args.batch, C, device=dev).bfloat16().requires_grad_()

@@ -27,14 +27,18 @@ log = logging.getLogger(__name__)
 # cublasLt.h constants (ABI values)
 _CUBLAS_COMPUTE_32F = 68
 _CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
-_OP_N, _OP_T = 0, 1
+OP_N, OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1
 _PREF_MIN_ALIGNMENT = {"A": 5, "B": 6, "C": 7, "D": 8}
+EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
 EPILOGUE_GELU_AUX_BIAS = 164   # D = gelu(AB + bias), aux = AB + bias
+EPILOGUE_DGELU = 192           # D = AB * gelu'(aux)
 EPILOGUE_DGELU_BGRAD = 208     # D = AB * gelu'(aux), bias = sum of D over n
-_DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F}
+EPILOGUE_BGRADA, EPILOGUE_BGRADB = 256, 512   # D = AB, bias = sum of op(A) / op(B) over k
+MAX_ALGOS = 8
+_DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F, torch.float32: _CUDA_R_32F}
 MAX_WORKSPACE_BYTES = 32 << 20
 
 
@@ -121,58 +125,102 @@ def _alignment(t: torch.Tensor) -> int:
     return a
 
 
-@functools.lru_cache(maxsize=64)
-def _plan(device: int, epilogue: int, dtype: int, transa: int, m: int, n: int, k: int, lda: int, ldb: int,
-          align: tuple[int, int, int]):
-    """Descriptor, layouts and the heuristic's algorithm for one matmul shape (cached: building
-    them costs more host time than the matmul's launch)."""
-    lib = _lib()
-    desc = ctypes.c_void_p()
-    _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _CUBLAS_COMPUTE_32F, _CUDA_R_32F), "desc create")
-    _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_TRANSA, ctypes.c_int32(transa))
-    _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
-    _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
-    _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_AUX_LD, ctypes.c_int64(m))
-    layouts = []
-    for rows, cols, ld in ((k, m, lda) if transa == _OP_T else (m, k, lda), (k, n, ldb), (m, n, m)):
-        lay = ctypes.c_void_p()
-        _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), dtype, rows, cols, ld), "layout create")
-        layouts.append(lay)
-    pref = ctypes.c_void_p()
-    _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference create")
-    _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE_BYTES,
-         ctypes.c_uint64(MAX_WORKSPACE_BYTES))
-    for name, a in zip("ABD", align):
-        _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(a))
-    _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MIN_ALIGNMENT["C"], ctypes.c_uint32(align[2]))
-    result, count = _HeuristicResult(), ctypes.c_int(0)
-    A, B, D = layouts
-    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), desc, A, B, D, D, pref, 1, ctypes.byref(result),
-                                              ctypes.byref(count)), "heuristic")
-    if count.value < 1:
-        raise CublasLtError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m} n={n} k={k}")
-    return desc, A, B, D, result
+class _Plan:
+    """Descriptor, layouts and the heuristic's algorithms for one matmul shape, and the index
+    of the fastest algorithm once timed (building these costs more host time than a launch)."""
+
+    def __init__(self, device: int, epilogue: int, in_dtype: int, out_dtype: int, transa: int, transb: int,
+                 a_shape: tuple[int, int], b_shape: tuple[int, int], m: int, n: int, align: tuple[int, int, int]):
+        lib = _lib()
+        self.desc = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _CUBLAS_COMPUTE_32F, _CUDA_R_32F), "desc create")
+        for attr, value in ((_DESC_TRANSA, ctypes.c_int32(transa)), (_DESC_TRANSB, ctypes.c_int32(transb)),
+                            (_DESC_EPILOGUE, ctypes.c_uint32(epilogue)), (_DESC_AUX_LD, ctypes.c_int64(m))):
+            _set(lib.cublasLtMatmulDescSetAttribute, self.desc, attr, value)
+        # a row-major (r, c) tensor is the column-major (c x r) matrix with leading dimension c
+        self.layouts = []
+        for dtype, (r, c) in ((in_dtype, a_shape), (in_dtype, b_shape), (out_dtype, (n, m))):
+            lay = ctypes.c_void_p()
+            _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), dtype, c, r, c), "layout create")
+            self.layouts.append(lay)
+        pref = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference create")
+        _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE_BYTES,
+             ctypes.c_uint64(MAX_WORKSPACE_BYTES))
+        for name, a in zip("ABCD", (*align, align[2])):
+            _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(a))
+        results, count = (_HeuristicResult * MAX_ALGOS)(), ctypes.c_int(0)
+        A, B, D = self.layouts
+        _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), self.desc, A, B, D, D, pref, MAX_ALGOS, results,
+                                                  ctypes.byref(count)), "heuristic")
+        if count.value < 1:
+            raise CublasLtError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m} n={n}")
+        self.algos = list(results)[:count.value]
+        self.best: int | None = None if count.value > 1 else 0
 
 
-def _matmul(epilogue: int, a: torch.Tensor, transa: int, b_NK: torch.Tensor, out_NM: torch.Tensor,
-            bias: torch.Tensor, aux_NM: torch.Tensor) -> None:
-    """``out = epilogue(b_NK @ op(a))`` in row-major terms; ``a`` is ``(M, K)`` with ``transa``
-    = T (a weight used as ``x W^T``) or ``(K, M)`` with N."""
+@functools.lru_cache(maxsize=256)
+def _plan(*key) -> _Plan:
+    return _Plan(*key)
+
+
+def _op_dims(shape: tuple[int, int], trans: int) -> tuple[int, int]:
+    """(rows, cols) of op(X) for the column-major X that a row-major ``shape`` tensor is."""
+    r, c = shape
+    return (r, c) if trans == OP_T else (c, r)
+
+
+def gemm(epilogue: int, a: torch.Tensor, transa: int, b: torch.Tensor, transb: int, d: torch.Tensor,
+         bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, algo: int | None = None) -> int:
+    """Column-major ``D = epilogue(op(A) op(B))`` where A, B, D are the column-major matrices
+    that the contiguous row-major tensors ``a``, ``b``, ``d`` are (``d`` row-major ``(n, m)``).
+    ``algo``: index into the heuristic's algorithms; None: the fastest, timed on the first
+    call of each shape (outside CUDA graph capture). Returns the number of algorithms."""
     lib = _lib()
-    n, k = b_NK.shape
-    m = out_NM.shape[1]
-    lda = a.shape[1]
-    dev = out_NM.device.index if out_NM.device.index is not None else torch.cuda.current_device()
-    desc, A, B, D, result = _plan(dev, epilogue, _DTYPES[out_NM.dtype], transa, m, n, k, lda, k,
-                                  (_alignment(a), _alignment(b_NK), min(_alignment(out_NM), _alignment(aux_NM))))
-    _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
-    _set(lib.cublasLtMatmulDescSetAttribute, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux_NM.data_ptr()))
-    ws = torch.empty(max(result.workspaceSize, 1), dtype=torch.uint8, device=out_NM.device)
-    alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-    stream = torch.cuda.current_stream(out_NM.device).cuda_stream
-    _check(lib.cublasLtMatmul(_handle(dev), desc, ctypes.byref(alpha), a.data_ptr(), A, b_NK.data_ptr(), B,
-                              ctypes.byref(beta), out_NM.data_ptr(), D, out_NM.data_ptr(), D,
-                              ctypes.byref(result.algo), ws.data_ptr(), result.workspaceSize, stream), "matmul")
+    m, k = _op_dims(tuple(a.shape), transa)
+    k2, n = _op_dims(tuple(b.shape), transb)
+    if k != k2 or tuple(d.shape) != (n, m):
+        raise ValueError(f"gemm shapes do not match: op(A) {m}x{k}, op(B) {k2}x{n}, D {tuple(d.shape)[::-1]}")
+    dev = d.device.index if d.device.index is not None else torch.cuda.current_device()
+    out_align = _alignment(d) if aux is None else min(_alignment(d), _alignment(aux))
+    plan = _plan(dev, epilogue, _DTYPES[a.dtype], _DTYPES[d.dtype], transa, transb, tuple(a.shape), tuple(b.shape),
+                 m, n, (_alignment(a), _alignment(b), out_align))
+    if bias is not None:
+        _set(lib.cublasLtMatmulDescSetAttribute, plan.desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+    if aux is not None:
+        _set(lib.cublasLtMatmulDescSetAttribute, plan.desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+    stream = torch.cuda.current_stream(d.device)
+
+    def launch(i: int) -> None:
+        result = plan.algos[i]
+        ws = torch.empty(max(result.workspaceSize, 1), dtype=torch.uint8, device=d.device)
+        alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        A, B, D = plan.layouts
+        _check(lib.cublasLtMatmul(_handle(dev), plan.desc, ctypes.byref(alpha), a.data_ptr(), A, b.data_ptr(), B,
+                                  ctypes.byref(beta), d.data_ptr(), D, d.data_ptr(), D, ctypes.byref(result.algo),
+                                  ws.data_ptr(), result.workspaceSize, stream.cuda_stream), "matmul")
+
+    if algo is None and plan.best is None and not torch.cuda.is_current_stream_capturing():
+        plan.best = _fastest(launch, len(plan.algos), stream)
+    launch(algo if algo is not None else plan.best or 0)
+    return len(plan.algos)
+
+
+def _fastest(launch, count: int, stream, reps: int = 3) -> int:
+    """Index of the algorithm with the least median time over ``reps`` launches (each call
+    overwrites the same outputs, so timing on the caller's tensors is harmless)."""
+    times = []
+    for i in range(count):
+        launch(i)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        for j in range(reps):
+            events[j].record(stream)
+            launch(i)
+        events[reps].record(stream)
+        events[reps].synchronize()
+        times.append(sorted(events[j].elapsed_time(events[j + 1]) for j in range(reps))[reps // 2])
+    log.debug("cuBLASLt algorithm times (ms): %s", times)
+    return min(range(count), key=times.__getitem__)
 
 
 def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,16 +228,16 @@ def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -
     x_NK, w_MK, b_M = x_NK.contiguous(), w_MK.contiguous(), b_M.contiguous()
     g_NM = x_NK.new_empty(x_NK.shape[0], w_MK.shape[0])
     h_NM = torch.empty_like(g_NM)
-    _matmul(EPILOGUE_GELU_AUX_BIAS, w_MK, _OP_T, x_NK, g_NM, b_M, h_NM)
+    gemm(EPILOGUE_GELU_AUX_BIAS, w_MK, OP_T, x_NK, OP_N, g_NM, b_M, h_NM)
     return g_NM, h_NM
 
 
-def matmul_dgelu_bgrad(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dh, db)`` with ``dh = (dy W) * gelu'(h)`` (tanh GELU) and ``db = sum over rows of dh``:
-    the gradient into the pre-GELU activations ``h`` of a layer whose output ``gelu(h)`` went
-    through the linear map ``W`` ``(K, M)``, from one matmul."""
+def matmul_dgelu(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> torch.Tensor:
+    """``dh = (dy W) * gelu'(h)`` (tanh GELU): the gradient into the pre-GELU activations ``h``
+    of a layer whose output ``gelu(h)`` went through the linear map ``W`` ``(K, M)``, from one
+    matmul. (cuBLASLt's variant that also sums the bias gradient runs that sum as a separate,
+    slower kernel on Hopper: RESULTS.md round 7.)"""
     dy_NK, w_KM, h_NM = dy_NK.contiguous(), w_KM.contiguous(), h_NM.contiguous()
     dh_NM = torch.empty_like(h_NM)
-    db_M = h_NM.new_empty(h_NM.shape[1])
-    _matmul(EPILOGUE_DGELU_BGRAD, w_KM, _OP_N, dy_NK, dh_NM, db_M, h_NM)
-    return dh_NM, db_M
+    gemm(EPILOGUE_DGELU, w_KM, OP_N, dy_NK, OP_N, dh_NM, aux=h_NM)
+    return dh_NM

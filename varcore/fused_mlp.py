@@ -37,18 +37,17 @@ def _(x_NK, w_MK, b_M):
     return out, torch.empty_like(out)
 
 
-@torch.library.custom_op("varcore::matmul_dgelu_bgrad", mutates_args=())
-def matmul_dgelu_bgrad(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dh, db)``: ``dh = (dy W) * gelu'(h)``, ``db`` its column sums."""
+@torch.library.custom_op("varcore::matmul_dgelu", mutates_args=())
+def matmul_dgelu(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> torch.Tensor:
+    """``dh = (dy W) * gelu'(h)``."""
     if dy_NK.is_cuda and dy_NK.dtype in FUSED_DTYPES and cublaslt.available():
-        return cublaslt.matmul_dgelu_bgrad(dy_NK, w_KM, h_NM)
-    dh_NM = torch.ops.aten.gelu_backward(dy_NK @ w_KM, h_NM, approximate="tanh")
-    return dh_NM, dh_NM.sum(0)
+        return cublaslt.matmul_dgelu(dy_NK, w_KM, h_NM)
+    return torch.ops.aten.gelu_backward(dy_NK @ w_KM, h_NM, approximate="tanh")
 
 
-@matmul_dgelu_bgrad.register_fake
+@matmul_dgelu.register_fake
 def _(dy_NK, w_KM, h_NM):
-    return torch.empty_like(h_NM), h_NM.new_empty(h_NM.shape[1])
+    return torch.empty_like(h_NM)
 
 
 class _GeluMLP(torch.autograd.Function):
@@ -61,8 +60,8 @@ class _GeluMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_NC):
         x_NC, w1_HC, w2_CH, g_NH, h_NH = ctx.saved_tensors
-        dh_NH, db1_H = matmul_dgelu_bgrad(dy_NC, w2_CH, h_NH)
-        return dh_NH @ w1_HC, dh_NH.t() @ x_NC, db1_H, dy_NC.t() @ g_NH, dy_NC.sum(0)
+        dh_NH = matmul_dgelu(dy_NC, w2_CH, h_NH)
+        return dh_NH @ w1_HC, dh_NH.t() @ x_NC, dh_NH.sum(0), dy_NC.t() @ g_NH, dy_NC.sum(0)
 
 
 def fused_dtype(x: torch.Tensor) -> torch.dtype:

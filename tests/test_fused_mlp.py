@@ -1,0 +1,141 @@
+"""The FFN with GELU in the matmul epilogues (varcore.fused_mlp) is the plain FFN's function.
+
+The CPU has no cuBLASLt, so the custom ops run their torch fallbacks here; what the tests
+pin down is (1) the written-out backward (gradients equal autograd's of fc2(gelu(fc1 x)),
+gradcheck in float64), (2) the wiring in the model (mlp_impl, compiled blocks,
+checkpointing), and (3) the cuBLASLt argument choices: ``varcore.cublaslt`` is driven
+through a stand-in of its ``gemm`` that computes the column-major epilogue semantics the
+cuBLASLt documentation gives, so a wrong transpose or epilogue in the wrappers fails here.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import varcore.var as var_mod
+from varcore import ConfigError, VAR, VARConfig, cublaslt
+from varcore.fused_mlp import _GeluMLP, fused_usable, gelu_mlp
+from varcore.var import FFN
+from tests.conftest import randomize_
+
+
+def _ffn_grads(ffn: FFN, x: torch.Tensor, dy: torch.Tensor, fused: bool):
+    y = ffn(x, fused)
+    return (y, *torch.autograd.grad(y, [x, *ffn.parameters()], dy))
+
+
+def test_fused_ffn_equals_plain_float64():
+    torch.manual_seed(0)
+    ffn = FFN(16, 64, 0.0).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 7, 16, dtype=torch.float64)
+    for a, b in zip(_ffn_grads(ffn, x, dy, False), _ffn_grads(ffn, x, dy, True)):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_mlp_gradcheck():
+    torch.manual_seed(1)
+    args = [torch.randn(5, 6, dtype=torch.float64, requires_grad=True),      # x (N, C)
+            torch.randn(12, 6, dtype=torch.float64, requires_grad=True),     # w1 (H, C)
+            torch.randn(12, dtype=torch.float64, requires_grad=True),        # b1
+            torch.randn(6, 12, dtype=torch.float64, requires_grad=True),     # w2 (C, H)
+            torch.randn(6, dtype=torch.float64, requires_grad=True)]         # b2
+    assert torch.autograd.gradcheck(_GeluMLP.apply, args)
+
+
+def test_fused_ffn_under_bf16_autocast_casts_like_autocast():
+    """Custom ops are outside autocast, so gelu_mlp casts as autocast would: bf16 output,
+    float32 parameter gradients, close to the plain FFN under the same autocast."""
+    torch.manual_seed(2)
+    ffn = FFN(32, 128, 0.0)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    dy = torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _ffn_grads(ffn, x, dy, False)
+        fused = _ffn_grads(ffn, x, dy, True)
+    assert fused[0].dtype == plain[0].dtype == torch.bfloat16
+    assert [g.dtype for g in fused[1:]] == [torch.float32] * 5
+    for a, b in zip(plain, fused):
+        assert (a.float() - b.float()).norm() <= 2e-2 * a.float().norm()
+
+
+def test_mlp_impl_config_and_auto():
+    with pytest.raises(ConfigError, match="mlp_impl"):
+        VARConfig(depth=2, mlp_impl="cublas")
+    x = torch.randn(2, 3, 8)
+    assert not fused_usable(x)                                 # CPU: no cuBLASLt epilogues
+    assert not VAR(VARConfig(depth=1, num_classes=3, vocab_size=8, patch_nums=(1, 2))).mlp_fused(x)
+    assert VAR(VARConfig(depth=1, num_classes=3, vocab_size=8, patch_nums=(1, 2), mlp_impl="fused")).mlp_fused(x)
+    assert not cublaslt.available() or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_model_with_fused_mlp_same_loss_and_gradients(tiny_vq_cfg, compiled, monkeypatch):
+    """The whole model with mlp_impl="fused" (blocks compiled or not, two of three recomputed)
+    gives the plain model's logits and gradients."""
+    monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
+    var_mod.compile_region.cache_clear()
+    torch._dynamo.reset()
+    try:
+        cfg = VARConfig(depth=3, vocab_size=tiny_vq_cfg.vocab_size, Cvae=tiny_vq_cfg.Cvae,
+                        patch_nums=tiny_vq_cfg.patch_nums, num_classes=5, attn_impl="dense",
+                        compile_blocks=compiled, cond_drop_rate=0.0, drop_path_rate=0.0)
+        plain = randomize_(VAR(cfg)).train()
+        fused = VAR(VARConfig(**{**cfg.__dict__, "mlp_impl": "fused", "checkpointing": 2})).train()
+        fused.load_state_dict(plain.state_dict())
+        label, x = torch.tensor([0, 4, 5]), torch.randn(3, cfg.L - cfg.first_l, cfg.Cvae)
+        outs = []
+        for m in (plain, fused):
+            logits = m(label, x)
+            logits.square().mean().backward()
+            outs.append((logits.detach(), [p.grad for p in m.parameters()]))
+        (l0, g0), (l1, g1) = outs
+        assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    finally:
+        var_mod.compile_region.cache_clear()
+        torch._dynamo.reset()
+
+
+# ---- the cuBLASLt wrappers' arguments, against the documented epilogue semantics ----------
+def _gemm_semantics(epilogue, a, transa, b, transb, d, bias=None, aux=None, algo=None):
+    """cuBLASLt's column-major ``D = epilogue(op(A) op(B))`` on the column-major matrices that
+    the row-major tensors are (a row-major ``(r, c)`` tensor is the ``c x r`` matrix ``t.T``)."""
+    A, B = a.T, b.T
+    opA = A.T if transa == cublaslt.OP_T else A
+    opB = B.T if transb == cublaslt.OP_T else B
+    assert opA.shape[1] == opB.shape[0] and d.shape == (opB.shape[1], opA.shape[0])
+    D = opA @ opB                                               # (m, n)
+    if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
+        D = D + bias[:, None]                                   # bias: one per row of D
+    if epilogue == cublaslt.EPILOGUE_GELU_AUX_BIAS:
+        aux.copy_(D.T)                                          # GELU input, laid out like D
+        D = F.gelu(D, approximate="tanh")
+    if epilogue == cublaslt.EPILOGUE_DGELU:
+        D = torch.ops.aten.gelu_backward(D, aux.T, approximate="tanh")
+    if epilogue == cublaslt.EPILOGUE_BGRADB:
+        bias.copy_(opB.sum(0))                                  # one per column of D, summed over k
+    d.copy_(D.T)
+    return 1
+
+
+def test_cublaslt_wrappers_compute_the_ffn_math(monkeypatch):
+    monkeypatch.setattr(cublaslt, "gemm", _gemm_semantics)
+    torch.manual_seed(3)
+    N, C, H = 9, 4, 16
+    x, w1, b1 = torch.randn(N, C), torch.randn(H, C), torch.randn(H)
+    w2, dy = torch.randn(C, H), torch.randn(N, C)
+    g, h = cublaslt.linear_gelu_aux(x, w1, b1)
+    h_ref = F.linear(x, w1, b1)
+    assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(g, F.gelu(h_ref, approximate="tanh"), atol=1e-5)
+    dh = cublaslt.matmul_dgelu(dy, w2, h)
+    assert torch.allclose(dh, torch.ops.aten.gelu_backward(dy @ w2, h, approximate="tanh"), atol=1e-5)
+
+
+def test_cublaslt_gemm_rejects_mismatched_shapes(monkeypatch):
+    monkeypatch.setattr(cublaslt, "_lib", lambda: object())
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cublaslt.gemm(cublaslt.EPILOGUE_DEFAULT, torch.empty(6, 4), cublaslt.OP_T, torch.empty(5, 3),
+                      cublaslt.OP_N, torch.empty(5, 6))

@@ -190,6 +190,18 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           W="--warmup 3 --iters 10"
           BENCH_TAG=fused T=200 run benchmarks/train_step.py --case 24:32 $W --mlp-impl fused --profile --profile-top 30
           BENCH_TAG=plain T=180 run benchmarks/train_step.py --case 24:32 $W --mlp-impl plain ;;
+    # r7-3: flex kernel options the block-causal mask allows (every row sees its own scale;
+    # each tile row's key tiles are one run); official code and ours at d24, same call
+    r7_c) B='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3'
+          T=200 run benchmarks/attention.py --depth 24 --batch 32 --only flex \
+            --flex-config "rgs={$B, \"ROWS_GUARANTEED_SAFE\": true}" \
+            --flex-config "bac={$B, \"BLOCKS_ARE_CONTIGUOUS\": true}" \
+            --flex-config "both={$B, \"ROWS_GUARANTEED_SAFE\": true, \"BLOCKS_ARE_CONTIGUOUS\": true}" \
+            --flex-config "both_prescale={$B, \"ROWS_GUARANTEED_SAFE\": true, \"BLOCKS_ARE_CONTIGUOUS\": true, \"PRESCALE_QK\": true}"
+          W="--warmup 2 --iters 10"
+          T=150 run benchmarks/official_step.py --official-root .official --case 24:32 $W
+          BENCH_TAG=fused T=170 run benchmarks/train_step.py --case 24:32 $W
+          BENCH_TAG=plain T=150 run benchmarks/train_step.py --case 24:32 $W --mlp-impl plain ;;
     *) python3 "$@"; break ;;
   esac
 done

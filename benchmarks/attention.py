@@ -67,8 +67,11 @@ def main(argv=None):
         with sdpa_kernel([SDPA_BACKENDS[b] for b in backends]):
             return attend(q, k, v, mask, 0.0, 1.0)
 
-    with torch.no_grad():   # float32 dense-mask reference output
-        ref = attend(q.float(), k.float(), v.float(), block_causal_mask(pn).to(dev), 0.0, 1.0)
+    # float32 dense-mask reference: output and gradients
+    qkv32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attend(*qkv32, block_causal_mask(pn).to(dev), 0.0, 1.0)
+    ref_grads = torch.autograd.grad(ref, qkv32, grad.float())
+    ref = ref.detach()
     forms = variants(pn, dev)
     flex_options = {name: None for name in forms}
     for spec in args.flex_config:
@@ -89,10 +92,13 @@ def main(argv=None):
             with torch.no_grad():
                 out = fn(q, k, v, mask, backends).float()
             err = ((out - ref).norm() / ref.norm()).item()
+            grads = torch.autograd.grad(fn(q, k, v, mask, backends), (q, k, v), grad)
+            grad_errs = {f"grad_rel_err_{n}": round(((g.float() - r).norm() / r.norm()).item(), 5)
+                         for n, g, r in zip("qkv", grads, ref_grads)}
             s = summary(time_ms(step, dev, 3, args.iters))
             top = [r["kernel"][:60] for r in top_kernels(step, dev, steps=1, top=3)]
             emit({"bench": "attention", "variant": name, "depth": args.depth, "batch": args.batch, **s,
-                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "rel_err_vs_fp32": round(err, 5),
+                  "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "rel_err_vs_fp32": round(err, 5), **grad_errs,
                   "mask_block": list(getattr(mask, "BLOCK_SIZE", ())) or None,
                   "top_kernels": top,
                   "flex_options": flex_options[name], **env()})

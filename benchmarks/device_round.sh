@@ -202,6 +202,16 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           T=150 run benchmarks/official_step.py --official-root .official --case 24:32 $W
           BENCH_TAG=fused T=170 run benchmarks/train_step.py --case 24:32 $W
           BENCH_TAG=plain T=150 run benchmarks/train_step.py --case 24:32 $W --mlp-impl plain ;;
+    # r7-4: BLOCKS_ARE_CONTIGUOUS with the mask's boundary tiles listed as full (gradients checked
+    # against float32), tiles with it; official code and ours at d24, same call
+    r7_d) B='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_warps": 4'
+          T=240 run benchmarks/attention.py --depth 24 --batch 32 --only flex --iters 15 \
+            --flex-config "nobac={$B, \"bwd_num_stages\": 3}" \
+            --flex-config "bs4={$B, \"bwd_num_stages\": 4, \"BLOCKS_ARE_CONTIGUOUS\": true}" \
+            --flex-config "f128={$B, \"bwd_num_stages\": 3, \"BLOCKS_ARE_CONTIGUOUS\": true, \"fwd_BLOCK_M\": 128}"
+          W="--warmup 2 --iters 10"
+          T=140 run benchmarks/official_step.py --official-root .official --case 24:32 $W
+          T=170 run benchmarks/train_step.py --case 24:32 $W ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -332,6 +332,8 @@ def test_flex_kernel_options_only_tile_the_math():
     """The CUDA flex tiles are speed settings: no option that changes the arithmetic, and tiles
     that divide the block mask's tiles (flex rejects others)."""
     for key, value in flex_mod.FLEX_KERNEL_OPTIONS.items():
+        if key == "BLOCKS_ARE_CONTIGUOUS":                  # a promise about the mask: next test
+            continue
         name = key.split("_", 1)[1]
         assert name.startswith("BLOCK_") or name in ("num_warps", "num_stages"), key
         if name.startswith("BLOCK_"):
@@ -361,6 +363,54 @@ def test_flex_mask_tiles_cut_computed_pairs():
         last_seen = rows.any(0).nonzero().max().item()
         assert kv_num_Q[qb].item() + (mask.full_kv_num_blocks[0, 0, qb].item() if mask.full_kv_num_blocks is not None
                                       else 0) == last_seen // 64 + 1
+
+
+@pytest.mark.parametrize("pn", [(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20), (1, 2, 4, 8),
+                                (1, 3, 5)])
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_flex_tiles_cover_the_mask_in_contiguous_runs(pn, block):
+    """The model's block mask (1) computes every allowed pair, (2) skips the mask only on
+    tiles whose real query-key pairs are all allowed, and (3) lists each tile row's and
+    column's partial and full tiles as runs of consecutive tiles, which flex's
+    BLOCKS_ARE_CONTIGUOUS (set in FLEX_KERNEL_OPTIONS) assumes; flex's own create_block_mask
+    breaks (3) at paper scale, where the last tile runs past token 680."""
+    if flex_attention is None:
+        pytest.skip("no FlexAttention in this torch")
+    from torch.nn.attention.flex_attention import create_block_mask
+    assert flex_mod.FLEX_KERNEL_OPTIONS.get("BLOCKS_ARE_CONTIGUOUS")
+    dense_LL = block_causal_mask(pn)
+    L = dense_LL.shape[0]
+    mask = flex_mod.flex_block_mask(pn, "cpu", block)
+    assert flex_mod.blocks_contiguous(mask)
+    partial_QK, full_QK = flex_mod.tile_lists(dense_LL, block)
+    assert not (partial_QK & full_QK).any()
+    tile_L = torch.arange(L) // block
+    seen_QK = torch.zeros_like(full_QK)
+    seen_QK.index_put_((tile_L[:, None].expand(L, L)[dense_LL], tile_L[None, :].expand(L, L)[dense_LL]),
+                       torch.tensor(True))
+    assert torch.equal(seen_QK, partial_QK | full_QK)                     # (1) and no tile computed for nothing
+    denied_QK = torch.zeros_like(full_QK)
+    denied_QK.index_put_((tile_L[:, None].expand(L, L)[~dense_LL], tile_L[None, :].expand(L, L)[~dense_LL]),
+                         torch.tensor(True))
+    assert not (denied_QK & full_QK).any()                                # (2)
+    n = full_QK.shape[0]
+    kv_num = mask.kv_num_blocks[0, 0] + mask.full_kv_num_blocks[0, 0]
+    assert torch.equal(kv_num, (partial_QK | full_QK).sum(1).int())
+    if L % block:                                                         # (3) fails with flex's own mask
+        s_L = flex_mod.scale_ids(pn)
+        theirs = create_block_mask(lambda b, h, q, k: s_L[k] <= s_L[q], None, None, L, L, device="cpu",
+                                   BLOCK_SIZE=block)
+        assert n == theirs.kv_num_blocks.shape[-1]
+        if n > 2 and pn[-1] >= 8:
+            assert not flex_mod.blocks_contiguous(theirs)
+
+
+def test_blocks_contiguous_detects_gaps():
+    if flex_attention is None:
+        pytest.skip("no FlexAttention in this torch")
+    from torch.nn.attention.flex_attention import create_block_mask
+    holes = create_block_mask(lambda b, h, q, k: (k % 256) < 64, None, None, 512, 512, device="cpu", BLOCK_SIZE=64)
+    assert not flex_mod.blocks_contiguous(holes)
 
 
 class _BaseChoices:

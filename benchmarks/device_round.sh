@@ -208,7 +208,7 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           T=240 run benchmarks/attention.py --depth 24 --batch 32 --only flex --iters 15 \
             --flex-config "nobac={$B, \"bwd_num_stages\": 3}" \
             --flex-config "bs4={$B, \"bwd_num_stages\": 4, \"BLOCKS_ARE_CONTIGUOUS\": true}" \
-            --flex-config "f128={$B, \"bwd_num_stages\": 3, \"BLOCKS_ARE_CONTIGUOUS\": true, \"fwd_BLOCK_M\": 128}"
+            --flex-config "fs4={$B, \"bwd_num_stages\": 3, \"BLOCKS_ARE_CONTIGUOUS\": true, \"fwd_num_stages\": 4}"
           W="--warmup 2 --iters 10"
           T=140 run benchmarks/official_step.py --official-root .official --case 24:32 $W
           T=170 run benchmarks/train_step.py --case 24:32 $W ;;

@@ -212,6 +212,11 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           W="--warmup 2 --iters 10"
           T=140 run benchmarks/official_step.py --official-root .official --case 24:32 $W
           T=170 run benchmarks/train_step.py --case 24:32 $W ;;
+    # r7-5: inductor's reduction switches at d24 (each in its own process, same call)
+    r7_e) W="--warmup 3 --iters 10"
+          BENCH_TAG=base T=170 run benchmarks/train_step.py --case 24:32 $W --profile --profile-top 40
+          BENCH_TAG=no_mix_order T=170 run benchmarks/train_step.py --case 24:32 $W --inductor triton.mix_order_reduction=False --profile --profile-top 40
+          BENCH_TAG=multi_kernel T=200 run benchmarks/train_step.py --case 24:32 $W --inductor triton.multi_kernel=1 ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -217,6 +217,15 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           BENCH_TAG=base T=170 run benchmarks/train_step.py --case 24:32 $W --profile --profile-top 40
           BENCH_TAG=no_mix_order T=170 run benchmarks/train_step.py --case 24:32 $W --inductor triton.mix_order_reduction=False --profile --profile-top 40
           BENCH_TAG=multi_kernel T=200 run benchmarks/train_step.py --case 24:32 $W --inductor triton.multi_kernel=1 ;;
+    # r7-6: final training figures, official code and ours at d16/d20/d24 in one call (as r5_d)
+    r7_f) W="--warmup 2 --iters 10"
+          T=170 run benchmarks/official_step.py --official-root .official --case 16:64 --case 20:64 --case 24:32 $W
+          T=190 run benchmarks/train_step.py --case 16:64 --case 24:32 $W
+          T=150 run benchmarks/train_step.py --case 20:64 $W ;;
+    # r7-7: GPU numerics (bf16 fast path vs fp32 plain), d30 with 10 blocks recomputed, the FFN at d16
+    r7_g) T=200 run benchmarks/train_step.py --numerics
+          T=200 run benchmarks/train_step.py --case 30:32:10 --warmup 2 --iters 5
+          T=100 run benchmarks/mlp.py --depth 16 --batch 64 ;;
     *) python3 "$@"; break ;;
   esac
 done

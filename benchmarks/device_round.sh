@@ -226,6 +226,12 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
     r7_g) T=200 run benchmarks/train_step.py --numerics
           T=200 run benchmarks/train_step.py --case 30:32:10 --warmup 2 --iters 5
           T=100 run benchmarks/mlp.py --depth 16 --batch 64 ;;
+    # r7-8: wider autotuning of the generated element-wise/reduction kernels at d24, with the
+    # official code in the same call
+    r7_h) W="--warmup 2 --iters 10"
+          T=100 run benchmarks/official_step.py --official-root .official --case 24:32 $W
+          BENCH_TAG=base T=150 run benchmarks/train_step.py --case 24:32 $W
+          BENCH_TAG=cdt_wide T=260 run benchmarks/train_step.py --case 24:32 $W --inductor max_autotune_pointwise=True --inductor coordinate_descent_check_all_directions=True ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -139,3 +139,25 @@ def test_cublaslt_gemm_rejects_mismatched_shapes(monkeypatch):
     with pytest.raises(ValueError, match="shapes do not match"):
         cublaslt.gemm(cublaslt.EPILOGUE_DEFAULT, torch.empty(6, 4), cublaslt.OP_T, torch.empty(5, 3),
                       cublaslt.OP_N, torch.empty(5, 6))
+
+
+def test_cublaslt_failure_falls_back_to_torch_ops(monkeypatch, caplog):
+    """A cuBLASLt error (say, no algorithm for a shape) costs speed, not the run: the op
+    computes the same values with torch ops and warns once."""
+    import varcore.fused_mlp as fm
+
+    def fail(*args):
+        raise cublaslt.CublasLtError("cuBLASLt heuristic returned status 15")
+    monkeypatch.setattr(fm, "_use_cublaslt", lambda t: True)
+    monkeypatch.setattr(cublaslt, "linear_gelu_aux", fail)
+    monkeypatch.setattr(cublaslt, "matmul_dgelu", fail)
+    fm._warn_fallback.cache_clear()
+    x, w1, b1, w2 = torch.randn(5, 4), torch.randn(8, 4), torch.randn(8), torch.randn(4, 8)
+    with caplog.at_level("WARNING", logger="varcore.fused_mlp"):
+        g, h = fm.linear_gelu_aux(x, w1, b1)
+        fm.linear_gelu_aux(x, w1, b1)
+        dh = fm.matmul_dgelu(x, w2, h)
+    assert torch.allclose(h, F.linear(x, w1, b1)) and torch.allclose(g, F.gelu(h, approximate="tanh"))
+    assert torch.allclose(dh, torch.ops.aten.gelu_backward(x @ w2, h, approximate="tanh"))
+    assert sum("linear_gelu_aux failed" in r.message for r in caplog.records) == 1
+    assert any("matmul_dgelu failed" in r.message for r in caplog.records)

@@ -1,16 +1,21 @@
-"""Two cuBLASLt matmuls with GELU epilogues, the pair an FFN's training step needs.
+"""cuBLASLt matmuls with epilogues, for the FFN's GELU in training (``varcore.fused_mlp``).
 
 cuBLASLt can apply the tanh-approximated GELU (and keep its input) in the epilogue of the
-first FFN matmul, and the GELU's derivative with the bias gradient in the epilogue of the
-matmul that back-propagates into it. Torch runs these as separate element-wise passes over
-the ``(tokens, 4C)`` activations (at d24 about 13 ms of a 222 ms step, RESULTS.md round 7)
-and does not expose the epilogues that keep the GELU input (``torch._addmm_activation``
-has GELU but returns only its output). This module calls the library torch already loaded
+first FFN matmul, and the GELU's derivative in the epilogue of the matmul that
+back-propagates into it. Torch runs these as separate element-wise passes over the
+``(tokens, 4C)`` activations (at d24 about 9 ms of a 219 ms step, RESULTS.md round 7) and
+does not expose the epilogues that keep the GELU input (``torch._addmm_activation`` has
+GELU but returns only its output). This module calls the library torch already loaded
 through ``ctypes``; :func:`available` says whether it could.
 
-Row-major torch matrices are column-major cuBLAS matrices transposed, so ``Y = X W^T``
-(``X`` ``(N, K)``, ``W`` ``(M, K)``) is the column-major ``Y^T = op(W) X^T`` with
-``op = transpose``: m = M rows of the output per token, n = N tokens, k = K.
+:func:`gemm` takes row-major torch tensors as the column-major matrices they are (a
+row-major ``(r, c)`` tensor is the column-major ``c x r`` matrix, its transpose). So
+``Y = X W^T`` (``X`` ``(N, K)``, ``W`` ``(M, K)``) is cuBLAS's ``D = op(A) B`` with A the
+``K x M`` matrix that ``W`` is and op = transpose, B the ``K x N`` matrix that ``X`` is, and
+D the ``M x N`` matrix that ``Y`` is: m = M, n = N tokens, k = K.
+
+Per shape, the descriptors, the heuristic's algorithms and the index of the fastest (timed
+on the first call) are cached for the process, as cuBLAS caches its own heuristics.
 """
 
 from __future__ import annotations

@@ -14,19 +14,35 @@ which is how the CPU tests check the gradients this module writes out.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from . import cublaslt
 
+log = logging.getLogger(__name__)
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _use_cublaslt(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in FUSED_DTYPES and cublaslt.available()
+
+
+@functools.cache
+def _warn_fallback(op: str, shapes: str, error: str) -> None:
+    log.warning("cuBLASLt %s failed for %s (%s); computing it with torch ops instead", op, shapes, error)
 
 
 @torch.library.custom_op("varcore::linear_gelu_aux", mutates_args=())
 def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gelu(h), h)`` with ``h = x W^T + b``."""
-    if x_NK.is_cuda and x_NK.dtype in FUSED_DTYPES and cublaslt.available():
-        return cublaslt.linear_gelu_aux(x_NK, w_MK, b_M)
+    if _use_cublaslt(x_NK):
+        try:
+            return cublaslt.linear_gelu_aux(x_NK, w_MK, b_M)
+        except cublaslt.CublasLtError as e:   # e.g. no algorithm for this shape: same math below
+            _warn_fallback("linear_gelu_aux", f"{tuple(x_NK.shape)} x {tuple(w_MK.shape)}", str(e))
     h_NM = F.linear(x_NK, w_MK, b_M)
     return F.gelu(h_NM, approximate="tanh"), h_NM
 
@@ -40,8 +56,11 @@ def _(x_NK, w_MK, b_M):
 @torch.library.custom_op("varcore::matmul_dgelu", mutates_args=())
 def matmul_dgelu(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> torch.Tensor:
     """``dh = (dy W) * gelu'(h)``."""
-    if dy_NK.is_cuda and dy_NK.dtype in FUSED_DTYPES and cublaslt.available():
-        return cublaslt.matmul_dgelu(dy_NK, w_KM, h_NM)
+    if _use_cublaslt(dy_NK):
+        try:
+            return cublaslt.matmul_dgelu(dy_NK, w_KM, h_NM)
+        except cublaslt.CublasLtError as e:
+            _warn_fallback("matmul_dgelu", f"{tuple(dy_NK.shape)} x {tuple(w_KM.shape)}", str(e))
     return torch.ops.aten.gelu_backward(dy_NK @ w_KM, h_NM, approximate="tanh")
 
 

@@ -53,18 +53,8 @@ def op_errors(N: int, C: int, dev) -> dict:
 
 
 def event_ms(fn, iters: int = 20) -> float:
-    """Median ms of ``fn`` over ``iters`` calls, each between CUDA events (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    """Median ms of ``fn`` over ``iters`` calls (bench_utils.time_ms: CUDA events, 3 warm-up calls)."""
+    return sorted(time_ms(fn, torch.device("cuda"), 3, iters))[iters // 2]
 
 
 def sweep(N: int, C: int, dev, base: dict) -> None:

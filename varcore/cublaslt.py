@@ -41,7 +41,7 @@ EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
 EPILOGUE_GELU_AUX_BIAS = 164   # D = gelu(AB + bias), aux = AB + bias
 EPILOGUE_DGELU = 192           # D = AB * gelu'(aux)
 EPILOGUE_DGELU_BGRAD = 208     # D = AB * gelu'(aux), bias = sum of D over n
-EPILOGUE_BGRADA, EPILOGUE_BGRADB = 256, 512   # D = AB, bias = sum of op(A) / op(B) over k
+EPILOGUE_BGRADB = 512          # D = AB, bias = sum of op(B) over k
 MAX_ALGOS = 8
 _DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F, torch.float32: _CUDA_R_32F}
 MAX_WORKSPACE_BYTES = 32 << 20

@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _cublaslt_runs(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the epilogue matmuls run for ``t``'s device in ``dtype``."""
+    return t.is_cuda and dtype in FUSED_DTYPES and cublaslt.available()
+
+
 def _use_cublaslt(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.dtype in FUSED_DTYPES and cublaslt.available()
+    return _cublaslt_runs(t, t.dtype)
 
 
 @functools.cache
@@ -100,4 +105,4 @@ def gelu_mlp(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) ->
 
 def fused_usable(x: torch.Tensor) -> bool:
     """Whether :func:`gelu_mlp` runs the epilogue matmuls for ``x`` (CUDA, bf16/fp16, cuBLASLt)."""
-    return x.is_cuda and fused_dtype(x) in FUSED_DTYPES and cublaslt.available()
+    return _cublaslt_runs(x, fused_dtype(x))

@@ -232,6 +232,20 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           T=100 run benchmarks/official_step.py --official-root .official --case 24:32 $W
           BENCH_TAG=base T=150 run benchmarks/train_step.py --case 24:32 $W
           BENCH_TAG=cdt_wide T=260 run benchmarks/train_step.py --case 24:32 $W --inductor max_autotune_pointwise=True --inductor coordinate_descent_check_all_directions=True ;;
+    # r8-1: the trainer's step as one CUDA graph (varcore.step.TrainStep): replays against eager
+    # steps (losses, norms, weights), then d24 official / eager / graph in one call
+    r8_a) W="--warmup 3 --iters 10"
+          T=200 run benchmarks/train_step.py --graph-check
+          T=100 run benchmarks/official_step.py --official-root .official --case 24:32 $W
+          BENCH_TAG=eager T=170 run benchmarks/train_step.py --case 24:32 $W --eager
+          BENCH_TAG=graph T=170 run benchmarks/train_step.py --case 24:32 $W ;;
+    # r8-2: bf16 master weights (varcore.master_weights): graph check with three arms, then d24
+    # official / graph / graph + master weights in one call
+    r8_b) W="--warmup 3 --iters 10"
+          T=170 run benchmarks/train_step.py --graph-check
+          T=100 run benchmarks/official_step.py --official-root .official --case 24:32 $W
+          BENCH_TAG=graph T=160 run benchmarks/train_step.py --case 24:32 $W --no-master
+          BENCH_TAG=graph_master T=160 run benchmarks/train_step.py --case 24:32 $W ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
-from train_step import adamw, batch_of, cross_entropy, make_step, rates  # noqa: E402
+from train_step import batch_of, make_step, paper_adamw, rates  # noqa: E402
 from varcore import PAPER_PATCH_NUMS, VARConfig  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def build(VAR, depth: int, batch: int, device: torch.device):
                     patch_nums=PAPER_PATCH_NUMS, flash_if_available=True, fused_if_available=True)
         model.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
     model = model.to(device).train()
-    return model, adamw(model, batch, fused=device.type == "cuda")
+    return model, paper_adamw(model, batch, device, fused=device.type == "cuda")
 
 
 def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
@@ -76,8 +76,9 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
     try:
         model, opt = build(VAR, depth, batch, device)
         cfg = VARConfig(depth=depth)
-        step = make_step(model, opt, cross_entropy, batch_of(cfg, batch, device), torch.bfloat16, device)
+        step = make_step(model, opt, batch_of(cfg, batch, device), torch.bfloat16)
         times = time_ms(step, device, args.warmup, args.iters)
+        pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], peak_gib=peak_gib(device))
         return rec
@@ -88,6 +89,9 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
                # flash_attn serves the official code only without a mask (sampling); xformers takes the mask
                flash_attn_installed=bool(getattr(attn, "using_flash", False)),
                xformers_used=bool(getattr(attn, "using_xform", False)))
+    if pipelined:   # back to back without host waits, as train_step.py's pipelined_* figures
+        p = summary(pipelined)["ms_median"]
+        rec.update(pipelined_ms_median=p, pipelined_tokens_per_s=round(rates(cfg, batch, p)[0]))
     return rec
 
 

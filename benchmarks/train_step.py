@@ -1,7 +1,8 @@
 """Training-step speed of VAR at the paper configuration (random weights and data).
 
-One JSON line per case: median ms per step (forward, loss, backward, AdamW; the host waits
-for the GPU after every step, and ``pipelined_*`` repeats it without those waits), tokens/s,
+One JSON line per case: median ms per step (the trainer's step, ``varcore.step.TrainStep``:
+forward, loss, backward, AdamW, on GPU replayed as one CUDA graph unless ``--eager``; the host
+waits for the GPU after every step, and ``pipelined_*`` repeats it without those waits), tokens/s,
 model FLOP utilisation against the H100's dense bf16 peak (FLOPs from
 ``varcore.flops.var_flops(cfg).train_per_token``, attention counted over the pairs the
 block-causal mask allows), and peak allocated memory.
@@ -9,6 +10,7 @@ block-causal mask allows), and peak allocated memory.
     PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --case 30:32:30
     PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --plain     # dense mask, eager, foreach AdamW
     PYTHONPATH=. python benchmarks/train_step.py --numerics               # bf16 fast path vs fp32 plain loss
+    PYTHONPATH=. python benchmarks/train_step.py --graph-check            # CUDA-graph replays vs eager steps
 
 A case is ``depth:batch[:checkpointed_blocks]``.
 """
@@ -25,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
@@ -33,27 +34,21 @@ from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak,
 import varcore.flex as flex_mod  # noqa: E402
 import varcore.var as var_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
-
-
-def cross_entropy(logits_BLV: torch.Tensor, target_BL: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten())
+from varcore.step import TrainStep, adamw  # noqa: E402
 
 
 def build(depth: int, batch: int, device: torch.device, plain: bool, checkpointing: int, attn_impl: str,
-          **cfg_kw) -> tuple[VAR, torch.optim.Optimizer, object]:
+          **cfg_kw) -> tuple[VAR, torch.optim.Optimizer]:
     cfg = VARConfig(depth=depth, checkpointing=checkpointing,
                     attn_impl="dense" if plain else attn_impl,
                     compile_blocks=False if plain else None, **cfg_kw)
     model = VAR(cfg).to(device).train()
-    opt = adamw(model, batch, fused=device.type == "cuda" and not plain)
-    loss_fn = cross_entropy if plain or not model.compiled(device) else var_mod.compile_region(cross_entropy, tuned=True)
-    return model, opt, loss_fn
+    return model, paper_adamw(model, batch, device, fused=device.type == "cuda" and not plain)
 
 
-def adamw(model: torch.nn.Module, batch: int, fused: bool) -> torch.optim.AdamW:
+def paper_adamw(model: torch.nn.Module, batch: int, device: torch.device, fused: bool) -> torch.optim.AdamW:
     """The paper's AdamW (lr 1e-4 per 256 images, betas 0.9/0.95, weight decay 0.05)."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05,
-                             fused=fused)
+    return adamw(model.parameters(), 1e-4 * batch / 256, (0.9, 0.95), 0.05, device, fused=fused)
 
 
 def rates(cfg: VARConfig, batch: int, ms: float) -> tuple[float, float]:
@@ -70,49 +65,13 @@ def batch_of(cfg: VARConfig, B: int, device: torch.device, seed: int = 0):
     return label_B.to(device), x_BlCvae.to(device), target_BL.to(device)
 
 
-def make_step(model, opt, loss_fn, data, amp: torch.dtype | None, device: torch.device):
-    label_B, x_BlCvae, target_BL = data
-
-    def step():
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = loss_fn(model(label_B, x_BlCvae), target_BL)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return step
-
-
-def make_graph_step(model, opt, loss_fn, data, amp: torch.dtype, device: torch.device):
-    """The same step captured once as a CUDA graph (forward, backward, AdamW) and replayed:
-    one launch per step instead of ~2000, so the GPU never waits between kernels.
-    Needs a capturable optimizer; the inputs stay in the captured buffers."""
-    label_B, x_BlCvae, target_BL = data
-
-    def body():
-        with torch.autocast(device.type, dtype=amp):
-            loss = loss_fn(model(label_B, x_BlCvae), target_BL)
-        loss.backward()
-        opt.step()
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):   # compile and autotune outside the capture
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()   # the warm-up's cached blocks belong to the side stream; the graph has its own pool
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)   # backward in the graph then writes (not adds) the grads
-    with torch.cuda.graph(graph):
-        static_loss = body()
-
-    def step():
-        graph.replay()
-        return static_loss
+def make_step(model, opt, data, amp: torch.dtype | None, cuda_graph: bool = False, grad_clip: float = 0.0,
+              master_weights: bool = False):
+    """The trainer's step (``varcore.step.TrainStep``) on a fixed batch, as a no-argument call."""
+    train_step = TrainStep(model, opt, amp=amp, grad_clip=grad_clip, cuda_graph=cuda_graph,
+                           master_weights=master_weights)
+    step = lambda: train_step(*data)[0]  # noqa: E731
+    step.train_step = train_step
     return step
 
 
@@ -129,21 +88,21 @@ def attn_kw(args) -> dict:
 
 def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> dict:
     reset_peak(device)
+    graph = device.type == "cuda" and not (args.plain or args.eager)   # as the trainer runs one GPU
+    master = device.type == "cuda" and not (args.plain or args.no_master)
     rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **attn_kw(args),
-           "cuda_graph": args.cuda_graph,
+           "cuda_graph": graph, "master_weights": master, "grad_clip": args.grad_clip,
            "inductor": args.inductor,
            "flex_options": flex_mod.FLEX_KERNEL_OPTIONS or "inductor default",
            "flex_mask_block": flex_mod.mask_block(),
            "max_autotune": os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE") == "1",
            **env()}
     try:
-        model, opt, loss_fn = build(depth, batch, device, args.plain, ckpt, args.attn_impl, **attn_kw(args))
+        model, opt = build(depth, batch, device, args.plain, ckpt, args.attn_impl, **attn_kw(args))
         cfg = model.cfg
-        for g in opt.param_groups:
-            g["capturable"] = args.cuda_graph
-        step = (make_graph_step if args.cuda_graph else make_step)(model, opt, loss_fn, batch_of(cfg, batch, device),
-                                                                   torch.bfloat16, device)
-        times = time_ms(step, device, args.warmup, args.iters)
+        step = make_step(model, opt, batch_of(cfg, batch, device), torch.bfloat16, graph, args.grad_clip, master)
+        # graph: two eager calls, then the capture; timing starts after it
+        times = time_ms(step, device, max(args.warmup, 3) if graph else args.warmup, args.iters)
         pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], checkpointing=ckpt, peak_gib=peak_gib(device))
@@ -162,6 +121,8 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     tokens_per_s, mfu = rates(cfg, batch, s["ms_median"])
     with torch.autocast(device.type, dtype=torch.bfloat16):
         mlp_fused = model.mlp_fused(torch.empty(0, device=device))
+    ts = step.train_step
+    rec.update(cuda_graph=ts.graph is not None, **({"capture_error": ts.capture_error[:300]} if ts.capture_error else {}))
     rec.update(attn_impl=model.attn_impl(device), compiled=model.compiled(device), checkpointing=ckpt,
                residual_dtype=cfg.residual_dtype, mlp_fused=mlp_fused,
                fused_adamw=bool(opt.defaults.get("fused")), **s, tokens_per_s=round(tokens_per_s),
@@ -182,14 +143,15 @@ def numerics(args, device: torch.device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    ref, ref_opt, ref_loss = build(depth, B, device, True, 0, "dense", **kw)
-    fast, fast_opt, fast_loss = build(depth, B, device, False, 0, args.attn_impl, **kw, **fast_kw)
+    ref, ref_opt = build(depth, B, device, True, 0, "dense", **kw)
+    fast, fast_opt = build(depth, B, device, False, 0, args.attn_impl, **kw, **fast_kw)
     fast.load_state_dict(ref.state_dict())
     for o in (ref_opt, fast_opt):
         o.param_groups[0]["lr"] = args.numerics_lr
     data = batch_of(ref.cfg, B, device, seed=1)
-    ref_step = make_step(ref, ref_opt, ref_loss, data, None, device)
-    fast_step = make_step(fast, fast_opt, fast_loss, data, torch.bfloat16, device)
+    ref_step = make_step(ref, ref_opt, data, None)
+    cuda = device.type == "cuda"
+    fast_step = make_step(fast, fast_opt, data, torch.bfloat16, cuda and not args.eager, 0.0, cuda and not args.no_master)
     l32 = [ref_step().item() for _ in range(steps)]
     l16 = [fast_step().item() for _ in range(steps)]
     diff = [abs(a - b) for a, b in zip(l32, l16)]
@@ -199,6 +161,40 @@ def numerics(args, device: torch.device) -> dict:
             "loss_fp32": [round(x, 4) for x in l32], "loss_bf16": [round(x, 4) for x in l16],
             "max_abs_diff": round(max(diff), 4), "max_rel_diff": round(max(d / a for d, a in zip(diff, l32)), 5),
             "loss_drop_fp32": round(l32[0] - l32[-1], 4), **env()}
+
+
+def graph_check(args, device: torch.device) -> dict:
+    """The trainer's step three ways from the same weights through the same batches, learning
+    rates and per-step seeds (class dropout, drop-path and gradient clipping on): eager with
+    autocast casts (the reference), replayed as a CUDA graph (should agree exactly), and
+    replayed with bf16 master weights (same function, AdamW's arithmetic in another kernel:
+    should agree to float32 rounding)."""
+    depth, B, steps = args.numerics_depth, args.numerics_batch, args.graph_check_steps
+    torch.manual_seed(0)
+    runs, init = {}, None
+    for arm, graph, master in (("eager", False, False), ("graph", True, False), ("graph_master", True, True)):
+        model, opt = build(depth, B, device, False, 0, args.attn_impl, **attn_kw(args))
+        if init is None:
+            init = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(init)
+        ts = TrainStep(model, opt, amp=torch.bfloat16, grad_clip=2.0, cuda_graph=graph, master_weights=master)
+        out = []
+        for s in range(steps):
+            torch.manual_seed(1000 + s)
+            loss, norm = ts(*batch_of(model.cfg, B, device, seed=s), lr=1e-4 * (s + 1))
+            out.append((loss.item(), norm.item()))
+        runs[arm] = (model, out, ts.graph is not None)
+    rec = {"bench": "train_graph_check", "depth": depth, "batch": B, "steps": steps,
+           "loss_eager": [round(x[0], 5) for x in runs["eager"][1]]}
+    m_ref, ref, _ = runs["eager"]
+    for arm in ("graph", "graph_master"):
+        model, out, captured = runs[arm]
+        rec[arm] = {"captured": captured,
+                    "max_loss_diff": max(abs(a[0] - b[0]) for a, b in zip(ref, out)),
+                    "max_grad_norm_diff": max(abs(a[1] - b[1]) for a, b in zip(ref, out)),
+                    "max_weight_diff": max((a - b).abs().max().item()
+                                           for a, b in zip(m_ref.parameters(), model.parameters()))}
+    return {**rec, **env()}
 
 
 def main(argv=None):
@@ -221,13 +217,20 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
-    ap.add_argument("--cuda-graph", action="store_true", help="capture the whole step as one CUDA graph")
+    ap.add_argument("--eager", action="store_true",
+                    help="launch the step's kernels one by one (default on GPU: one CUDA graph, as the trainer)")
+    ap.add_argument("--no-master", action="store_true",
+                    help="autocast casts float32 weights (default on GPU: bf16 working copies, as the trainer)")
+    ap.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (trainer: 2.0)")
+    ap.add_argument("--graph-check", action="store_true",
+                    help="also check that CUDA-graph replays give the eager step's losses and weights")
     ap.add_argument("--gaps", action="store_true", help="also print where the GPU idles in a step")
     ap.add_argument("--numerics", action="store_true")
     ap.add_argument("--numerics-depth", type=int, default=16)
     ap.add_argument("--numerics-batch", type=int, default=16)
     ap.add_argument("--numerics-steps", type=int, default=30)
     ap.add_argument("--numerics-lr", type=float, default=3e-4)
+    ap.add_argument("--graph-check-steps", type=int, default=6)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -247,6 +250,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
     if args.numerics:
         emit(numerics(args, device))
+    if args.graph_check:
+        emit(graph_check(args, device))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ class TrainParams:
     precision: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     fsdp_min_depth: int | None = None      # depths >= this use FSDP instead of DDP (GPU only)
     num_threads: int = 1                   # torch intra-op threads per CPU worker (0: torch default)
+    cuda_graph: bool | str = "auto"        # whole step as one CUDA graph; auto: on for one GPU worker without FSDP
+    master_weights: bool | str = "auto"    # bf16 weight copies updated from float32 masters; auto: as cuda_graph, in bf16
     seed: int = 0
     ray: RayParams = field(default_factory=RayParams)
 
@@ -110,6 +112,14 @@ class TrainParams:
         require(self.fsdp_min_depth is None or self.fsdp_min_depth >= 1, "fsdp_min_depth",
               f"must be >= 1 or null, got {self.fsdp_min_depth}")
         require(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
+        one_gpu = self.ray.use_gpu and self.ray.num_workers == 1 and self.fsdp_min_depth is None
+        for key in ("cuda_graph", "master_weights"):
+            value = getattr(self, key)
+            require(value in ("auto", True, False), key, f"must be 'auto', true or false, got {value!r}")
+            require(value is not True or one_gpu, key, "true needs one GPU worker (ray.use_gpu, ray.num_workers 1) "
+                    "and no FSDP; 'auto' turns it on where it applies")
+        require(self.master_weights is not True or self.precision != "fp32", "master_weights",
+              "true needs bf16 training (precision auto or bf16)")
 
     @property
     def peak_lr(self) -> float:
@@ -125,6 +135,16 @@ class TrainParams:
 
     def use_fsdp(self, depth: int) -> bool:
         return self.fsdp_min_depth is not None and depth >= self.fsdp_min_depth
+
+    def use_cuda_graph(self, device_type: str, world: int, fsdp: bool) -> bool:
+        """Whether a worker captures its step as a CUDA graph (varcore.step.TrainStep): one
+        CUDA worker without FSDP (data-parallel communication is not captured)."""
+        return self.cuda_graph is not False and device_type == "cuda" and world == 1 and not fsdp
+
+    def use_master_weights(self, device_type: str, world: int, fsdp: bool, amp: bool) -> bool:
+        """Whether a worker computes with bf16 weight copies (varcore.master_weights): one CUDA
+        worker without FSDP (DDP reduces only registered parameters' gradients), under autocast."""
+        return self.master_weights is not False and device_type == "cuda" and world == 1 and not fsdp and amp
 
 
 def load_var_params(params: dict[str, Any], file: str = PARAMS_FILE) -> VarParams:

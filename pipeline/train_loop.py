@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from varcore import VAR, VARConfig
 from varcore.quant import MultiScaleQuantizer
+from varcore.step import TrainStep, adamw
 from varcore.var import AdaLNBlock, scale_ids
 
 from .metrics import TokenStats, eval_steps, lr_at, summarize, token_stats, train_compute
@@ -89,13 +89,13 @@ def teacher_forcing(quant: MultiScaleQuantizer, tokens_BL: torch.Tensor) -> torc
 
 # ---- model, optimizer, checkpoint --------------------------------------------------------------
 def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.AdamW:
-    """AdamW; weight decay only on the weight matrices of linear layers (not on biases,
-    embeddings, positions, AdaLN offsets or attention temperatures)."""
+    """AdamW (fused on CUDA); weight decay only on the weight matrices of linear layers (not
+    on biases, embeddings, positions, AdaLN offsets or attention temperatures)."""
     decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in decay_ids], "weight_decay": tp.weight_decay},
               {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tp.peak_lr, betas=tuple(tp.betas), eps=1e-8)
+    return adamw(groups, tp.peak_lr, tuple(tp.betas), tp.weight_decay, params[0].device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -164,25 +164,18 @@ def evaluate(model: nn.Module, quant: MultiScaleQuantizer, tokens_NL: np.ndarray
 
 
 # ---- the worker function -----------------------------------------------------------------------
-def _autocast(device: torch.device, precision: str):
+def _amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.bfloat16 if use_bf16 else None
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return contextlib.nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)
 
 
 def _fsdp_kwargs() -> dict[str, Any]:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     return {"auto_wrap_policy": ModuleWrapPolicy({AdaLNBlock}), "use_orig_params": True}
-
-
-def _clip(model: nn.Module, max_norm: float) -> torch.Tensor | float:
-    """Clip gradients to ``max_norm``; the norm before clipping, left on the device (read when logged)."""
-    if max_norm <= 0:
-        return float("nan")
-    if hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over all shards
-        return model.clip_grad_norm_(max_norm)
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -232,7 +225,11 @@ def train_worker(config: dict[str, Any]) -> None:
 
     total, B, L = spec.total_steps, tp.batch_size, cfg.L
     evals = set(eval_steps(total, tp.num_evals, tp.eval_spacing))
-    autocast = _autocast(device, tp.precision)
+    amp = _amp_dtype(device, tp.precision)
+    autocast = _autocast(device, amp)
+    train_step = TrainStep(model, optim, amp=amp, grad_clip=tp.grad_clip,   # after load_state: copies the weights
+                           cuda_graph=tp.use_cuda_graph(device.type, world, fsdp),
+                           master_weights=tp.use_master_weights(device.type, world, fsdp, amp is not None))
     flops_tok = train_compute(cfg, 1)
     model.train()
     bar = tqdm(total=total, initial=state.step, desc=f"train d{cfg.depth}", unit="step",
@@ -248,18 +245,10 @@ def train_worker(config: dict[str, Any]) -> None:
         lab = _to_device(train_lab[rows].astype(np.int64), device)
         x = teacher_forcing(quant, tok)
         lr = lr_at(step, total, tp.peak_lr, tp.warmup_frac, tp.decay, tp.min_lr_frac)
-        for g in optim.param_groups:
-            g["lr"] = lr
         torch.manual_seed(step_seed(tp.seed, step, rank))
-        with autocast:
-            logits = model(lab, x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tok.flatten())
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = _clip(model, tp.grad_clip)
-        optim.step()
+        loss, grad_norm = train_step(lab, x, tok, lr)
         state.step = step = step + 1
-        loss_acc += loss.detach()      # read at the next log or checkpoint: no host wait per step
+        loss_acc += loss               # read at the next log or checkpoint: no host wait per step
         state.loss_count += 1
         bar.update(1)
         tokens = step * B * L

@@ -46,6 +46,13 @@ def test_repo_params_load():
     ({"train": {"steps": 10, "decay": "step"}}, "train.decay"),
     ({"train": {"steps": 10, "ray": {"gpus": 1}}}, "train.ray: unknown key(s) ['gpus']"),
     ({"train": {"steps": 10, "depths": [2, 2]}}, "train.depths: has duplicates"),
+    ({"train": {"steps": 10, "cuda_graph": "yes"}}, "train.cuda_graph: must be 'auto', true or false"),
+    ({"train": {"steps": 10, "cuda_graph": True}}, "train.cuda_graph: true needs one GPU worker"),
+    ({"train": {"steps": 10, "master_weights": "on"}}, "train.master_weights: must be 'auto', true or false"),
+    ({"train": {"steps": 10, "master_weights": True, "precision": "fp32", "ray": {"use_gpu": True}}},
+     "train.master_weights: true needs bf16 training"),
+    ({"train": {"steps": 10, "cuda_graph": True, "ray": {"use_gpu": True, "num_workers": 2}}},
+     "train.cuda_graph: true needs one GPU worker"),
 ])
 def test_bad_train_params_name_the_key(section, message):
     with pytest.raises(ParamsError, match=None) as e:

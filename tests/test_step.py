@@ -1,0 +1,201 @@
+"""varcore.step: the training step shared by the trainer and the speed benchmark.
+
+The CUDA-graph replay is checked on the GPU (``benchmarks/train_step.py --graph-check``);
+here the eager step's math, its options and the trainer's settings for the graph.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.train_config import TrainParams
+from pipeline.train_loop import load_state, make_optimizer, save_state, TrainState
+from varcore import VAR
+from varcore.master_weights import MasterWeights, adamw_update
+from varcore.step import TrainStep, adamw, var_loss
+
+
+def _batch(cfg, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, cfg.num_classes, (B,), generator=g),
+            torch.randn(B, cfg.L - cfg.first_l, cfg.Cvae, generator=g),
+            torch.randint(0, cfg.vocab_size, (B, cfg.L), generator=g))
+
+
+def test_var_loss_is_the_mean_token_cross_entropy():
+    logits = torch.randn(2, 5, 7, dtype=torch.bfloat16)
+    target = torch.randint(0, 7, (2, 5))
+    want = -torch.log_softmax(logits.float(), -1).gather(-1, target[..., None]).mean()
+    assert var_loss(logits, target).dtype == torch.float32
+    torch.testing.assert_close(var_loss(logits, target), want)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_step_equals_a_hand_written_step(tiny_var_cfg, clip):
+    """Forward, float32 cross-entropy, backward, clipping, AdamW at the given lr, with the
+    random draws (class dropout, drop-path) of the seed set before the call."""
+    cfg = tiny_var_cfg.__class__(**{**tiny_var_cfg.__dict__, "drop_path_rate": 0.2, "cond_drop_rate": 0.5})
+    model = VAR(cfg).train()
+    ref = copy.deepcopy(model)
+    opt = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.05, torch.device("cpu"))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, eps=1e-8)
+    step = TrainStep(model, opt, grad_clip=clip)
+    for s, lr in enumerate([1e-3, 3e-3, 2e-3]):
+        label, x, target = _batch(cfg, 3, s)
+        torch.manual_seed(100 + s)
+        loss, norm = step(label, x, target, lr)
+        torch.manual_seed(100 + s)
+        for g in ref_opt.param_groups:
+            g["lr"] = lr
+        ref_opt.zero_grad(set_to_none=True)
+        ref_loss = F.cross_entropy(ref(label, x).flatten(0, 1), target.flatten())
+        ref_loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) if clip else None
+        ref_opt.step()
+        assert torch.equal(loss, ref_loss.detach())
+        if clip:
+            assert torch.equal(norm, ref_norm) and norm > clip   # the norm before clipping
+        else:
+            assert torch.isnan(norm)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    assert not step.cuda_graph and step.graph is None and step.calls == 3
+
+
+def test_cuda_graph_needs_a_cuda_model(tiny_var):
+    opt = adamw(tiny_var.parameters(), 1e-3, (0.9, 0.95), 0.0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="cuda_graph needs the model on a CUDA device, it is on cpu"):
+        TrainStep(tiny_var, opt, cuda_graph=True)
+
+
+def test_adamw_is_fused_only_on_cuda(tiny_var):
+    assert not adamw(tiny_var.parameters(), 1e-3, (0.9, 0.95), 0.0, torch.device("cpu")).defaults.get("fused")
+    meta = adamw([torch.nn.Parameter(torch.zeros(2, device="meta"))], 1e-3, (0.9, 0.95), 0.0, torch.device("cuda"))
+    assert meta.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("setting, device, world, fsdp, want", [
+    ("auto", "cuda", 1, False, True),
+    ("auto", "cpu", 1, False, False),
+    ("auto", "cuda", 2, False, False),   # DDP: the all-reduce is not captured
+    ("auto", "cuda", 1, True, False),    # FSDP
+    (False, "cuda", 1, False, False),
+])
+def test_trainer_captures_only_one_cuda_worker(setting, device, world, fsdp, want):
+    tp = TrainParams(steps=1, cuda_graph=setting)
+    assert tp.use_cuda_graph(device, world, fsdp) is want
+
+
+def test_checkpoint_keeps_a_tensor_learning_rate(tmp_path, tiny_var):
+    """With a CUDA graph the learning rate is a tensor in the optimizer (the graph reads it);
+    checkpoints save and restore it like a float one."""
+    tp = TrainParams(steps=1)
+    model = tiny_var.train()
+    opt = make_optimizer(model, tp)
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(2e-3)
+    TrainStep(model, opt)(*_batch(model.cfg, 2, 0))
+    save_state(tmp_path, model, opt, TrainState(step=1))
+    model2 = VAR(model.cfg)
+    opt2 = make_optimizer(model2, tp)
+    assert load_state(tmp_path, model2, opt2).step == 1
+    for g in opt2.param_groups:
+        assert float(g["lr"]) == pytest.approx(2e-3)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"], rtol=0, atol=0)
+
+
+# ---- master weights ------------------------------------------------------------------------------
+def test_adamw_reference_is_torch_adamw():
+    """The master-weight update (kernel and reference share its formula) against torch's AdamW."""
+    p = torch.randn(300)
+    q = torch.nn.Parameter(p.clone())
+    opt = torch.optim.AdamW([q], lr=3e-3, betas=(0.9, 0.95), weight_decay=0.05, eps=1e-8, foreach=False)
+    m, v, copy = torch.zeros(300), torch.zeros(300), torch.empty(300, dtype=torch.bfloat16)
+    for step in range(1, 4):
+        g = torch.randn(300)
+        q.grad = g * 0.5
+        opt.step()
+        adamw_update(p, copy, g, m, v, torch.tensor(float(step)), torch.tensor(3e-3), torch.tensor(0.5),
+                     0.9, 0.95, 1e-8, 0.05)
+        torch.testing.assert_close(p, q.detach(), rtol=0, atol=3e-7)   # an ulp or two; a wrong update is ~lr
+        torch.testing.assert_close(m, opt.state[q]["exp_avg"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(v, opt.state[q]["exp_avg_sq"], rtol=1e-6, atol=0)
+        assert torch.equal(copy, p.to(torch.bfloat16))
+
+
+def _wide_cfg(cfg):
+    # width 256: the FFN and AdaLN weights reach MIN_NUMEL and get bf16 copies
+    return cfg.__class__(**{**cfg.__dict__, "width": 256, "num_heads": 4, "drop_path_rate": 0.2,
+                            "cond_drop_rate": 0.5})
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_master_weights_step_is_the_autocast_step(tiny_var_cfg, clip):
+    """bf16 copies with float32 masters in AdamW compute what autocast's casts compute: the same
+    losses and gradient norms, and weights and AdamW state equal to float32 rounding."""
+    cfg = _wide_cfg(tiny_var_cfg)
+    ref = VAR(cfg).train()
+    model = copy.deepcopy(ref)
+    cpu = torch.device("cpu")
+    ref_step = TrainStep(ref, adamw(ref.parameters(), 1e-3, (0.9, 0.95), 0.05, cpu), amp=torch.bfloat16,
+                         grad_clip=clip)
+    opt = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.05, cpu)
+    step = TrainStep(model, opt, amp=torch.bfloat16, grad_clip=clip, master_weights=True)
+    mw = step.master
+    # per block qkv, proj, fc1, fc2, ada_lin; the head's AdaLN (its 64-way head is below MIN_NUMEL)
+    assert len(mw) == 2 * 5 + 1 and {c.dtype for c in mw.copies} == {torch.bfloat16}
+    for s, lr in enumerate([1e-3, 3e-3, 2e-3]):
+        batch = _batch(cfg, 3, s)
+        torch.manual_seed(100 + s)
+        want_loss, want_norm = ref_step(*batch, lr)
+        torch.manual_seed(100 + s)
+        loss, norm = step(*batch, lr)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(norm, want_norm, rtol=1e-5, atol=0, equal_nan=True)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter), name
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-6, msg=name)
+        assert opt.state[p].keys() == ref_step.optim.state[q].keys() == {"step", "exp_avg", "exp_avg_sq"}
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref_step.optim.state[q]["exp_avg"],
+                                   rtol=1e-3, atol=1e-9, msg=name)
+    for c, p in zip(mw.copies, mw.masters):
+        assert torch.equal(c, p.to(torch.bfloat16))
+    assert all(float(opt.state[p]["step"]) == 3 for p in mw.masters)
+
+
+def test_master_weights_swap_restores_the_parameters(tiny_var_cfg):
+    model = VAR(_wide_cfg(tiny_var_cfg))
+    opt = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.0, torch.device("cpu"))
+    mw = MasterWeights(model, opt)
+    fc1 = model.blocks[0].ffn.fc1
+    master = fc1.weight
+    with pytest.raises(RuntimeError, match="boom"):
+        with mw.swapped():
+            assert fc1.weight.dtype == torch.bfloat16 and fc1.weight is not master
+            raise RuntimeError("boom")
+    assert fc1.weight is master and isinstance(master, torch.nn.Parameter)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in VAR(model.cfg).named_parameters()]
+
+
+def test_master_weights_need_autocast_one_device_and_adamw(tiny_var):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="master_weights needs autocast"):
+        TrainStep(tiny_var, adamw(tiny_var.parameters(), 1e-3, (0.9, 0.95), 0.0, cpu), master_weights=True)
+    with pytest.raises(ValueError, match="master_weights needs autocast"):
+        TrainStep(tiny_var, torch.optim.SGD(tiny_var.parameters(), lr=0.1), amp=torch.bfloat16, master_weights=True)
+
+
+@pytest.mark.parametrize("setting, device, world, fsdp, amp, want", [
+    ("auto", "cuda", 1, False, True, True),
+    ("auto", "cuda", 1, False, False, False),   # fp32 training: nothing to cast
+    ("auto", "cpu", 1, False, True, False),
+    ("auto", "cuda", 2, False, True, False),   # DDP reduces registered parameters' gradients only
+    ("auto", "cuda", 1, True, True, False),
+    (False, "cuda", 1, False, True, False),
+])
+def test_trainer_master_weights_only_on_one_cuda_worker(setting, device, world, fsdp, amp, want):
+    assert TrainParams(steps=1, master_weights=setting).use_master_weights(device, world, fsdp, amp) is want

@@ -246,6 +246,15 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           T=100 run benchmarks/official_step.py --official-root .official --case 24:32 $W
           BENCH_TAG=graph T=160 run benchmarks/train_step.py --case 24:32 $W --no-master
           BENCH_TAG=graph_master T=160 run benchmarks/train_step.py --case 24:32 $W ;;
+    # r8-3: official and ours (CUDA graph + master weights, the trainer's one-GPU step) at d16/d20/d24
+    r8_c) W="--warmup 3 --iters 10"
+          T=190 run benchmarks/official_step.py --official-root .official --case 16:64 --case 20:64 --case 24:32 $W
+          T=200 run benchmarks/train_step.py --case 16:64 --case 24:32 $W
+          T=150 run benchmarks/train_step.py --case 20:64 $W ;;
+    # r8-4: GPU numerics (bf16 fast path vs fp32 plain), d30 with 10 blocks recomputed, d24 profile
+    r8_d) T=200 run benchmarks/train_step.py --numerics
+          T=220 run benchmarks/train_step.py --case 30:32:10 --warmup 3 --iters 5
+          T=170 run benchmarks/train_step.py --case 24:32 --warmup 3 --iters 5 --profile --profile-top 40 ;;
     *) python3 "$@"; break ;;
   esac
 done

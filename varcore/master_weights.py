@@ -76,9 +76,10 @@ class MasterWeights:
     def __init__(self, model: nn.Module, optim: torch.optim.Optimizer, dtype: torch.dtype = torch.bfloat16,
                  min_numel: int = MIN_NUMEL):
         group_of = {id(p): g for g in optim.param_groups for p in g["params"]}
-        self.modules = [m for _, m in selected_linears(model, min_numel)]
+        selected = selected_linears(model, min_numel)
+        self.modules = [m for _, m in selected]
         self.masters = [m.weight for m in self.modules]
-        missing = [n for (n, m) in selected_linears(model, min_numel) if id(m.weight) not in group_of]
+        missing = [n for n, m in selected if id(m.weight) not in group_of]
         if missing:
             raise ValueError(f"master weights: the optimizer does not hold {missing[:3]}")
         self.groups = [group_of[id(p)] for p in self.masters]

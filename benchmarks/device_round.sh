@@ -255,6 +255,13 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
     r8_d) T=200 run benchmarks/train_step.py --numerics
           T=220 run benchmarks/train_step.py --case 30:32:10 --warmup 3 --iters 5
           T=170 run benchmarks/train_step.py --case 24:32 --warmup 3 --iters 5 --profile --profile-top 40 ;;
+    # r8-6: after review fixes (capture checks, rounding-exact kernel ops): graph check; d24
+    # official / ours / ours with the trainer's clipping
+    r8_e) W="--warmup 3 --iters 10"
+          T=170 run benchmarks/train_step.py --graph-check
+          T=100 run benchmarks/official_step.py --official-root .official --case 24:32 $W
+          T=160 run benchmarks/train_step.py --case 24:32 $W
+          BENCH_TAG=clip2 T=160 run benchmarks/train_step.py --case 24:32 $W --grad-clip 2.0 ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -1,7 +1,9 @@
 """Training-step speed of VAR at the paper configuration (random weights and data).
 
 One JSON line per case: median ms per step (the trainer's step, ``varcore.step.TrainStep``:
-forward, loss, backward, AdamW, on GPU replayed as one CUDA graph unless ``--eager``; the host
+forward, loss, backward, AdamW, on GPU replayed as one CUDA graph unless ``--eager`` and with
+bf16 master weights unless ``--no-master``; no gradient clipping unless ``--grad-clip``, as the
+official step, where the trainer clips at ``train.grad_clip``); the host
 waits for the GPU after every step, and ``pipelined_*`` repeats it without those waits), tokens/s,
 model FLOP utilisation against the H100's dense bf16 peak (FLOPs from
 ``varcore.flops.var_flops(cfg).train_per_token``, attention counted over the pairs the

@@ -105,6 +105,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_state(directory: Path, model: nn.Module, optim: torch.optim.Optimizer, state: TrainState) -> None:
     """Full (unsharded) state; every rank must call this (FSDP gathers), only rank 0 gets data."""
     msd, osd = get_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for g in osd.get("param_groups", []):   # a CUDA-graph step's settings; the resumed step sets its own
+        if torch.is_tensor(g.get("lr")):
+            g["lr"] = float(g["lr"])
+        g["capturable"] = False
     if msd:
         torch.save({"model": msd, "optim": osd, "state": state.__dict__}, directory / STATE_FILE)
 

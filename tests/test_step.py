@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from pipeline.train_config import TrainParams
 from pipeline.train_loop import load_state, make_optimizer, save_state, TrainState
+import varcore.var as var_mod
 from varcore import VAR
 from varcore.master_weights import MasterWeights, adamw_update
 from varcore.step import TrainStep, adamw, var_loss
@@ -88,24 +89,29 @@ def test_trainer_captures_only_one_cuda_worker(setting, device, world, fsdp, wan
     assert tp.use_cuda_graph(device, world, fsdp) is want
 
 
-def test_checkpoint_keeps_a_tensor_learning_rate(tmp_path, tiny_var):
-    """With a CUDA graph the learning rate is a tensor in the optimizer (the graph reads it);
-    checkpoints save and restore it like a float one."""
+def test_checkpoint_of_a_graph_step_resumes_anywhere(tmp_path, tiny_var):
+    """A CUDA-graph step keeps the learning rate as a tensor and the optimizer capturable;
+    checkpoints store a float and capturable off, so they resume on any device, eagerly."""
     tp = TrainParams(steps=1)
     model = tiny_var.train()
     opt = make_optimizer(model, tp)
     for g in opt.param_groups:
         g["lr"] = torch.tensor(2e-3)
     TrainStep(model, opt)(*_batch(model.cfg, 2, 0))
+    for g in opt.param_groups:
+        g["capturable"] = True   # as TrainStep(cuda_graph=True) sets it
     save_state(tmp_path, model, opt, TrainState(step=1))
-    model2 = VAR(model.cfg)
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)["optim"]["param_groups"]
+    assert all(type(g["lr"]) is float and g["capturable"] is False for g in saved)
+    model2 = VAR(model.cfg).train()
     opt2 = make_optimizer(model2, tp)
     assert load_state(tmp_path, model2, opt2).step == 1
     for g in opt2.param_groups:
-        assert float(g["lr"]) == pytest.approx(2e-3)
+        assert g["lr"] == pytest.approx(2e-3)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
         torch.testing.assert_close(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"], rtol=0, atol=0)
+    TrainStep(model2, opt2)(*_batch(model.cfg, 2, 1), 1e-3)   # resumes on the CPU
 
 
 # ---- master weights ------------------------------------------------------------------------------
@@ -133,11 +139,15 @@ def _wide_cfg(cfg):
                             "cond_drop_rate": 0.5})
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_master_weights_step_is_the_autocast_step(tiny_var_cfg, clip):
+@pytest.mark.parametrize("clip, compiled", [(0.0, False), (0.05, False), (0.05, True)])
+def test_master_weights_step_is_the_autocast_step(tiny_var_cfg, clip, compiled, monkeypatch):
     """bf16 copies with float32 masters in AdamW compute what autocast's casts compute: the same
-    losses and gradient norms, and weights and AdamW state equal to float32 rounding."""
+    losses and gradient norms, and weights and AdamW state equal to float32 rounding; also
+    through the compiled blocks (the swapped weights are graph inputs) with one block recomputed."""
     cfg = _wide_cfg(tiny_var_cfg)
+    if compiled:
+        monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
+        cfg = cfg.__class__(**{**cfg.__dict__, "compile_blocks": True, "checkpointing": 1})
     ref = VAR(cfg).train()
     model = copy.deepcopy(ref)
     cpu = torch.device("cpu")
@@ -160,8 +170,9 @@ def test_master_weights_step_is_the_autocast_step(tiny_var_cfg, clip):
         assert p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter), name
         torch.testing.assert_close(p, q, rtol=0, atol=2e-6, msg=name)
         assert opt.state[p].keys() == ref_step.optim.state[q].keys() == {"step", "exp_avg", "exp_avg_sq"}
-        torch.testing.assert_close(opt.state[p]["exp_avg"], ref_step.optim.state[q]["exp_avg"],
-                                   rtol=1e-3, atol=1e-9, msg=name)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref_step.optim.state[q][key], rtol=1e-3, atol=1e-12,
+                                       msg=f"{name} {key}")
     for c, p in zip(mw.copies, mw.masters):
         assert torch.equal(c, p.to(torch.bfloat16))
     assert all(float(opt.state[p]["step"]) == 3 for p in mw.masters)
@@ -181,8 +192,39 @@ def test_master_weights_swap_restores_the_parameters(tiny_var_cfg):
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in VAR(model.cfg).named_parameters()]
 
 
+def test_master_weights_follow_weights_loaded_after_the_first_step(tiny_var_cfg):
+    """Loading weights into the model after steps ran: the next step computes with them."""
+    cfg = _wide_cfg(tiny_var_cfg)
+    model = VAR(cfg).train()
+    step = TrainStep(model, adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.0, torch.device("cpu")),
+                     amp=torch.bfloat16, master_weights=True)
+    step(*_batch(cfg, 2, 0))
+    other = VAR(cfg).train()
+    model.load_state_dict(other.state_dict())
+    fresh = TrainStep(other, adamw(other.parameters(), 1e-3, (0.9, 0.95), 0.0, torch.device("cpu")),
+                      amp=torch.bfloat16, master_weights=True)
+    torch.manual_seed(5)
+    loss, _ = step(*_batch(cfg, 2, 1))
+    torch.manual_seed(5)
+    want, _ = fresh(*_batch(cfg, 2, 1))
+    assert torch.equal(loss, want)
+
+
 def test_master_weights_need_autocast_one_device_and_adamw(tiny_var):
     cpu = torch.device("cpu")
+
+    class Sharded(torch.nn.Module):   # what FSDP looks like to TrainStep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def clip_grad_norm_(self, max_norm):
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="not DDP/FSDP"):
+        sharded = Sharded(tiny_var)
+        TrainStep(sharded, adamw(sharded.parameters(), 1e-3, (0.9, 0.95), 0.0, cpu), amp=torch.bfloat16,
+                  master_weights=True)
     with pytest.raises(ValueError, match="master_weights needs autocast"):
         TrainStep(tiny_var, adamw(tiny_var.parameters(), 1e-3, (0.9, 0.95), 0.0, cpu), master_weights=True)
     with pytest.raises(ValueError, match="master_weights needs autocast"):

@@ -51,7 +51,7 @@ if triton is not None:
         v = v * beta2 + (1 - beta2) * g * g
         bc1 = 1 - tl.exp2(step * tl.log2(beta1))
         bc2 = 1 - tl.exp2(step * tl.log2(beta2))
-        p = p - (lr / bc1) * (m / (tl.sqrt(v) / tl.sqrt(bc2) + eps))
+        p = p - tl.div_rn(lr, bc1) * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bc2)) + eps)
         tl.store(p_ptr + offs, p, mask=mask)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)

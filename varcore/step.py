@@ -66,6 +66,8 @@ class TrainStep:
         if cuda_graph and eager_steps < 1:
             raise ValueError(f"eager_steps must be >= 1 before a CUDA graph capture, got {eager_steps}")
         wrapped = isinstance(model, (nn.parallel.DistributedDataParallel,)) or hasattr(model, "clip_grad_norm_")
+        if cuda_graph and wrapped:
+            raise ValueError("cuda_graph needs a model on one device (not DDP/FSDP: their communication is not captured)")
         if master_weights and (amp is None or wrapped or not isinstance(optim, torch.optim.AdamW)):
             raise ValueError("master_weights needs autocast (amp), a model on one device (not DDP/FSDP) "
                              "and torch.optim.AdamW")
@@ -81,6 +83,7 @@ class TrainStep:
         self._static_in: tuple[torch.Tensor, ...] = ()
         self._static_out: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lr_tensors: list[torch.Tensor] = []
+        self._master_versions: list[int] = []
         if cuda_graph:
             for g in optim.param_groups:
                 g["capturable"] = True
@@ -136,8 +139,27 @@ class TrainStep:
 
     def __call__(self, label_B: torch.Tensor, x_BlCvae: torch.Tensor, target_BL: torch.Tensor,
                  lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step; the returned tensors of a replayed step are the graph's, overwritten by the next."""
         self._set_lr(lr)
         self.calls += 1
+        if self.master and self._master_versions != [p._version for p in self.master.masters]:
+            self.master.refresh()   # weights loaded into the model since the last step
+        out = self._step(label_B, x_BlCvae, target_BL)
+        self._mark_updated()
+        return out
+
+    def _mark_updated(self) -> None:
+        """Bump the version counters of the weights that a replay or the master-weight kernel
+        rewrote behind autograd's back, so that readers that watch them (the static sampler's
+        weight copy) see the change."""
+        params = list(self.model.parameters()) if self.graph is not None else \
+            (self.master.masters if self.master else [])
+        for p in params:
+            torch.autograd.graph.increment_version(p)
+        if self.master:
+            self._master_versions = [p._version for p in self.master.masters]
+
+    def _step(self, label_B: torch.Tensor, x_BlCvae: torch.Tensor, target_BL: torch.Tensor):
         if not self.cuda_graph:
             self._zero_grad()
             return self._body(label_B, x_BlCvae, target_BL)
@@ -154,7 +176,10 @@ class TrainStep:
                 self._zero_grad()
                 return self._body(label_B, x_BlCvae, target_BL)
         self._check_captured_state()
-        for buf, x in zip(self._static_in, (label_B, x_BlCvae, target_BL)):
+        for name, buf, x in zip(("label_B", "x_BlCvae", "target_BL"), self._static_in, (label_B, x_BlCvae, target_BL)):
+            if x.shape != buf.shape or x.dtype != buf.dtype:
+                raise ValueError(f"the CUDA-graph step was captured with {name} {tuple(buf.shape)} {buf.dtype}, "
+                                 f"got {tuple(x.shape)} {x.dtype}: the batch shape must stay fixed")
             buf.copy_(x, non_blocking=True)
         self.graph.replay()
         return self._static_out
@@ -168,7 +193,10 @@ class TrainStep:
         with torch.cuda.stream(side):
             self._zero_grad()
             out = self._body(*batch)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(side)
+        for t in out:   # read on the main stream: not to be reused by the side stream before then
+            t.record_stream(main)
         return out
 
     def _capture(self, *batch: torch.Tensor) -> None:
@@ -176,9 +204,16 @@ class TrainStep:
         self._zero_grad()   # backward in the graph writes (not adds) the grads
         torch.cuda.empty_cache()   # the eager steps' cached blocks; the graph has its own pool
         self._static_in = tuple(x.clone() for x in batch)
+        had_state = {p for p, st in self.optim.state.items() if st}
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._static_out = self._body(*self._static_in)
+        new = [p for p, st in self.optim.state.items() if st and p not in had_state]
+        if new:   # made inside the capture: never initialised, and a replay would reset it every step
+            for p in new:
+                del self.optim.state[p]
+            raise RuntimeError(f"{len(new)} parameters got their first gradient during the capture, not in the "
+                               f"{self.eager_steps} eager steps before it")
         self._lr_tensors = [g["lr"] for g in self.optim.param_groups]
         log.info("captured the training step as one CUDA graph after %d eager steps", self.calls - 1)
 

@@ -262,6 +262,10 @@ for k in ("triton.mix_order_reduction", "aggressive_fusion", "triton.cudagraphs"
           T=100 run benchmarks/official_step.py --official-root .official --case 24:32 $W
           T=160 run benchmarks/train_step.py --case 24:32 $W
           BENCH_TAG=clip2 T=160 run benchmarks/train_step.py --case 24:32 $W --grad-clip 2.0 ;;
+    # r8-7: a checkpointed and resumed one-GPU run (graph, master weights) against a straight one
+    # (pipeline.train_loop's checkpoint code needs tqdm and PyYAML: wheels carried in .whl/)
+    r8_f) python3 -c 'import tqdm, yaml' 2>/dev/null || pip install -q --no-index --find-links .whl tqdm pyyaml
+          T=300 run benchmarks/train_step.py --resume-check ;;
     *) python3 "$@"; break ;;
   esac
 done

@@ -13,6 +13,7 @@ block-causal mask allows), and peak allocated memory.
     PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --plain     # dense mask, eager, foreach AdamW
     PYTHONPATH=. python benchmarks/train_step.py --numerics               # bf16 fast path vs fp32 plain loss
     PYTHONPATH=. python benchmarks/train_step.py --graph-check            # CUDA-graph replays vs eager steps
+    PYTHONPATH=. python benchmarks/train_step.py --resume-check           # checkpoint + resume vs a straight run
 
 A case is ``depth:batch[:checkpointed_blocks]``.
 """
@@ -25,6 +26,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -199,6 +201,51 @@ def graph_check(args, device: torch.device) -> dict:
     return {**rec, **env()}
 
 
+def resume_check(args, device: torch.device, steps: int = 6, cut: int = 3) -> dict:
+    """The trainer's one-GPU step (CUDA graph, master weights, clipping) through ``steps`` steps
+    straight, against ``cut`` steps, a checkpoint written and read by the trainer's code
+    (``pipeline.train_loop.save_state`` / ``load_state``) into a fresh model and optimizer, and
+    the remaining steps: losses and final weights should agree exactly."""
+    from pipeline.train_config import TrainParams
+    from pipeline.train_loop import TrainState, load_state, make_optimizer, save_state
+
+    cuda = device.type == "cuda"   # elsewhere: the eager float32 step (tests run it on the CPU)
+    tp = TrainParams(steps=steps, grad_clip=2.0)
+    torch.manual_seed(0)
+    cfg = VARConfig(depth=args.numerics_depth)
+    init = VAR(cfg).state_dict()
+
+    def fresh():
+        model = VAR(cfg).to(device).train()
+        model.load_state_dict(init)
+        return model, make_optimizer(model, tp)
+
+    def run(model, opt, first, last):
+        ts = TrainStep(model, opt, amp=torch.bfloat16 if cuda else None, grad_clip=tp.grad_clip, cuda_graph=cuda,
+                       master_weights=cuda)
+        losses = []
+        for s in range(first, last):
+            torch.manual_seed(1000 + s)
+            losses.append(ts(*batch_of(cfg, args.numerics_batch, device, seed=s), lr=1e-4 * (s + 1))[0].item())
+        return losses, ts.graph is not None
+
+    straight, opt_straight = fresh()
+    want, _ = run(straight, opt_straight, 0, steps)
+    model, opt = fresh()
+    got, captured_a = run(model, opt, 0, cut)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(Path(tmp), model, opt, TrainState(step=cut))
+        model, opt = fresh()
+        load_state(Path(tmp), model, opt)
+    rest, captured_b = run(model, opt, cut, steps)
+    got += rest
+    return {"bench": "train_resume_check", "depth": cfg.depth, "batch": args.numerics_batch, "steps": steps,
+            "cut": cut, "captured": [captured_a, captured_b], "loss_straight": [round(x, 5) for x in want],
+            "max_loss_diff": max(abs(a - b) for a, b in zip(want, got)),
+            "max_weight_diff": max((a - b).abs().max().item()
+                                   for a, b in zip(straight.parameters(), model.parameters())), **env()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", default=[], help="depth:batch[:checkpointed_blocks]")
@@ -233,6 +280,8 @@ def main(argv=None):
     ap.add_argument("--numerics-steps", type=int, default=30)
     ap.add_argument("--numerics-lr", type=float, default=3e-4)
     ap.add_argument("--graph-check-steps", type=int, default=6)
+    ap.add_argument("--resume-check", action="store_true",
+                    help="also check that a checkpointed and resumed one-GPU run equals a straight one")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -254,6 +303,8 @@ def main(argv=None):
         emit(numerics(args, device))
     if args.graph_check:
         emit(graph_check(args, device))
+    if args.resume_check:
+        emit(resume_check(args, device))
 
 
 if __name__ == "__main__":

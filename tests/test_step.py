@@ -241,3 +241,18 @@ def test_master_weights_need_autocast_one_device_and_adamw(tiny_var):
 ])
 def test_trainer_master_weights_only_on_one_cuda_worker(setting, device, world, fsdp, amp, want):
     assert TrainParams(steps=1, master_weights=setting).use_master_weights(device, world, fsdp, amp) is want
+
+
+def test_a_resumed_run_equals_a_straight_one(monkeypatch):
+    """benchmarks/train_step.py --resume-check on the CPU (on a GPU it runs the CUDA graph and
+    master weights): 3 steps, the trainer's checkpoint, a fresh model and optimizer loaded from
+    it, 3 more steps, against 6 straight steps, with clipping and a changing learning rate."""
+    import argparse
+    import sys
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("train_step", None)
+    from train_step import resume_check
+    rec = resume_check(argparse.Namespace(numerics_depth=1, numerics_batch=2), torch.device("cpu"))
+    assert rec["steps"] == 6 and len(rec["loss_straight"]) == 6 and rec["loss_straight"][0] > 8
+    assert rec["max_loss_diff"] == 0.0 and rec["max_weight_diff"] == 0.0

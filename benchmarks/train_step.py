@@ -167,6 +167,18 @@ def numerics(args, device: torch.device) -> dict:
             "loss_drop_fp32": round(l32[0] - l32[-1], 4), **env()}
 
 
+def check_steps(ts: TrainStep, cfg: VARConfig, B: int, device: torch.device, first: int, last: int
+                ) -> list[tuple[float, float]]:
+    """Steps ``first..last-1`` of the checks' schedule: batch, seed and learning rate (1e-4 per
+    step so far) all follow the step index. (loss, gradient norm) per step."""
+    out = []
+    for s in range(first, last):
+        torch.manual_seed(1000 + s)
+        loss, norm = ts(*batch_of(cfg, B, device, seed=s), lr=1e-4 * (s + 1))
+        out.append((loss.item(), norm.item()))
+    return out
+
+
 def graph_check(args, device: torch.device) -> dict:
     """The trainer's step three ways from the same weights through the same batches, learning
     rates and per-step seeds (class dropout, drop-path and gradient clipping on): eager with
@@ -182,12 +194,7 @@ def graph_check(args, device: torch.device) -> dict:
             init = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(init)
         ts = TrainStep(model, opt, amp=torch.bfloat16, grad_clip=2.0, cuda_graph=graph, master_weights=master)
-        out = []
-        for s in range(steps):
-            torch.manual_seed(1000 + s)
-            loss, norm = ts(*batch_of(model.cfg, B, device, seed=s), lr=1e-4 * (s + 1))
-            out.append((loss.item(), norm.item()))
-        runs[arm] = (model, out, ts.graph is not None)
+        runs[arm] = (model, check_steps(ts, model.cfg, B, device, 0, steps), ts.graph is not None)
     rec = {"bench": "train_graph_check", "depth": depth, "batch": B, "steps": steps,
            "loss_eager": [round(x[0], 5) for x in runs["eager"][1]]}
     m_ref, ref, _ = runs["eager"]
@@ -223,11 +230,7 @@ def resume_check(args, device: torch.device, steps: int = 6, cut: int = 3) -> di
     def run(model, opt, first, last):
         ts = TrainStep(model, opt, amp=torch.bfloat16 if cuda else None, grad_clip=tp.grad_clip, cuda_graph=cuda,
                        master_weights=cuda)
-        losses = []
-        for s in range(first, last):
-            torch.manual_seed(1000 + s)
-            losses.append(ts(*batch_of(cfg, args.numerics_batch, device, seed=s), lr=1e-4 * (s + 1))[0].item())
-        return losses, ts.graph is not None
+        return [loss for loss, _ in check_steps(ts, cfg, args.numerics_batch, device, first, last)], ts.graph is not None
 
     straight, opt_straight = fresh()
     want, _ = run(straight, opt_straight, 0, steps)

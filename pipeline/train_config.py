@@ -139,12 +139,16 @@ class TrainParams:
     def use_cuda_graph(self, device_type: str, world: int, fsdp: bool) -> bool:
         """Whether a worker captures its step as a CUDA graph (varcore.step.TrainStep): one
         CUDA worker without FSDP (data-parallel communication is not captured)."""
-        return self.cuda_graph is not False and device_type == "cuda" and world == 1 and not fsdp
+        return self.cuda_graph is not False and _one_cuda_worker(device_type, world, fsdp)
 
     def use_master_weights(self, device_type: str, world: int, fsdp: bool, amp: bool) -> bool:
         """Whether a worker computes with bf16 weight copies (varcore.master_weights): one CUDA
         worker without FSDP (DDP reduces only registered parameters' gradients), under autocast."""
-        return self.master_weights is not False and device_type == "cuda" and world == 1 and not fsdp and amp
+        return self.master_weights is not False and amp and _one_cuda_worker(device_type, world, fsdp)
+
+
+def _one_cuda_worker(device_type: str, world: int, fsdp: bool) -> bool:
+    return device_type == "cuda" and world == 1 and not fsdp
 
 
 def load_var_params(params: dict[str, Any], file: str = PARAMS_FILE) -> VarParams:

@@ -86,7 +86,7 @@ class MasterWeights:
         for g in optim.param_groups:
             if g.get("amsgrad") or g.get("maximize"):
                 raise ValueError("master weights implement plain AdamW (amsgrad and maximize off)")
-        self.optim, self.dtype = optim, dtype
+        self.optim = optim
         self.copies = [p.detach().to(dtype).requires_grad_() for p in self.masters]
         dev = self.masters[0].device if self.masters else torch.device("cpu")
         self._one = torch.ones((), device=dev)
@@ -139,7 +139,7 @@ class MasterWeights:
     def step(self, coef: torch.Tensor | None = None) -> None:
         """AdamW on the masters from the copies' gradients times ``coef`` (clipping), then new copies."""
         coef = self._one if coef is None else coef
-        states = [self._state(p) for p, c in zip(self.masters, self.copies)]
+        states = [self._state(p) for p in self.masters]
         live = [i for i, c in enumerate(self.copies) if c.grad is not None]
         if not live:
             return

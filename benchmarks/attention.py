@@ -1,8 +1,9 @@
 """Block-causal attention alone, forward + backward, at a paper-config layer's shapes.
 
-Compares the forms ``varcore.var.attend`` accepts: the dense bool mask (SDPA's own kernel
-choice, or cuDNN, which takes the mask as an additive bias), the FlexAttention block mask,
-and ``ScaleSplit`` (the first n scales in one masked call, then one unmasked call per
+Compares the block-causal attention kernels an execution plan can choose: the dense bool mask
+(``varcore.var.BlockCausalAttention``: SDPA's own kernel choice, or cuDNN, which takes the mask
+as an additive bias), the FlexAttention block mask (``varcore.fast.attention.FlexBlockCausal``)
+and ``ScaleSplitAttention`` (the first n scales in one masked call, then one unmasked call per
 scale) with each SDPA kernel for the unmasked calls. Everything runs compiled, as in
 training. One JSON line per variant: median ms, TFLOP/s over the pairs the mask allows,
 and the three device kernels that take the most time.
@@ -23,23 +24,24 @@ from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import emit, env, summary, time_ms, top_kernels  # noqa: E402
-from varcore import PAPER_PATCH_NUMS  # noqa: E402
-import varcore.flex as flex_mod  # noqa: E402
-from varcore.flops import attention_pairs  # noqa: E402
-from varcore.var import SDPA_BACKENDS, ScaleSplit, attend, block_causal_mask, flex_block_mask  # noqa: E402
+from varcore.fast import flex as flex_mod  # noqa: E402
+from varcore.fast.attention import SDPA_BACKENDS, FlexBlockCausal, ScaleSplitAttention  # noqa: E402
+from varcore.scales import PAPER_PATCH_NUMS, ScaleLayout  # noqa: E402
+from varcore.var import BlockCausalAttention  # noqa: E402
 
 
 def variants(pn: tuple[int, ...], dev: torch.device) -> dict:
-    """name -> (mask form, SDPA backends for the whole call or None)."""
-    dense = block_causal_mask(pn).to(dev)
+    """name -> (attention kernel module, SDPA backends for the whole call or None)."""
+    dense = BlockCausalAttention(pn).to(dev)
+    flex128 = FlexBlockCausal(pn, dev)
+    flex128.block_mask = flex_mod.flex_block_mask(pn, str(dev), 128)                  # flex's default tiles
     out = {"dense": (dense, None), "dense_cudnn": (dense, ["cudnn"]),
-           "flex": (flex_block_mask(pn, str(dev), flex_mod.mask_block()), None),     # the model's mask
-           "flex128": (flex_block_mask(pn, str(dev), 128), None)}                    # flex's default tiles
+           "flex": (FlexBlockCausal(pn, dev), None), "flex128": (flex128, None)}      # flex: the plan's kernel
     for prefix in (1, 7, 8, 9):
         for kernel in ("cudnn", "flash", "efficient"):
-            backends = [SDPA_BACKENDS[b] for b in (kernel, "efficient", "math")]
-            out[f"split{prefix}_{kernel}"] = (ScaleSplit.build(pn, prefix, dev, backends), None)
-        out[f"split{prefix}_fa4"] = (ScaleSplit.build(pn, prefix, dev, fa4=True), None)   # flash-attn-4
+            out[f"split{prefix}_{kernel}"] = (ScaleSplitAttention(pn, prefix, (kernel, "efficient", "math")).to(dev),
+                                              None)
+        out[f"split{prefix}_fa4"] = (ScaleSplitAttention(pn, prefix, ("fa4",)).to(dev), None)   # flash-attn-4
     return out
 
 
@@ -54,22 +56,22 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     H, c, pn = args.depth, 64, PAPER_PATCH_NUMS
-    L = sum(p * p for p in pn)
+    L = ScaleLayout(pn).L
     # (B, L, H, c) storage seen as (B, H, L, c), the layout the model's qkv projection gives
     q, k, v = (torch.randn(args.batch, L, H, c, device=dev, dtype=torch.bfloat16).transpose(1, 2)
                .requires_grad_() for _ in range(3))
     grad = torch.randn_like(q)
-    flops = 3 * 4 * c * attention_pairs(pn) * args.batch * H   # fwd + 2x bwd, QK^T and AV
+    flops = 3 * 4 * c * ScaleLayout(pn).attention_pairs() * args.batch * H   # fwd + 2x bwd, QK^T and AV
 
-    def run(q, k, v, mask, backends):
+    def run(q, k, v, core, backends):
         if backends is None:
-            return attend(q, k, v, mask, 0.0, 1.0)
+            return core(q, k, v, 0.0, 1.0)
         with sdpa_kernel([SDPA_BACKENDS[b] for b in backends]):
-            return attend(q, k, v, mask, 0.0, 1.0)
+            return core(q, k, v, 0.0, 1.0)
 
     # float32 dense-mask reference: output and gradients
     qkv32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = attend(*qkv32, block_causal_mask(pn).to(dev), 0.0, 1.0)
+    ref = BlockCausalAttention(pn).to(dev)(*qkv32, 0.0, 1.0)
     ref_grads = torch.autograd.grad(ref, qkv32, grad.float())
     ref = ref.detach()
     forms = variants(pn, dev)
@@ -99,7 +101,7 @@ def main(argv=None):
             top = [r["kernel"][:60] for r in top_kernels(step, dev, steps=1, top=3)]
             emit({"bench": "attention", "variant": name, "depth": args.depth, "batch": args.batch, **s,
                   "tflops": round(flops / (s["ms_median"] / 1e3) / 1e12, 1), "rel_err_vs_fp32": round(err, 5), **grad_errs,
-                  "mask_block": list(getattr(mask, "BLOCK_SIZE", ())) or None,
+                  "mask_block": list(getattr(getattr(mask, "block_mask", None), "BLOCK_SIZE", ())) or None,
                   "top_kernels": top,
                   "flex_options": flex_options[name], **env()})
         except Exception as e:

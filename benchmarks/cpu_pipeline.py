@@ -1,6 +1,6 @@
-"""Wall time of the default profile's data -> tokenizer -> tokenize stages on this machine.
+"""Wall time of the default profile's data -> train_tokenizer -> encode_tokens stages on this machine.
 
-Runs each stage as `python -m pipeline.<stage>` (as `dvc repro` does) into a scratch
+Runs each stage as `python -m pipeline.stages.<stage>` (as `dvc repro` does) into a scratch
 directory with a scratch MLflow store, and prints one JSON line per figure: seconds per
 stage, the total, the tokenizer's validation PSNR and codebook usage, tokenize throughput.
 
@@ -34,17 +34,17 @@ def main() -> None:
     p = ["--params", args.params]
     stages = {
         "data": p + ["--out", f"{work}/images", "--metrics", f"{work}/data.json"],
-        "tokenizer": p + ["--data", f"{work}/images", "--out", f"{work}/tokenizer.pt",
-                          "--metrics", f"{work}/tokenizer.json", "--recon", f"{work}/recon.png",
-                          "--state", f"{work}/state.pt"],
-        "tokenize": p + ["--tokenizer", f"{work}/tokenizer.pt", "--data", f"{work}/images",
-                         "--out", f"{work}/tokens", "--metrics", f"{work}/tokenize.json"],
+        "train_tokenizer": p + ["--images", f"{work}/images", "--out", f"{work}/tokenizer.pt",
+                                "--metrics", f"{work}/tokenizer.json", "--recon", f"{work}/recon.png",
+                                "--state", f"{work}/state.pt"],
+        "encode_tokens": p + ["--tokenizer", f"{work}/tokenizer.pt", "--images", f"{work}/images",
+                              "--out", f"{work}/tokens", "--metrics", f"{work}/encode_tokens.json"],
     }
     common = {"machine": platform.node(), "cpus": os.cpu_count(), "params": args.params}
     total = 0.0
     for stage, stage_args in stages.items():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *stage_args], env=env, check=True,
+        subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage}", *stage_args], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dt = time.perf_counter() - t0
         total += dt
@@ -56,7 +56,7 @@ def main() -> None:
          codebook_used_per_scale=[round(u, 3) for u in tok["codebook_used"]],
          codebook_perplexity_per_scale=[round(u, 1) for u in tok["codebook_perplexity"]],
          steps=tok["steps"], images_seen=tok["images_seen"], **common)
-    tz = json.loads((work / "tokenize.json").read_text())
+    tz = json.loads((work / "encode_tokens.json").read_text())
     emit(figure="tokenize_throughput", images_per_second=round(tz["images_per_second"], 1),
          encode_fraction=round(tz["encode_fraction"], 3), **common)
 

@@ -1,5 +1,5 @@
 """One FFN (fc1, tanh GELU, fc2) at the paper shapes: the GELU in the matmul epilogues
-(``varcore.fused_mlp``) against the plain modules, forward + backward, compiled, bf16
+(``varcore.fast.fused_mlp``) against the plain modules, forward + backward, compiled, bf16
 autocast over float32 weights as in training. Also checks the fused ops' outputs and
 gradients against the plain path and against float32.
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import emit, env, summary, time_ms  # noqa: E402
-from varcore import cublaslt, fused_mlp  # noqa: E402
+from varcore.fast import cublaslt, fused_mlp  # noqa: E402
 from varcore.var import FFN, PAPER_PATCH_NUMS  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def main(argv=None):
     ref = torch.autograd.grad(ref_y, [x, *ffn.parameters()], dy.double())
     ffn.float()
     for arm, fused in (("plain", False), ("fused", True)):
-        fn = torch.compile(lambda x, fused=fused: ffn(x, fused))
+        fn = torch.compile(fused_mlp.FusedFFN.of(ffn) if fused else ffn)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):

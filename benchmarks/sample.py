@@ -25,7 +25,7 @@ from bench_utils import PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time
 from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402
-from varcore.static_sampler import release_static_engine  # noqa: E402
+from varcore.fast.static_sampler import release_static_engine  # noqa: E402
 
 
 def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> dict:

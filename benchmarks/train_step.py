@@ -10,7 +10,7 @@ model FLOP utilisation against the H100's dense bf16 peak (FLOPs from
 block-causal mask allows), and peak allocated memory.
 
     PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --case 30:32:30
-    PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --plain     # dense mask, eager, foreach AdamW
+    PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --plain     # the plain plan: dense mask, eager, foreach AdamW
     PYTHONPATH=. python benchmarks/train_step.py --numerics               # bf16 fast path vs fp32 plain loss
     PYTHONPATH=. python benchmarks/train_step.py --graph-check            # CUDA-graph replays vs eager steps
     PYTHONPATH=. python benchmarks/train_step.py --resume-check           # checkpoint + resume vs a straight run
@@ -35,19 +35,40 @@ import torch._inductor.config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
                          gpu_gaps, top_kernels)
-import varcore.flex as flex_mod  # noqa: E402
-import varcore.var as var_mod  # noqa: E402
+import varcore.fast.flex as flex_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
+from varcore.fast.plan import ExecutionPlan, apply_plan  # noqa: E402
 from varcore.step import TrainStep, adamw  # noqa: E402
 
+PLAIN = dict(attention="dense", mlp="plain", compile=False, cuda_graph=False, master_weights=False)
 
-def build(depth: int, batch: int, device: torch.device, plain: bool, checkpointing: int, attn_impl: str,
-          **cfg_kw) -> tuple[VAR, torch.optim.Optimizer]:
-    cfg = VARConfig(depth=depth, checkpointing=checkpointing,
-                    attn_impl="dense" if plain else attn_impl,
-                    compile_blocks=False if plain else None, **cfg_kw)
-    model = VAR(cfg).to(device).train()
-    return model, paper_adamw(model, batch, device, fused=device.type == "cuda" and not plain)
+
+def plan_choices(args) -> dict:
+    """The execution plan the flags ask for (the trainer's ``auto`` plan unless told otherwise)."""
+    if getattr(args, "plain", False):
+        return dict(PLAIN)
+    out = {"attention": args.attn_impl}
+    if args.mlp_impl is not None:
+        out["mlp"] = args.mlp_impl
+    if args.attn_prefix_scales is not None:
+        out["attn_prefix_scales"] = args.attn_prefix_scales
+    if args.attn_backends:
+        out["attn_backends"] = tuple(args.attn_backends.split(","))
+    if args.eager:
+        out["cuda_graph"] = False
+    if args.no_master:
+        out["master_weights"] = False
+    return out
+
+
+def build(depth: int, batch: int, device: torch.device, choices: dict, checkpointing: int = 0,
+          amp=torch.bfloat16, **cfg_kw) -> tuple[VAR, torch.optim.Optimizer, ExecutionPlan]:
+    """The model under the resolved execution plan, as the trainer builds it, and the paper's AdamW."""
+    cfg = VARConfig(depth=depth, **cfg_kw)
+    plan = ExecutionPlan(**{**choices, "checkpointing": checkpointing}).resolve(cfg, device, training=True, amp=amp)
+    model = apply_plan(VAR(cfg).to(device).train(), plan)
+    fused = device.type == "cuda" and choices != PLAIN
+    return model, paper_adamw(model, batch, device, fused=fused), plan
 
 
 def paper_adamw(model: torch.nn.Module, batch: int, device: torch.device, fused: bool) -> torch.optim.AdamW:
@@ -70,43 +91,38 @@ def batch_of(cfg: VARConfig, B: int, device: torch.device, seed: int = 0):
 
 
 def make_step(model, opt, data, amp: torch.dtype | None, cuda_graph: bool = False, grad_clip: float = 0.0,
-              master_weights: bool = False):
+              master_weights: bool = False, compile_loss: bool = False):
     """The trainer's step (``varcore.step.TrainStep``) on a fixed batch, as a no-argument call."""
     train_step = TrainStep(model, opt, amp=amp, grad_clip=grad_clip, cuda_graph=cuda_graph,
-                           master_weights=master_weights)
+                           master_weights=master_weights, compile_loss=compile_loss)
     step = lambda: train_step(*data)[0]  # noqa: E731
     step.train_step = train_step
     return step
 
 
-def attn_kw(args) -> dict:
-    kw = {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
-    if args.mlp_impl is not None:
-        kw["mlp_impl"] = args.mlp_impl
-    if args.attn_prefix_scales is not None:
-        kw["attn_prefix_scales"] = args.attn_prefix_scales
-    if args.attn_backends:
-        kw["attn_backends"] = tuple(args.attn_backends.split(","))
-    return kw
+def plan_step(model, opt, data, plan: ExecutionPlan, amp=torch.bfloat16, grad_clip: float = 0.0):
+    """:func:`make_step` as the plan asks (CUDA graph, master weights, compiled loss)."""
+    return make_step(model, opt, data, amp, plan.cuda_graph, grad_clip, plan.master_weights, plan.compile)
+
+
+def cfg_kw(args) -> dict:
+    return {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
 
 
 def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> dict:
     reset_peak(device)
-    graph = device.type == "cuda" and not (args.plain or args.eager)   # as the trainer runs one GPU
-    master = device.type == "cuda" and not (args.plain or args.no_master)
-    rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **attn_kw(args),
-           "cuda_graph": graph, "master_weights": master, "grad_clip": args.grad_clip,
-           "inductor": args.inductor,
+    rec = {"bench": "train_step", "depth": depth, "batch": batch, "plain": args.plain, **cfg_kw(args),
+           "grad_clip": args.grad_clip, "inductor": args.inductor,
            "flex_options": flex_mod.FLEX_KERNEL_OPTIONS or "inductor default",
            "flex_mask_block": flex_mod.mask_block(),
            "max_autotune": os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE") == "1",
            **env()}
     try:
-        model, opt = build(depth, batch, device, args.plain, ckpt, args.attn_impl, **attn_kw(args))
+        model, opt, plan = build(depth, batch, device, plan_choices(args), ckpt, **cfg_kw(args))
         cfg = model.cfg
-        step = make_step(model, opt, batch_of(cfg, batch, device), torch.bfloat16, graph, args.grad_clip, master)
+        step = plan_step(model, opt, batch_of(cfg, batch, device), plan, grad_clip=args.grad_clip)
         # graph: two eager calls, then the capture; timing starts after it
-        times = time_ms(step, device, max(args.warmup, 3) if graph else args.warmup, args.iters)
+        times = time_ms(step, device, max(args.warmup, 3) if plan.cuda_graph else args.warmup, args.iters)
         pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], checkpointing=ckpt, peak_gib=peak_gib(device))
@@ -123,16 +139,14 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     s = summary(times)
     flops = var_flops(cfg)
     tokens_per_s, mfu = rates(cfg, batch, s["ms_median"])
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        mlp_fused = model.mlp_fused(torch.empty(0, device=device))
     ts = step.train_step
-    rec.update(cuda_graph=ts.graph is not None, **({"capture_error": ts.capture_error[:300]} if ts.capture_error else {}))
-    rec.update(attn_impl=model.attn_impl(device), compiled=model.compiled(device), checkpointing=ckpt,
-               residual_dtype=cfg.residual_dtype, mlp_fused=mlp_fused,
-               fused_adamw=bool(opt.defaults.get("fused")), **s, tokens_per_s=round(tokens_per_s),
+    rec.update(plan=plan.as_dict(), cuda_graph=ts.graph is not None, master_weights=ts.master is not None,
+               **({"capture_error": ts.capture_error[:300]} if ts.capture_error else {}))
+    rec.update(residual_dtype=cfg.residual_dtype, fused_adamw=bool(opt.defaults.get("fused")), **s,
+               tokens_per_s=round(tokens_per_s),
                tflops=round(tokens_per_s * flops.train_per_token / 1e12, 1),
                mfu=round(mfu, 4), peak_gib=peak_gib(device))
-    if pipelined:   # no host synchronisation between steps (pipeline.train_loop runs like this on GPU)
+    if pipelined:   # no host synchronisation between steps (the trainer runs like this on GPU)
         p = summary(pipelined)["ms_median"]
         p_tokens_per_s, p_mfu = rates(cfg, batch, p)
         rec.update(pipelined_ms_median=p, pipelined_tokens_per_s=round(p_tokens_per_s), pipelined_mfu=round(p_mfu, 4))
@@ -143,25 +157,22 @@ def numerics(args, device: torch.device) -> dict:
     """Same init, same fixed batch: fp32 plain path vs the bf16 fast path, loss per step."""
     depth, B, steps = args.numerics_depth, args.numerics_batch, args.numerics_steps
     kw = dict(drop_path_rate=0.0, cond_drop_rate=0.0)   # no randomness, so the curves are comparable
-    fast_kw = attn_kw(args)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    ref, ref_opt = build(depth, B, device, True, 0, "dense", **kw)
-    fast, fast_opt = build(depth, B, device, False, 0, args.attn_impl, **kw, **fast_kw)
+    ref, ref_opt, ref_plan = build(depth, B, device, PLAIN, amp=None, **kw)
+    fast, fast_opt, plan = build(depth, B, device, plan_choices(args), **kw, **cfg_kw(args))
     fast.load_state_dict(ref.state_dict())
     for o in (ref_opt, fast_opt):
         o.param_groups[0]["lr"] = args.numerics_lr
     data = batch_of(ref.cfg, B, device, seed=1)
-    ref_step = make_step(ref, ref_opt, data, None)
-    cuda = device.type == "cuda"
-    fast_step = make_step(fast, fast_opt, data, torch.bfloat16, cuda and not args.eager, 0.0, cuda and not args.no_master)
+    ref_step = plan_step(ref, ref_opt, data, ref_plan, amp=None)
+    fast_step = plan_step(fast, fast_opt, data, plan)
     l32 = [ref_step().item() for _ in range(steps)]
     l16 = [fast_step().item() for _ in range(steps)]
     diff = [abs(a - b) for a, b in zip(l32, l16)]
     return {"bench": "train_numerics", "depth": depth, "batch": B, "steps": steps, "lr": args.numerics_lr,
-            "fast_attn_impl": fast.attn_impl(device), "fast_compiled": fast.compiled(device),
-            "fast_residual_dtype": fast.cfg.residual_dtype, "fast_mlp_impl": fast.cfg.mlp_impl,
+            "fast_plan": plan.as_dict(), "fast_residual_dtype": fast.cfg.residual_dtype,
             "loss_fp32": [round(x, 4) for x in l32], "loss_bf16": [round(x, 4) for x in l16],
             "max_abs_diff": round(max(diff), 4), "max_rel_diff": round(max(d / a for d, a in zip(diff, l32)), 5),
             "loss_drop_fp32": round(l32[0] - l32[-1], 4), **env()}
@@ -189,11 +200,12 @@ def graph_check(args, device: torch.device) -> dict:
     torch.manual_seed(0)
     runs, init = {}, None
     for arm, graph, master in (("eager", False, False), ("graph", True, False), ("graph_master", True, True)):
-        model, opt = build(depth, B, device, False, 0, args.attn_impl, **attn_kw(args))
+        model, opt, plan = build(depth, B, device, {**plan_choices(args), "cuda_graph": graph,
+                                                    "master_weights": master}, **cfg_kw(args))
         if init is None:
             init = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(init)
-        ts = TrainStep(model, opt, amp=torch.bfloat16, grad_clip=2.0, cuda_graph=graph, master_weights=master)
+        ts = TrainStep.from_plan(model, opt, plan, amp=torch.bfloat16, grad_clip=2.0)
         runs[arm] = (model, check_steps(ts, model.cfg, B, device, 0, steps), ts.graph is not None)
     rec = {"bench": "train_graph_check", "depth": depth, "batch": B, "steps": steps,
            "loss_eager": [round(x[0], 5) for x in runs["eager"][1]]}
@@ -211,25 +223,25 @@ def graph_check(args, device: torch.device) -> dict:
 def resume_check(args, device: torch.device, steps: int = 6, cut: int = 3) -> dict:
     """The trainer's one-GPU step (CUDA graph, master weights, clipping) through ``steps`` steps
     straight, against ``cut`` steps, a checkpoint written and read by the trainer's code
-    (``pipeline.train_loop.save_state`` / ``load_state``) into a fresh model and optimizer, and
+    (``pipeline.training.worker.save_state`` / ``load_state``) into a fresh model and optimizer, and
     the remaining steps: losses and final weights should agree exactly."""
-    from pipeline.train_config import TrainParams
-    from pipeline.train_loop import TrainState, load_state, make_optimizer, save_state
+    from pipeline.training.config import TrainParams
+    from pipeline.training.worker import TrainState, load_state, make_optimizer, save_state
 
-    cuda = device.type == "cuda"   # elsewhere: the eager float32 step (tests run it on the CPU)
+    amp = torch.bfloat16 if device.type == "cuda" else None   # elsewhere: the eager float32 step (tests run it)
     tp = TrainParams(steps=steps, grad_clip=2.0)
     torch.manual_seed(0)
     cfg = VARConfig(depth=args.numerics_depth)
     init = VAR(cfg).state_dict()
+    plan = ExecutionPlan().resolve(cfg, device, training=True, amp=amp)   # the trainer's plan on one device
 
     def fresh():
-        model = VAR(cfg).to(device).train()
+        model = apply_plan(VAR(cfg).to(device).train(), plan)
         model.load_state_dict(init)
         return model, make_optimizer(model, tp)
 
     def run(model, opt, first, last):
-        ts = TrainStep(model, opt, amp=torch.bfloat16 if cuda else None, grad_clip=tp.grad_clip, cuda_graph=cuda,
-                       master_weights=cuda)
+        ts = TrainStep.from_plan(model, opt, plan, amp=amp, grad_clip=tp.grad_clip)
         return [loss for loss, _ in check_steps(ts, cfg, args.numerics_batch, device, first, last)], ts.graph is not None
 
     straight, opt_straight = fresh()
@@ -257,14 +269,14 @@ def main(argv=None):
     ap.add_argument("--attn-prefix-scales", type=int, default=None, help="per_scale: scales in the masked call")
     ap.add_argument("--attn-backends", default="", help="per_scale: SDPA kernels, e.g. cudnn,efficient,math")
     ap.add_argument("--mlp-impl", default=None, choices=["auto", "plain", "fused"],
-                    help="FFN: GELU in the matmul epilogues (fused) or element-wise (plain); default: VARConfig's")
+                    help="FFN: GELU in the matmul epilogues (fused) or element-wise (plain); default: auto")
     ap.add_argument("--residual-dtype", default=None, choices=["autocast", "float32"],
                     help="VARConfig.residual_dtype (default: the config's, autocast)")
     ap.add_argument("--inductor", action="append", default=[], help="torch._inductor.config KEY=VALUE (Python literal)")
     ap.add_argument("--flex-options", type=json.loads, default=None,
                     help="JSON kernel_options for the flex kernels ('{}': inductor's defaults)")
     ap.add_argument("--flex-mask-block", type=int, default=None,
-                    help="tokens per flex block-mask tile (default varcore.flex.FLEX_MASK_BLOCK; 128: flex's own)")
+                    help="tokens per flex block-mask tile (default varcore.fast.flex.FLEX_MASK_BLOCK; 128: flex's own)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")

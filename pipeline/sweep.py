@@ -5,7 +5,7 @@
         --out-dir /shared/sweeps --depths 2 4 6 8 --grid train.lr=1e-4,2e-4
 
 Each trial is a small driver that runs one ``TorchTrainer`` (``train.ray`` sets its workers
-and resources) through :func:`pipeline.train.train_depth`, so a trial writes exactly what
+and resources) through :func:`pipeline.training.driver.train_depth`, so a trial writes exactly what
 the DVC stage writes (``var-d{D}.pt``, ``train-d{D}.json``, an MLflow child run) under
 ``<out-dir>/<sweep name>/<trial>/``. Ray Train reports reach Tune through
 ``TuneReportCallback`` (the Ray Train V2 way to run Train inside Tune). All MLflow runs of
@@ -25,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from .artifacts import ArtifactError
-from .config import PARAMS_FILE, ParamsError, read_params
-from .train_config import load_train_params
+from .errors import ArtifactError, ParamsError
+from .params import PARAMS_FILE, load, read_params
+from .stage import run_cli, setup_logging
+from .training.config import TrainParams, load_train_var_config
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +78,26 @@ def sweep_trial(config: dict[str, Any]) -> None:
     """One Tune trial: train one depth under one set of overrides."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import train_depth
+    from .tracking import log_metrics, stage_run
+    from .training.driver import TrainPaths, train_depth
 
     os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_uri"]
     os.environ["VARSCALE_PARENT_RUN_ID"] = config["parent_run_id"]
-    params = apply_overrides(config["params"], config["overrides"])
-    out = Path(config["out_dir"]) / trial_name(config)
-    depth = config["depth"]
-    train_depth(params, depth, tokenizer=config["tokenizer"], tokens=config["tokens"],
-                model_out=out / f"var-d{depth}.pt", metrics_out=out / f"train-d{depth}.json",
-                file=config["params_file"], callbacks=[TuneReportCallback()])
+    depth, out = config["depth"], Path(config["out_dir"]) / trial_name(config)
+    train_config = load_train_var_config(apply_overrides(config["params"], config["overrides"]),
+                                         config["params_file"], depth)
+    paths = TrainPaths(tokenizer=Path(config["tokenizer"]), tokens=Path(config["tokens"]),
+                       model_out=out / f"var-d{depth}.pt", metrics_out=out / f"train-d{depth}.json",
+                       curve_out=out / f"train-d{depth}-curve.json", run_out=out / f"run-d{depth}.json")
+    with stage_run("train_var", train_config, run_name=f"train_var-d{depth}", tags={"varscale.depth": str(depth)}):
+        metrics = train_depth(train_config, paths, callbacks=[TuneReportCallback()])
+        log_metrics(metrics, step=metrics["steps"])
 
 
 def default_concurrency(params: dict[str, Any], file: str) -> int:
     """Trials that fit the cluster at once, from the workers one trial asks for."""
     import ray
-    r = load_train_params(params, file).ray
+    r = load(TrainParams, params, "train", file).ray
     res = ray.cluster_resources()
     if r.use_gpu:
         return max(1, int(res.get("GPU", 0) // r.num_workers))
@@ -126,7 +131,8 @@ def run_sweep(params: dict[str, Any], depths: list[int], grid: dict[str, list[An
         if d < 1:
             raise ParamsError(f"--depths: depth must be >= 1, got {d}")
     for combo in itertools.product(*grid.values()) if grid else [()]:
-        load_train_params(apply_overrides(params, dict(zip(grid, combo))), params_file)  # fail before launching
+        for d in depths:   # every trial's config, checked before launching any
+            load_train_var_config(apply_overrides(params, dict(zip(grid, combo))), params_file, d)
     out_dir = out_dir.expanduser().resolve() / name
     out_dir.mkdir(parents=True, exist_ok=True)
     mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir.parent / 'mlflow.db'}"
@@ -172,25 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-concurrent", type=int, default=None, help="default: as many as the cluster fits")
     ap.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --out-dir")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = read_params(args.params)
-        for item in args.set:
-            key, _, value = item.partition("=")
-            params = apply_overrides(params, {key: parse_value(value)})
-        tp = load_train_params(params, args.params)
-        for path in (args.tokenizer, args.tokens):
-            if not path.exists():
-                raise ArtifactError(f"{path}: not found (pass absolute --tokenizer/--tokens paths that every "
-                                    "node can read; `dvc repro tokenize` makes them)")
-        from .train import init_ray
-        init_ray(tp.ray.address)
-        results = run_sweep(params, list(args.depths or tp.depths), parse_grid(args.grid),
-                            tokenizer=args.tokenizer, tokens=args.tokens, out_dir=args.out_dir,
-                            name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"), params_file=args.params,
-                            max_concurrent=args.max_concurrent, mlflow_uri=args.mlflow_uri)
-    except (ParamsError, ArtifactError) as e:
-        raise SystemExit(f"sweep: {e}") from None
+    setup_logging()
+    results = run_cli("sweep", lambda: _sweep(args))
     failed = [r for r in results if r.error is not None]
     for r in results:
         m = r.metrics or {}
@@ -198,6 +187,23 @@ def main(argv: list[str] | None = None) -> None:
                  m.get("Err_mean"))
     if failed:
         raise SystemExit(f"sweep: {len(failed)} of {len(results)} trials failed; first: {failed[0].error}")
+
+
+def _sweep(args: argparse.Namespace):
+    from .training.driver import init_ray
+    params = read_params(args.params)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        params = apply_overrides(params, {key: parse_value(value)})
+    tp = load(TrainParams, params, "train", args.params)
+    for path in (args.tokenizer, args.tokens):
+        if not path.exists():
+            raise ArtifactError(f"{path}: not found (pass absolute --tokenizer/--tokens paths that every "
+                                "node can read; `dvc repro encode_tokens` makes them)")
+    init_ray(tp.ray.address)
+    return run_sweep(params, list(args.depths or tp.depths), parse_grid(args.grid), tokenizer=args.tokenizer,
+                     tokens=args.tokens, out_dir=args.out_dir, name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
+                     params_file=args.params, max_concurrent=args.max_concurrent, mlflow_uri=args.mlflow_uri)
 
 
 if __name__ == "__main__":

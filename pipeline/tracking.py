@@ -8,6 +8,7 @@ Every stage runs as a child of a parent run keyed by the git commit and the hash
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from .io import sha256_bytes
+from .files import sha256_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -76,10 +77,23 @@ def parent_run_id(client: MlflowClient, experiment_id: str) -> str:
     return run.info.run_id
 
 
+def as_params(config: Any) -> dict[str, Any]:
+    """A (nested) config dataclass or dict as flat ``a.b.c`` MLflow params."""
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return flatten(config or {})
+
+
+def log_params(params: dict[str, Any]) -> None:
+    items = [(k, str(v)[:500]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i:i + 100]))
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any] | None = None, run_name: str | None = None,
+def stage_run(stage: str, config: Any = None, run_name: str | None = None,
               tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Open the MLflow child run of one stage, with its params, the commit and the params hash."""
+    """Open the MLflow child run of one stage, with its config as params, the commit and the params hash."""
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     exp = _experiment_id(client)
@@ -88,10 +102,31 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, run_name: str | 
                 "varscale.params_hash": params_hash(), **(tags or {})}
     with mlflow.start_run(experiment_id=exp, run_name=run_name or stage, parent_run_id=parent,
                           tags=all_tags) as run:
-        if params:
-            flat = {k: str(v)[:500] for k, v in flatten(params).items()}
-            items = list(flat.items())
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i:i + 100]))
+        log_params(as_params(config))
         log.info("MLflow run %s (stage %s) in %s", run.info.run_id, stage, tracking_uri())
         yield run
+
+
+def active() -> bool:
+    """Whether a run is open (stages called from tests or notebooks log nothing)."""
+    return mlflow.active_run() is not None
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None, prefix: str = "") -> None:
+    """The numeric scalars of ``metrics`` (lists, strings and nested values are left out)."""
+    if not active():
+        return
+    scalars = {f"{prefix}{k}": float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scalars:
+        mlflow.log_metrics(scalars, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    if active():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    if active():
+        mlflow.set_tags(tags)

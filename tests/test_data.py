@@ -1,4 +1,4 @@
-"""Stage `data`: sources, odd and corrupt images, deterministic stratified split."""
+"""Stage ``data``: sources, odd and corrupt images, deterministic stratified split."""
 
 import json
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import DataParams, ParamsError, load_data_params
-from pipeline.data import DataError, load_split, run, stratified_split
+from pipeline.errors import DataError, ParamsError
+from pipeline.images import load_split
+from pipeline.stages.data import DataParams, Paths, load_config, run, stratified_split
 from tests.helpers import write_idx_images, write_idx_labels, write_image_folder
 
 
@@ -26,7 +27,7 @@ def test_odd_and_corrupt_images_are_converted_or_skipped(tmp_path):
     (root / "class1" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "class1" / "notanimage.png").write_text("hello")
     (root / "empty_class").mkdir()
-    m = run(_params(root), tmp_path / "out", tmp_path / "metrics.json")
+    m = run(_params(root), Paths(tmp_path / "out", tmp_path / "metrics.json"))
     assert m["converted_grey"] == 1 and m["converted_alpha"] == 1 and m["resized"] == 1
     assert m["skipped_unreadable"] == 2 and m["skipped_empty_classes"] == 1
     assert m["num_classes"] == 2 and m["train_images"] + m["val_images"] == 4 + 2 + 4 + 1
@@ -44,14 +45,14 @@ def test_odd_and_corrupt_images_are_converted_or_skipped(tmp_path):
 
 def test_missing_or_empty_root_names_the_path(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "nope")):
-        run(_params(tmp_path / "nope"), tmp_path / "out", tmp_path / "m.json")
+        run(_params(tmp_path / "nope"), Paths(tmp_path / "out", tmp_path / "m.json"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class folders"):
-        run(_params(tmp_path / "empty"), tmp_path / "out", tmp_path / "m.json")
+        run(_params(tmp_path / "empty"), Paths(tmp_path / "out", tmp_path / "m.json"))
     (tmp_path / "empty" / "a").mkdir()
     (tmp_path / "empty" / "a" / "x.png").write_text("not an image")
     with pytest.raises(DataError, match="no readable images"):
-        run(_params(tmp_path / "empty"), tmp_path / "out", tmp_path / "m.json")
+        run(_params(tmp_path / "empty"), Paths(tmp_path / "out", tmp_path / "m.json"))
     assert not (tmp_path / "out" / "train.npy").exists()
 
 
@@ -67,9 +68,9 @@ def test_split_is_deterministic_and_stratified():
 
 def test_manifest_records_counts_and_split_hashes(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=3, per_class=8)
-    run(_params(root, seed=1), tmp_path / "a", tmp_path / "ma.json")
-    run(_params(root, seed=1), tmp_path / "b", tmp_path / "mb.json")
-    run(_params(root, seed=2), tmp_path / "c", tmp_path / "mc.json")
+    run(_params(root, seed=1), Paths(tmp_path / "a", tmp_path / "ma.json"))
+    run(_params(root, seed=1), Paths(tmp_path / "b", tmp_path / "mb.json"))
+    run(_params(root, seed=2), Paths(tmp_path / "c", tmp_path / "mc.json"))
     a, b, c = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "abc")
     assert a["splits"] == b["splits"]
     assert a["splits"]["val"]["ids_sha256"] != c["splits"]["val"]["ids_sha256"]
@@ -82,19 +83,24 @@ def test_fashion_mnist_reader(tmp_path):
         write_idx_images(tmp_path / f"{part}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx_labels(tmp_path / f"{part}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     p = DataParams(source="fashion_mnist", root=str(tmp_path), image_size=32, val_fraction=0.25)
-    m = run(p, tmp_path / "out", tmp_path / "m.json")
+    m = run(p, Paths(tmp_path / "out", tmp_path / "m.json"))
     assert m["num_classes"] == 10 and m["train_images"] + m["val_images"] == 40
     assert m["converted_grey"] == 40 and m["resized"] == 40
     imgs, _ = load_split(tmp_path / "out", "train")
     assert imgs.shape[1:] == (32, 32, 3) and (imgs[..., 0] == imgs[..., 2]).all()
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
-        run(DataParams(source="fashion_mnist", root=str(tmp_path / "none")), tmp_path / "o2", tmp_path / "m2.json")
+        run(DataParams(source="fashion_mnist", root=str(tmp_path / "none")),
+            Paths(tmp_path / "o2", tmp_path / "m2.json"))
 
 
 def test_bad_params_name_the_key():
     with pytest.raises(ParamsError, match=r"params.yaml:data.val_fraction"):
-        load_data_params({"data": {"val_fraction": 1.5}})
+        load_config({"data": {"val_fraction": 1.5}}, "params.yaml", None)
     with pytest.raises(ParamsError, match=r"params.yaml:data: unknown key\(s\) \['colour'\]"):
-        load_data_params({"data": {"colour": True}})
+        load_config({"data": {"colour": True}}, "params.yaml", None)
     with pytest.raises(ParamsError, match=r"params.yaml:data.image_size: expected int"):
-        load_data_params({"data": {"image_size": "big"}})
+        load_config({"data": {"image_size": "big"}}, "params.yaml", None)
+    with pytest.raises(ParamsError, match=r"params.yaml:data: section missing"):   # never silent defaults
+        load_config({"tokenizer": {}}, "params.yaml", None)
+    with pytest.raises(ParamsError, match=r"params.yaml:data.source: must be one of \['fashion_mnist', 'image_folder'\]"):
+        load_config({"data": {"source": "cifar"}}, "params.yaml", None)

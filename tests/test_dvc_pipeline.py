@@ -1,4 +1,4 @@
-"""A tiny `dvc repro` of data -> tokenizer -> tokenize in a temp copy of the repo (slow)."""
+"""A tiny `dvc repro` of data -> train_tokenizer -> encode_tokens in a temp copy of the repo (slow)."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import yaml
 from tests.helpers import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
+PART = ("data", "train_tokenizer", "encode_tokens")
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -21,7 +22,7 @@ TINY = {
                   "Cvae": 8, "vocab_size": 32, "patch_nums": [1, 2, 4, 8]},
         "train": {"epochs": 2, "batch_size": 8, "disc_start_step": 3, "disc_ch": 8, "log_every": 2},
     },
-    "tokenize": {"batch_size": 16, "shard_size": 16},
+    "encode_tokens": {"batch_size": 16, "shard_size": 16},
 }
 
 
@@ -37,9 +38,9 @@ def repo(tmp_path_factory):
     work = tmp / "repo"
     for name in ("pipeline", "varcore"):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    # the data -> tokenize part of the stage graph (later stages need more than these tests give)
+    # the data -> encode_tokens part of the stage graph (later stages need more than these tests give)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("data", "tokenizer", "tokenize")}}))
+    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in PART}}))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source="image_folder", root=str(write_image_folder(tmp / "imgs", classes=3, per_class=12)),
                           image_size=16, val_fraction=0.25)
@@ -55,7 +56,7 @@ def repo(tmp_path_factory):
     _run(["git", "init", "-q"], work, env)
     _run(dvc + ["init", "-q"], work, env)
     _run(dvc + ["config", "core.analytics", "false"], work, env)
-    out = _run(dvc + ["repro", "tokenize"], work, env)
+    out = _run(dvc + ["repro", "encode_tokens"], work, env)
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "tiny pipeline"], work, env)
     return work, env, dvc, out, tmp
@@ -78,10 +79,11 @@ def test_mlflow_has_one_child_run_per_stage(repo):
     exp = client.get_experiment_by_name("varscale")
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags.get("varscale.stage"): r for r in runs if "varscale.stage" in r.data.tags}
-    assert set(stages) == {"data", "tokenizer", "tokenize"}
+    assert set(stages) == set(PART)
     parents = {r.data.tags.get("mlflow.parentRunId") for r in stages.values()}
     assert len(parents) == 1 and None not in parents
-    assert "val/psnr" in stages["tokenizer"].data.metrics and "tokenizer.train.lr" in stages["tokenizer"].data.params
+    tok = stages["train_tokenizer"].data
+    assert "val/psnr" in tok.metrics and "train.lr" in tok.params and "model.vocab_size" in tok.params
 
 
 def test_changed_tokenizer_param_reruns_tokenizer_not_data(repo):
@@ -93,15 +95,15 @@ def test_changed_tokenizer_param_reruns_tokenizer_not_data(repo):
     params["tokenizer"]["train"]["lr"] = 0.001
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run(dvc + ["status", "--json"], work, env).strip().splitlines()[-1])
-    assert "tokenizer" in status and "data" not in status
-    out2 = _run(dvc + ["repro", "tokenize"], work, env)
+    assert "train_tokenizer" in status and "data" not in status
+    out2 = _run(dvc + ["repro", "encode_tokens"], work, env)
     assert "Stage 'data' didn't change, skipping" in out2
-    assert "Running stage 'tokenizer'" in out2 and "Running stage 'tokenize'" in out2
+    assert "Running stage 'train_tokenizer'" in out2 and "Running stage 'encode_tokens'" in out2
 
 
 def test_dvc_exp_run_with_override(repo):
     work, env, dvc, out, tmp = repo
     _run(["git", "checkout", "-q", "--", "params.yaml"], work, env)
-    _run(dvc + ["exp", "run", "-S", "tokenize.shard_size=8", "tokenize"], work, env)
+    _run(dvc + ["exp", "run", "-S", "encode_tokens.shard_size=8", "encode_tokens"], work, env)
     man = json.loads((work / "data" / "tokens" / "manifest.json").read_text())
     assert [s["count"] for s in man["splits"]["train"]["shards"]][:3] == [8, 8, 8]

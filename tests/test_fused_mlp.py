@@ -1,8 +1,8 @@
-"""The FFN with GELU in the matmul epilogues (varcore.fused_mlp) is the plain FFN's function.
+"""The FFN with GELU in the matmul epilogues (varcore.fast.fused_mlp) is the plain FFN's function.
 
 The CPU has no cuBLASLt, so the custom ops run their torch fallbacks here; what the tests
 pin down is (1) the written-out backward (gradients equal autograd's of fc2(gelu(fc1 x)),
-gradcheck in float64), (2) the wiring in the model (mlp_impl, compiled blocks,
+gradcheck in float64), (2) the wiring in the model (the plan's mlp="fused", compiled blocks,
 checkpointing), and (3) the cuBLASLt argument choices: ``varcore.cublaslt`` is driven
 through a stand-in of its ``gemm`` that computes the column-major epilogue semantics the
 cuBLASLt documentation gives, so a wrong transpose or epilogue in the wrappers fails here.
@@ -12,16 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import varcore.var as var_mod
-from varcore import ConfigError, VAR, VARConfig, cublaslt
-from varcore.fused_mlp import _GeluMLP, fused_usable, gelu_mlp
+import copy
+
+import varcore.fast.compile as compile_mod
+from varcore import ConfigError, VAR, VARConfig
+from varcore.fast import cublaslt
+from varcore.fast.fused_mlp import FusedFFN, _GeluMLP, fused_usable, gelu_mlp
+from varcore.fast.plan import ExecutionPlan, apply_plan
 from varcore.var import FFN
 from tests.conftest import randomize_
 
 
 def _ffn_grads(ffn: FFN, x: torch.Tensor, dy: torch.Tensor, fused: bool):
-    y = ffn(x, fused)
-    return (y, *torch.autograd.grad(y, [x, *ffn.parameters()], dy))
+    """Output and gradients of the FFN, or of the fused FFN over the same layers."""
+    m = FusedFFN.of(ffn) if fused else ffn
+    y = m(x)
+    return (y, *torch.autograd.grad(y, [x, *m.parameters()], dy))
 
 
 def test_fused_ffn_equals_plain_float64():
@@ -60,30 +66,35 @@ def test_fused_ffn_under_bf16_autocast_casts_like_autocast():
         assert (a.float() - b.float()).norm() <= 2e-2 * a.float().norm()
 
 
-def test_mlp_impl_config_and_auto():
-    with pytest.raises(ConfigError, match="mlp_impl"):
-        VARConfig(depth=2, mlp_impl="cublas")
+def test_mlp_plan_and_auto():
+    with pytest.raises(ConfigError) as e:
+        ExecutionPlan(mlp="cublas")
+    assert e.value.field == "mlp"
     x = torch.randn(2, 3, 8)
     assert not fused_usable(x)                                 # CPU: no cuBLASLt epilogues
-    assert not VAR(VARConfig(depth=1, num_classes=3, vocab_size=8, patch_nums=(1, 2))).mlp_fused(x)
-    assert VAR(VARConfig(depth=1, num_classes=3, vocab_size=8, patch_nums=(1, 2), mlp_impl="fused")).mlp_fused(x)
+    cfg = VARConfig(depth=1, num_classes=3, vocab_size=8, patch_nums=(1, 2))
+    assert ExecutionPlan().resolve(cfg, "cpu", training=True, amp=torch.bfloat16).mlp == "plain"
+    fused_on_cuda = ExecutionPlan().resolve(cfg, "cuda", training=True, amp=torch.bfloat16).mlp == "fused"
+    assert fused_on_cuda == cublaslt.available()               # auto: where the epilogues run
+    assert ExecutionPlan().resolve(cfg, "cuda", training=False, amp=torch.bfloat16).mlp == "plain"  # sampling
     assert not cublaslt.available() or torch.cuda.is_available()
+    m = apply_plan(VAR(cfg), ExecutionPlan(mlp="fused").resolve(cfg, "cpu", training=True))
+    assert isinstance(m.blocks[0].ffn, FusedFFN) and m.blocks[0].ffn.fc1 is m.blocks[0].ffn.fc1
 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_model_with_fused_mlp_same_loss_and_gradients(tiny_vq_cfg, compiled, monkeypatch):
-    """The whole model with mlp_impl="fused" (blocks compiled or not, two of three recomputed)
-    gives the plain model's logits and gradients."""
-    monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
-    var_mod.compile_region.cache_clear()
+    """The whole model under a plan with mlp="fused" (blocks compiled or not, two of three
+    recomputed) gives the plain model's logits and gradients."""
+    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
+    compile_mod.compile_region.cache_clear()
     torch._dynamo.reset()
     try:
         cfg = VARConfig(depth=3, vocab_size=tiny_vq_cfg.vocab_size, Cvae=tiny_vq_cfg.Cvae,
-                        patch_nums=tiny_vq_cfg.patch_nums, num_classes=5, attn_impl="dense",
-                        compile_blocks=compiled, cond_drop_rate=0.0, drop_path_rate=0.0)
+                        patch_nums=tiny_vq_cfg.patch_nums, num_classes=5, cond_drop_rate=0.0, drop_path_rate=0.0)
         plain = randomize_(VAR(cfg)).train()
-        fused = VAR(VARConfig(**{**cfg.__dict__, "mlp_impl": "fused", "checkpointing": 2})).train()
-        fused.load_state_dict(plain.state_dict())
+        fused = apply_plan(copy.deepcopy(plain), ExecutionPlan(attention="dense", mlp="fused", compile=compiled,
+                                                               checkpointing=2).resolve(cfg, "cpu", training=True))
         label, x = torch.tensor([0, 4, 5]), torch.randn(3, cfg.L - cfg.first_l, cfg.Cvae)
         outs = []
         for m in (plain, fused):
@@ -95,11 +106,10 @@ def test_model_with_fused_mlp_same_loss_and_gradients(tiny_vq_cfg, compiled, mon
         for a, b in zip(g0, g1):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     finally:
-        var_mod.compile_region.cache_clear()
+        compile_mod.compile_region.cache_clear()
         torch._dynamo.reset()
 
 
-# ---- the cuBLASLt wrappers' arguments, against the documented epilogue semantics ----------
 def _gemm_semantics(epilogue, a, transa, b, transb, d, bias=None, aux=None, algo=None):
     """cuBLASLt's column-major ``D = epilogue(op(A) op(B))`` on the column-major matrices that
     the row-major tensors are (a row-major ``(r, c)`` tensor is the ``c x r`` matrix ``t.T``)."""
@@ -144,7 +154,7 @@ def test_cublaslt_gemm_rejects_mismatched_shapes(monkeypatch):
 def test_cublaslt_failure_falls_back_to_torch_ops(monkeypatch, caplog):
     """A cuBLASLt error (say, no algorithm for a shape) costs speed, not the run: the op
     computes the same values with torch ops and warns once."""
-    import varcore.fused_mlp as fm
+    import varcore.fast.fused_mlp as fm
 
     def fail(*args):
         raise cublaslt.CublasLtError("cuBLASLt heuristic returned status 15")

@@ -5,16 +5,18 @@ here the eager step's math, its options and the trainer's settings for the graph
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.train_config import TrainParams
-from pipeline.train_loop import load_state, make_optimizer, save_state, TrainState
-import varcore.var as var_mod
-from varcore import VAR
-from varcore.master_weights import MasterWeights, adamw_update
+import varcore.fast.compile as compile_mod
+from pipeline.training.config import TrainParams
+from pipeline.training.worker import TrainState, load_state, make_optimizer, save_state
+from varcore import VAR, VARConfig
+from varcore.fast.master_weights import MasterWeights, adamw_update
+from varcore.fast.plan import ExecutionPlan, apply_plan
 from varcore.step import TrainStep, adamw, var_loss
 
 
@@ -85,8 +87,12 @@ def test_adamw_is_fused_only_on_cuda(tiny_var):
     (False, "cuda", 1, False, False),
 ])
 def test_trainer_captures_only_one_cuda_worker(setting, device, world, fsdp, want):
-    tp = TrainParams(steps=1, cuda_graph=setting)
-    assert tp.use_cuda_graph(device, world, fsdp) is want
+    plan = ExecutionPlan(cuda_graph=setting).resolve(VARConfig(depth=2), device, training=True, amp=torch.bfloat16,
+                                                     world=world, fsdp=fsdp)
+    assert plan.cuda_graph is want
+    step = TrainStep.from_plan(torch.nn.Linear(2, 2), torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]),
+                               dataclasses.replace(plan, cuda_graph=False), amp=torch.bfloat16)
+    assert step.cuda_graph is False and (step.master is not None) == plan.master_weights
 
 
 def test_checkpoint_of_a_graph_step_resumes_anywhere(tmp_path, tiny_var):
@@ -101,7 +107,7 @@ def test_checkpoint_of_a_graph_step_resumes_anywhere(tmp_path, tiny_var):
     for g in opt.param_groups:
         g["capturable"] = True   # as TrainStep(cuda_graph=True) sets it
     save_state(tmp_path, model, opt, TrainState(step=1))
-    saved = torch.load(tmp_path / "state.pt", weights_only=False)["optim"]["param_groups"]
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)["optim"]["param_groups"]
     assert all(type(g["lr"]) is float and g["capturable"] is False for g in saved)
     model2 = VAR(model.cfg).train()
     opt2 = make_optimizer(model2, tp)
@@ -145,10 +151,12 @@ def test_master_weights_step_is_the_autocast_step(tiny_var_cfg, clip, compiled, 
     losses and gradient norms, and weights and AdamW state equal to float32 rounding; also
     through the compiled blocks (the swapped weights are graph inputs) with one block recomputed."""
     cfg = _wide_cfg(tiny_var_cfg)
-    if compiled:
-        monkeypatch.setattr(var_mod, "COMPILE_BACKEND", "aot_eager")
-        cfg = cfg.__class__(**{**cfg.__dict__, "compile_blocks": True, "checkpointing": 1})
     ref = VAR(cfg).train()
+    if compiled:
+        monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
+        compile_mod.compile_region.cache_clear()
+        apply_plan(ref, ExecutionPlan(attention="dense", mlp="plain", compile=True, checkpointing=1).resolve(
+            cfg, "cpu", training=True))
     model = copy.deepcopy(ref)
     cpu = torch.device("cpu")
     ref_step = TrainStep(ref, adamw(ref.parameters(), 1e-3, (0.9, 0.95), 0.05, cpu), amp=torch.bfloat16,
@@ -240,7 +248,9 @@ def test_master_weights_need_autocast_one_device_and_adamw(tiny_var):
     (False, "cuda", 1, False, True, False),
 ])
 def test_trainer_master_weights_only_on_one_cuda_worker(setting, device, world, fsdp, amp, want):
-    assert TrainParams(steps=1, master_weights=setting).use_master_weights(device, world, fsdp, amp) is want
+    plan = ExecutionPlan(master_weights=setting).resolve(VARConfig(depth=2), device, training=True,
+                                                         amp=torch.bfloat16 if amp else None, world=world, fsdp=fsdp)
+    assert plan.master_weights is want
 
 
 def test_a_resumed_run_equals_a_straight_one(monkeypatch):

@@ -1,13 +1,15 @@
-"""Stage `tokenizer`: compound loss pieces, LPIPS from local weights, exact resume after a crash."""
+"""Tokenizer training (stage ``train_tokenizer``): compound loss pieces, LPIPS from local weights,
+exact resume after a crash."""
 
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TokenizerParams, TokenizerTrainParams
-from pipeline.perceptual import WeightsError, load_lpips
-from pipeline.tokenizer import Trainer, evaluate, psnr
+from pipeline.errors import WeightsError
+from pipeline.tokenizer.config import TokenizerParams, TokenizerTrainParams
+from pipeline.tokenizer.perceptual import load_lpips
+from pipeline.tokenizer.training import Trainer, evaluate, psnr
 from varcore import VQVAEConfig
 from varcore.disc import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 
@@ -37,9 +39,9 @@ def test_hinge_losses_and_adaptive_weight():
 
 def test_resume_after_crash_gives_identical_weights(tmp_path):
     imgs = _images()
-    p = _params()                                   # 3 steps/epoch, GAN from epoch 1
+    p = _params(checkpoint_every=2)                 # 3 steps/epoch, GAN from epoch 1
     ref = Trainer(p, "fp")
-    ref.fit(imgs, tmp_path / "ref.pt", ckpt_every=2)
+    ref.fit(imgs, tmp_path / "ref.pt")
 
     class Crash(Exception):
         pass
@@ -50,11 +52,11 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
 
     crashed = Trainer(p, "fp")
     with pytest.raises(Crash):
-        crashed.fit(imgs, tmp_path / "state.pt", ckpt_every=2, on_step=crash_at_5)
+        crashed.fit(imgs, tmp_path / "state.pt", on_step=crash_at_5)
     resumed = Trainer(p, "fp")
     assert resumed.try_resume(tmp_path / "state.pt")
     assert resumed.state.step == 4 and resumed.state.epoch == 1 and resumed.state.batch == 1
-    resumed.fit(imgs, tmp_path / "state.pt", ckpt_every=2)
+    resumed.fit(imgs, tmp_path / "state.pt")
     assert resumed.state.step == ref.state.step == 6
     for (k, a), b in zip(ref.vq.state_dict().items(), resumed.vq.state_dict().values()):
         assert torch.equal(a, b), k

@@ -1,6 +1,7 @@
-"""The train stage without Ray: params, compute accounting, validation metrics, schedules, I/O."""
+"""The train_var stage without Ray: params, compute accounting, validation metrics, schedules, I/O."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,17 +9,18 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.artifacts import ArtifactError
-from pipeline.config import ParamsError, read_params
-from pipeline.metrics import TokenStats, eval_steps, lr_at, summarize, token_stats, train_compute
-from pipeline.train import load_inputs, summarize_run
-from pipeline.train_artifacts import load_var, save_var
-from pipeline.train_config import load_train_params, load_var_params
-from pipeline.train_loop import evaluate, global_batch_indices, rank_slice, step_seed
-from pipeline.train_synthetic import write_synthetic_artifacts
+from pipeline.errors import ArtifactError, ParamsError
+from pipeline.params import load, read_params
+from pipeline.training.checkpoint import load_var, save_var
+from pipeline.training.config import TrainParams, TrainVarConfig, VarParams, load_train_var_config
+from pipeline.training.driver import TrainPaths, load_inputs, summarize_run
+from pipeline.training.metrics import TokenStats, summarize, token_stats, train_compute
+from pipeline.training.schedule import eval_steps, global_batch_indices, lr_at, rank_slice, step_seed
+from pipeline.training.worker import evaluate
+from tests.synthetic import write_synthetic_artifacts
 from varcore import VAR, VARConfig, VQVAEConfig
 from varcore.flops import count_main_params, count_params, main_N, paper_N, var_flops
-from varcore.var import scale_ids
+from varcore.scales import ScaleLayout
 
 TINY_VQ = VQVAEConfig(image_size=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attn=False, Cvae=8,
                       vocab_size=64, patch_nums=(1, 2, 3, 4))
@@ -27,15 +29,20 @@ TINY_VQ = VQVAEConfig(image_size=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
 def tiny_params(**train):
     return {"tokenizer": {"model": {"image_size": 16, "ch": 16, "ch_mult": [1, 2, 2], "mid_attn": False, "Cvae": 8,
                                     "vocab_size": 64, "patch_nums": [1, 2, 3, 4]}},
-            "var": {"model": {}}, "train": {"depths": [1], "batch_size": 16, "steps": 4, **train}}
+            "var": {"model": {}}, "train": {"depths": [1], "batch_size": 16, "steps": 4, **train}, "execution": {}}
+
+
+def train_params(section: dict) -> TrainParams:
+    return load(TrainParams, section, "train", "params.yaml")
 
 
 # ---- params ----------------------------------------------------------------------------------
-def test_repo_params_load():
-    params = read_params("params.yaml")
-    tp = load_train_params(params)
-    load_var_params(params)
+@pytest.mark.parametrize("file", ["params.yaml", "profiles/paper.yaml"])
+def test_repo_params_load(file):
+    cfg = load_train_var_config(read_params(file), file, 2)
+    tp = cfg.train
     assert len(tp.depths) >= 4 and tp.peak_lr == pytest.approx(tp.lr * tp.batch_size / 256)
+    assert cfg.var_config(10).L == ScaleLayout(cfg.tokenizer.patch_nums).L
 
 
 @pytest.mark.parametrize("section, message", [
@@ -46,27 +53,49 @@ def test_repo_params_load():
     ({"train": {"steps": 10, "decay": "step"}}, "train.decay"),
     ({"train": {"steps": 10, "ray": {"gpus": 1}}}, "train.ray: unknown key(s) ['gpus']"),
     ({"train": {"steps": 10, "depths": [2, 2]}}, "train.depths: has duplicates"),
-    ({"train": {"steps": 10, "cuda_graph": "yes"}}, "train.cuda_graph: must be 'auto', true or false"),
-    ({"train": {"steps": 10, "cuda_graph": True}}, "train.cuda_graph: true needs one GPU worker"),
-    ({"train": {"steps": 10, "master_weights": "on"}}, "train.master_weights: must be 'auto', true or false"),
-    ({"train": {"steps": 10, "master_weights": True, "precision": "fp32", "ray": {"use_gpu": True}}},
-     "train.master_weights: true needs bf16 training"),
-    ({"train": {"steps": 10, "cuda_graph": True, "ray": {"use_gpu": True, "num_workers": 2}}},
-     "train.cuda_graph: true needs one GPU worker"),
+    ({"train": {"steps": 10, "precision": "fp16"}}, "train.precision: must be one of ['auto', 'bf16', 'fp32']"),
+    ({"train": {"steps": 10, "cuda_graph": True}}, "train: unknown key(s) ['cuda_graph']"),   # now in execution
 ])
 def test_bad_train_params_name_the_key(section, message):
     with pytest.raises(ParamsError, match=None) as e:
-        load_train_params(section)
+        train_params(section)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.pop("execution"), "params.yaml:execution: section missing"),
+    (lambda p: p.pop("train"), "params.yaml:train: section missing"),
+    (lambda p: p["tokenizer"].pop("model"), "params.yaml:tokenizer.model: section missing"),
+    (lambda p: p["execution"].update(attention="flash"), "params.yaml:execution.attention: must be one of"),
+    (lambda p: p["execution"].update(cuda_graph="yes"), "params.yaml:execution.cuda_graph: must be one of"),
+    (lambda p: p["var"]["model"].update(width=100, num_heads=3), "params.yaml:var.model.width: width 100"),
+])
+def test_train_var_config_is_checked_whole_at_the_entry(change, message):
+    params = tiny_params()
+    change(params)
+    with pytest.raises(ParamsError) as e:
+        load_train_var_config(params, "params.yaml", 2)
+    assert message in str(e.value)
+
+
+def test_execution_plan_is_not_part_of_the_run_identity():
+    a = load_train_var_config(tiny_params(), "params.yaml", 2)
+    p = tiny_params()
+    p["execution"] = {"attention": "per_scale", "compile": False, "checkpointing": 1}
+    p["train"]["depths"] = [1, 2, 3]
+    b = load_train_var_config(p, "params.yaml", 2)
+    assert a.execution != b.execution and a.recipe() == b.recipe()
+    p["train"]["lr"] = 0.5
+    assert load_train_var_config(p, "params.yaml", 2).recipe() != a.recipe()
 
 
 def test_var_model_cannot_override_depth_or_tokenizer_fields():
     with pytest.raises(ParamsError, match=r"params.yaml:var.model: \['depth'\] are set by train.depths"):
-        load_var_params({"var": {"model": {"depth": 3}}})
+        load(VarParams, {"var": {"model": {"depth": 3}}}, "var", "params.yaml")
 
 
 def test_epochs_give_steps():
-    tp = load_train_params({"train": {"steps": None, "epochs": 2.5, "batch_size": 10}})
+    tp = train_params({"train": {"steps": None, "epochs": 2.5, "batch_size": 10}})
     assert tp.total_steps(105) == 25
     with pytest.raises(ParamsError, match="batch_size 10 exceeds"):
         tp.total_steps(5)
@@ -109,7 +138,7 @@ def test_N_matches_the_models_parameters(cfg):
 
 def test_summarize_run_records_N_tokens_and_compute():
     cfg = VARConfig(depth=2, vocab_size=16, Cvae=4, patch_nums=(1, 2, 3), num_classes=3)
-    tp = load_train_params({"train": {"steps": 6, "batch_size": 8}})
+    config = load_train_var_config(dict(tiny_params(steps=6, batch_size=8)), "params.yaml", 2)
     model = VAR(cfg)
     row = {"step": 6, "tokens": 6 * 8 * 14, "compute": 0.0, "L_last": 2.0, "L_mean": 1.5, "Err_last": 0.5,
            "Err_mean": 0.25}
@@ -120,7 +149,7 @@ def test_summarize_run_records_N_tokens_and_compute():
         pass
     inputs = Inputs()
     inputs.cfg = cfg
-    m, m_model = summarize_run(inputs, tp, payload, 1.0)
+    m, m_model = summarize_run(config, inputs, payload)
     assert m["N"] == 73728 * 8 == m["N_counted_main"]
     assert m["params_total"] == count_params(model)
     assert m["tokens"] == 6 * 8 * 14 and m["images_seen"] == 48
@@ -149,7 +178,7 @@ def test_token_stats_exact_for_a_fixed_prediction():
     # V = 4: p(0) = 3/6 = 1/2, p(other) = 1/6. Scales (1, 2): targets [0 | 0, 1, 2, 0]
     cfg = VARConfig(depth=1, vocab_size=4, Cvae=2, patch_nums=(1, 2), num_classes=2)
     tokens = torch.tensor([[0, 0, 1, 2, 0]])
-    s = summarize(token_stats(FixedTokenModel(cfg)(torch.tensor([0]), None), tokens, scale_ids(cfg.patch_nums), 2))
+    s = summarize(token_stats(FixedTokenModel(cfg)(torch.tensor([0]), None), tokens, cfg.layout.scale_ids(), 2))
     assert s["L_last"] == pytest.approx((2 * math.log(2) + 2 * math.log(6)) / 4, abs=1e-6)
     assert s["Err_last"] == 0.5
     assert s["L_mean"] == pytest.approx((3 * math.log(2) + 2 * math.log(6)) / 5, abs=1e-6)
@@ -173,7 +202,7 @@ def test_evaluate_exact_and_independent_of_the_rank_split(tiny_vqvae):
     assert whole["Err_mean"] == pytest.approx(1 - n0 / tokens.size)
     # two "ranks" each take half; their summed stats equal the whole (all_reduce is a sum)
     parts = [token_stats(model(torch.from_numpy(labels[i:i + 5]), None), torch.from_numpy(tokens[i:i + 5].astype(np.int64)),
-                         scale_ids(cfg.patch_nums), 4) for i in (0, 5)]
+                         cfg.layout.scale_ids(), 4) for i in (0, 5)]
     split = summarize(parts[0] + parts[1])
     for k in ("L_last", "L_mean", "Err_last", "Err_mean"):
         assert split[k] == pytest.approx(whole[k], abs=1e-9)
@@ -231,7 +260,7 @@ def test_load_var_drops_retired_config_fields_and_names_unknown_ones(tmp_path, t
     that this varcore does not know is an error that names the file and the field."""
     model = VAR(tiny_var_cfg).eval()
     save_var(tmp_path / "var.pt", model)
-    ckpt = torch.load(tmp_path / "var.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "var.pt", weights_only=True)
     ckpt["config"]["qk_norm_impl"] = "explicit"
     torch.save(ckpt, tmp_path / "old.pt")
     loaded, _ = load_var(tmp_path / "old.pt")
@@ -242,17 +271,65 @@ def test_load_var_drops_retired_config_fields_and_names_unknown_ones(tmp_path, t
         load_var(tmp_path / "future.pt")
 
 
+def _inputs(params, tok, tokens):
+    paths = TrainPaths(tok, tokens, *(Path("unused") for _ in range(4)))
+    return load_inputs(load_train_var_config(params, "params.yaml", 2), paths)
+
+
 def test_load_inputs_checks_tokenizer_and_manifest(tmp_path):
     tok, tokens = write_synthetic_artifacts(tmp_path, TINY_VQ, n_train=32, n_val=8, num_classes=3)
-    inputs = load_inputs(tiny_params(), 2, tok, tokens)
+    inputs = _inputs(tiny_params(), tok, tokens)
     assert inputs.cfg.depth == 2 and inputs.cfg.num_classes == 3 and inputs.cfg.L == 30
     assert inputs.train[0].shape == (32, 30) and inputs.val[1].shape == (8,)
     assert inputs.class_names == ["class0", "class1", "class2"]
     bad = tiny_params()
     bad["tokenizer"]["model"]["vocab_size"] = 32
     with pytest.raises(ArtifactError, match="vocab_size"):
-        load_inputs(bad, 2, tok, tokens)
+        _inputs(bad, tok, tokens)
     other = tmp_path / "other"
     tok2, _ = write_synthetic_artifacts(other, TINY_VQ, n_train=32, n_val=8, seed=1)  # other weights
     with pytest.raises(ArtifactError, match="tokenizer_sha256"):
-        load_inputs(tiny_params(), 2, tok2, tokens)
+        _inputs(tiny_params(), tok2, tokens)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_checkpoint_written_before_the_restructure_loads_and_computes_the_same(tmp_path):
+    """models/var-dD.pt of 2026-11-26 kept execution choices in its config (attn_impl, mlp_impl,
+    compile_blocks, checkpointing, ...); it loads, and gives the logits it gave then (float32:
+    round-off of a depth-1, width-16 forward, about eps32 x 64-term sums x 10 chained ops = 4e-5)."""
+    model, meta = load_var(DATA / "var-legacy-2026-11-26.pt")
+    ref = torch.load(DATA / "var-legacy-2026-11-26-io.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(ref["label"], ref["x"])
+    assert meta["class_names"] == ["a", "b", "c"] and model.cfg.depth == 1 and model.cfg.C == 16
+    assert torch.allclose(logits, ref["logits"], rtol=0, atol=4e-5 * ref["logits"].abs().max().item())
+
+
+class _RunsCode:
+    """Unpickling this would create ``marker`` (a stand-in for arbitrary code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    from pipeline.tokenizer.checkpoint import load_tokenizer
+    from pipeline.training.worker import read_state_file
+    marker = tmp_path / "code-ran"
+    evil = {"format": "varscale.var.v1", "config": _RunsCode(marker), "state_dict": {}}
+    torch.save(evil, tmp_path / "var-d1.pt")
+    torch.save({**evil, "format": "varscale.tokenizer.v1"}, tmp_path / "tokenizer.pt")
+    (tmp_path / "ray").mkdir()
+    torch.save({"model": {}, "state": _RunsCode(marker)}, tmp_path / "ray" / "state.pt")
+    with pytest.raises(ArtifactError, match="var-d1.pt: cannot read VAR checkpoint"):
+        load_var(tmp_path / "var-d1.pt")
+    with pytest.raises(ArtifactError, match="tokenizer.pt: cannot read tokenizer checkpoint"):
+        load_tokenizer(tmp_path / "tokenizer.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        read_state_file(tmp_path / "ray")
+    assert not marker.exists()

@@ -1,20 +1,23 @@
-"""The train stage under Ray Train on a tiny model: DDP equivalence, restart from checkpoints, outputs.
+"""The train_var stage under Ray Train on a tiny model: DDP equivalence, restart from checkpoints, outputs.
 
 Class dropout and drop-path are set to 0 here: with them, each rank draws its own masks
 (seeded by seed, step, rank), so 2 workers would match 1 worker only in distribution.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from pipeline.train import fit, load_inputs, train_depth
-from pipeline.train_artifacts import load_var
-from pipeline.train_config import load_train_params
-from pipeline.train_loop import read_state_file
-from pipeline.train_synthetic import write_synthetic_artifacts
+from pipeline.stages import train_var
+from pipeline.training.checkpoint import load_var
+from pipeline.training.config import load_train_var_config
+from pipeline.training.driver import TrainPaths, fit, load_inputs
+from pipeline.training.worker import evaluate, read_state_file
+from tests.synthetic import write_synthetic_artifacts
 from varcore.flops import count_params, main_N, var_flops
 
 from .test_train import TINY_VQ, tiny_params
@@ -45,21 +48,40 @@ def params_for(root, workers=1, **train):
     return p
 
 
+def config_for(root, workers=1, **train):
+    return load_train_var_config(params_for(root, workers, **train), "params.yaml", 1)
+
+
+def inputs_for(config, tok, tokens):
+    return load_inputs(config, TrainPaths(tok, tokens, *(Path("unused") for _ in range(4))))
+
+
+def fail_once_after(step: int, marker: Path):
+    """An ``after_step`` hook that raises once after ``step`` (the marker file remembers it across restarts)."""
+    def hook(s: int) -> None:
+        if s == step and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"injected failure after step {step}")
+    return hook
+
+
 def curves(state):
     return np.array([r["train_loss"] for r in state["train_curve"]]), np.array([r["L_mean"] for r in state["curve"]])
 
 
 @pytest.fixture(scope="module")
 def one_worker_run(ray_local, artifacts, tmp_path_factory):
-    """The reference: the stage function end to end (1 worker), with MLflow in a temp store."""
+    """The reference: the stage's command end to end (1 worker), with MLflow in a temp store."""
     root, tok, tokens = artifacts
     out = tmp_path_factory.mktemp("train_out")
+    (out / "params.yaml").write_text(yaml.safe_dump(params_for(root)))
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     mp.chdir(out)   # MLflow puts artifacts of a new store under ./mlruns
     try:
-        m = train_depth(params_for(root), 1, tokenizer=tok, tokens=tokens, model_out=out / "var-d1.pt",
-                        metrics_out=out / "train-d1.json")
+        m = train_var.main(["--params", "params.yaml", "--depth", "1", "--tokenizer", str(tok), "--tokens", str(tokens),
+                            "--model-out", "var-d1.pt", "--metrics-out", "train-d1.json",
+                            "--curve-out", "train-d1-curve.json", "--run-out", "run-d1.json"])
     finally:
         mp.undo()
     return out, m
@@ -68,8 +90,12 @@ def one_worker_run(ray_local, artifacts, tmp_path_factory):
 def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
     out, m = one_worker_run
     saved = json.loads((out / "train-d1.json").read_text())
+    assert saved == {k: v for k, v in m.items()}
     assert saved["steps"] == STEPS and saved["tokens"] == STEPS * 8 * 30
-    assert 0 < saved["train_seconds"] <= saved["wall_seconds"]   # loop time within the stage's time
+    record = json.loads((out / "run-d1.json").read_text())
+    assert 0 < record["train_seconds"] <= record["wall_seconds"]   # loop time within the stage's time
+    assert record["execution_plan"]["attention"] == "dense" and record["var_config"]["depth"] == 1
+    assert not any(str(v).startswith("/") for v in record.values() if isinstance(v, str))   # no absolute paths
     model, meta = load_var(out / "var-d1.pt")
     assert saved["N"] == main_N(model.cfg) and saved["params_total"] == count_params(model)
     assert saved["compute"] == pytest.approx(var_flops(model.cfg).train_per_token * saved["tokens"])
@@ -82,22 +108,24 @@ def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
     assert saved["curve"][-1]["L_mean"] < saved["curve"][0]["L_mean"] < np.log(64)   # it learns
     # the saved model reproduces the recorded test loss
     root, tok, tokens = artifacts
-    inputs = load_inputs(params_for(root), 1, tok, tokens)
-    from pipeline.train_loop import evaluate
+    inputs = inputs_for(config_for(root), tok, tokens)
     ev = evaluate(model, inputs.quantizer, *inputs.val, model.cfg, 16, 0, 1, torch.device("cpu"))
     assert ev["L_mean"] == pytest.approx(saved["L_mean"], rel=1e-5)
     import mlflow
     client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("varscale").experiment_id],
-                              "tags.`varscale.stage` = 'train'")
+                              "tags.`varscale.stage` = 'train_var'")
     assert len(runs) == 1 and runs[0].data.metrics["val_L_mean"] == pytest.approx(saved["L_mean"])
-    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == STEPS
+    assert runs[0].data.params["plan.attention"] == "dense" and runs[0].data.params["train.steps"] == str(STEPS)
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")   # per step, and the final value
+    assert {h.step for h in history} == set(range(1, STEPS + 1))
+    assert [h.value for h in history if h.step == STEPS] == [saved["train_loss"]] * 2
 
 
 def test_two_workers_follow_the_one_worker_trajectory(one_worker_run, artifacts):
     root, tok, tokens = artifacts
-    p = params_for(root, workers=2)
-    res = fit(load_inputs(p, 1, tok, tokens), load_train_params(p))
+    config = config_for(root, workers=2)
+    res = fit(config, inputs_for(config, tok, tokens))
     with res.checkpoint.as_directory() as d:
         two = read_state_file(d)["state"]
     ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
@@ -113,10 +141,9 @@ def test_worker_failure_restarts_from_the_last_checkpoint(one_worker_run, artifa
     """A worker dies after step 7; FailureConfig restarts it from the step-4 checkpoint and the
     run ends with the uninterrupted run's step count and losses."""
     root, tok, tokens = artifacts
-    p = params_for(root)
+    config = config_for(root)
     marker = tmp_path / "failed-once"
-    res = fit(load_inputs(p, 1, tok, tokens), load_train_params(p), name="fail-once",
-              fail_once_at_step=7, fail_marker=str(marker))
+    res = fit(config, inputs_for(config, tok, tokens), name="fail-once", after_step=(fail_once_after(7, marker),))
     assert marker.exists() and res.error is None
     with res.checkpoint.as_directory() as d:
         state = read_state_file(d)["state"]
@@ -134,13 +161,14 @@ def test_crashed_run_resumes_when_rerun(one_worker_run, artifacts, tmp_path):
     root, tok, tokens = artifacts
     p = params_for(root)
     p["train"]["ray"]["max_failures"] = 0
-    inputs, tp = load_inputs(p, 1, tok, tokens), load_train_params(p)
+    config = load_train_var_config(p, "params.yaml", 1)
+    inputs = inputs_for(config, tok, tokens)
     marker = tmp_path / "failed-once"
     with pytest.raises(ray.train.TrainingFailedError, match="injected failure after step 6"):
-        fit(inputs, tp, name="crash", fail_once_at_step=6, fail_marker=str(marker))
+        fit(config, inputs, name="crash", after_step=(fail_once_after(6, marker),))
     saved = sorted(p.name for p in (root / "ray" / "crash").glob("step-*"))
     assert saved == ["step-000000004", "step-000000005"]   # checkpoint_every=4, eval at 5
-    second = fit(inputs, tp, name="crash")
+    second = fit(config, inputs, name="crash")
     with second.checkpoint.as_directory() as d:
         state = read_state_file(d)["state"]
     ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from pipeline.config import ParamsError
+from pipeline.errors import ParamsError
 from pipeline.sweep import apply_overrides, parse_grid, run_sweep, trial_name
-from pipeline.train_synthetic import write_synthetic_artifacts
+from tests.synthetic import write_synthetic_artifacts
 
 from .test_train import TINY_VQ, tiny_params
 
@@ -37,8 +37,10 @@ def test_sweep_runs_every_depth_and_value(tmp_path, monkeypatch):
     assert len(results) == 4 and not [r for r in results if r.error]
     for d in (1, 2):
         for lr in (0.01, 0.02):
-            m = json.loads((tmp_path / "sweeps" / "t" / f"d{d}-lr={lr}" / f"train-d{d}.json").read_text())
-            assert m["depth"] == d and m["steps"] == 3 and m["lr_peak"] == pytest.approx(lr * 8 / 256)
+            trial = tmp_path / "sweeps" / "t" / f"d{d}-lr={lr}"
+            m = json.loads((trial / f"train-d{d}.json").read_text())
+            record = json.loads((trial / f"run-d{d}.json").read_text())
+            assert m["depth"] == d and m["steps"] == 3 and record["lr_peak"] == pytest.approx(lr * 8 / 256)
     assert {r.metrics["step"] for r in results} == {3}
     import mlflow
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from varcore import PAPER_PATCH_NUMS, VAR, VARConfig, ConfigError, VQVAEConfig, block_causal_mask
-from varcore.var import scale_ids
+from varcore.scales import ScaleLayout
+
+
+def scale_ids(patch_nums):
+    return ScaleLayout(patch_nums).scale_ids()
 
 
 def test_paper_sequence_length_is_680():
@@ -20,7 +24,7 @@ def test_block_causal_mask_sees_exactly_earlier_and_same_scales():
     s = scale_ids(PAPER_PATCH_NUMS)
     assert m.shape == (680, 680)
     starts = [0]
-    for pn in PAPER_PATCH_NUMS:
+    for pn in PAPER_PATCH_NUMS:                              # counted here, not with ScaleLayout
         starts.append(starts[-1] + pn * pn)
     for k in range(len(PAPER_PATCH_NUMS)):
         for i in (starts[k], starts[k + 1] - 1):          # first and last token of scale k
@@ -101,9 +105,9 @@ def test_class_dropout_rate(tiny_var_cfg):
 
 def test_init_starts_blocks_near_identity(tiny_var_cfg):
     var = VAR(tiny_var_cfg).eval()
-    x = torch.randn(2, 7, var.cfg.C)
+    x = torch.randn(2, var.cfg.L, var.cfg.C)
     cond = var.cond(torch.tensor([0, 1]))
-    y = var.blocks[0](x, var.block_cond(cond), None)
+    y = var.blocks[0](x, var.block_cond(cond))
     assert (y - x).abs().max() < 1e-3
 
 
@@ -144,3 +148,18 @@ def test_tokenizer_transformer_mismatch_names_field(tiny_vq_cfg):
 def test_forward_rejects_wrong_input_length(tiny_var, tiny_var_cfg):
     with pytest.raises(ValueError, match="teacher-forcing input"):
         tiny_var(torch.tensor([0]), torch.randn(1, tiny_var_cfg.L, tiny_var_cfg.Cvae))
+
+
+def test_scale_layout_splits_and_flattens_the_sequence():
+    lay = ScaleLayout((1, 2, 3))
+    assert (lay.K, lay.L, lay.first_l, lay.lengths) == (3, 14, 1, (1, 4, 9))
+    assert lay.starts == (0, 1, 5) and lay.ends == (1, 5, 14)
+    assert lay.scale_ids().tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    assert lay.attention_pairs() == 1 * 1 + 4 * 5 + 9 * 14
+    idx = torch.arange(28).view(2, 14)
+    maps = lay.split(idx)
+    assert [tuple(m.shape) for m in maps] == [(2, 1, 1), (2, 2, 2), (2, 3, 3)]
+    assert maps[1][1].flatten().tolist() == [15, 16, 17, 18]
+    assert torch.equal(ScaleLayout.flatten(maps), idx)
+    with pytest.raises(ConfigError):
+        ScaleLayout((2, 1))

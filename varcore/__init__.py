@@ -1,18 +1,37 @@
 """varcore: VAR (next-scale prediction) models in plain PyTorch.
 
-Importable without ray, mlflow or dvc; runs on torch >= 2.11.
+Importable without ray, mlflow or dvc; runs on torch >= 2.11. The model as the paper states
+it lives in the top-level modules (``scales``, ``quant``, ``vqvae``, ``disc``, ``var``, ``sample``,
+``flops``); speed paths that compute the same functions live in ``varcore.fast`` and are
+applied to built models from outside (``varcore.fast.apply_plan``).
+
+Names are imported on first use (PEP 562), so ``import varcore.vqvae`` loads only what the
+VQ-VAE needs: the pipeline's stages depend on exactly the modules they use.
 """
 
-from .errors import ConfigError
-from .flops import count_main_params, count_params, main_N, paper_N, var_flops
-from .quant import MultiScaleQuantizer, flatten_tokens
-from .sample import SamplingConfig, edit_class, generate, inpaint, outpaint, sample_tokens
-from .var import PAPER_PATCH_NUMS, VAR, VARConfig, block_causal_mask
-from .vqvae import VQVAE, VQVAEConfig
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError", "MultiScaleQuantizer", "flatten_tokens", "VAR", "VARConfig", "PAPER_PATCH_NUMS",
-    "block_causal_mask", "VQVAE", "VQVAEConfig", "SamplingConfig", "generate", "sample_tokens",
-    "inpaint", "outpaint", "edit_class", "count_params", "count_main_params", "main_N", "paper_N",
-    "var_flops",
-]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "errors",
+    "PAPER_PATCH_NUMS": "scales", "ScaleLayout": "scales", "block_causal_mask": "scales",
+    "MultiScaleQuantizer": "quant", "flatten_tokens": "quant",
+    "VQVAE": "vqvae", "VQVAEConfig": "vqvae",
+    "VAR": "var", "VARConfig": "var",
+    "SamplingConfig": "sample", "generate": "sample", "sample_tokens": "sample", "inpaint": "sample",
+    "outpaint": "sample", "edit_class": "sample",
+    "count_params": "flops", "count_main_params": "flops", "main_N": "flops", "paper_N": "flops",
+    "var_flops": "flops",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'varcore' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .scales import ScaleLayout
 from .var import VAR, VARConfig
 
 
@@ -51,12 +52,7 @@ def count_params(model: nn.Module) -> int:
 
 def attention_pairs(patch_nums: tuple[int, ...]) -> int:
     """Query-key pairs the block-causal mask allows: sum_k n_k S_k."""
-    total, seen = 0, 0
-    for pn in patch_nums:
-        n = pn * pn
-        seen += n
-        total += n * seen
-    return total
+    return ScaleLayout(patch_nums).attention_pairs()
 
 
 @dataclass(frozen=True)

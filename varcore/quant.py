@@ -9,7 +9,6 @@ Decoding sums the same ``phi_k(z_k)`` terms into ``f_hat``.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -18,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import check_patch_nums, require
+from .fast.bicubic import upsample_bicubic
+from .scales import ScaleLayout
 
 
 class Phi(nn.Conv2d):
@@ -85,7 +86,7 @@ class MultiScaleQuantizer(nn.Module):
         H = self.latent_size
         if z_BChw.shape[-1] == H:
             return z_BChw
-        if z_BChw.is_cuda:  # the CUDA bicubic kernel loops over B*C in each thread: slow for 16x16 outputs
+        if z_BChw.is_cuda:  # the same map as two matmuls: CUDA's bicubic kernel is slow at these sizes
             return upsample_bicubic(z_BChw, H)
         return F.interpolate(z_BChw, size=(H, H), mode="bicubic")
 
@@ -190,31 +191,9 @@ class MultiScaleQuantizer(nn.Module):
 
     def split_tokens(self, idx_BL: torch.Tensor) -> list[torch.Tensor]:
         """Flat token sequence ``(B, L)`` -> list of token maps ``(B, pn, pn)``."""
-        out, start = [], 0
-        for pn in self.patch_nums:
-            out.append(idx_BL[:, start:start + pn * pn].reshape(-1, pn, pn))
-            start += pn * pn
-        return out
-
-
-@functools.lru_cache(maxsize=64)
-def bicubic_matrix(n_in: int, n_out: int, device: torch.device = torch.device("cpu"),
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(n_out, n_in)`` matrix A with ``interpolate(z, bicubic) = A z A^T`` (the interpolation
-    is separable): column j is the upsampled j-th basis vector (along height, width 1 -> 1).
-    Cached per device: a host-to-device copy at every call would stall the launch queue."""
-    basis = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, n_in, 1)
-    A = F.interpolate(basis, size=(n_out, 1), mode="bicubic")[:, 0, :, 0].T
-    return A.to(device=device, dtype=dtype)
-
-
-def upsample_bicubic(z_BChw: torch.Tensor, H: int) -> torch.Tensor:
-    """``F.interpolate(z, (H, H), mode="bicubic")`` as two matmuls, in z's dtype even under autocast."""
-    A_Hh = bicubic_matrix(z_BChw.shape[-1], H, z_BChw.device, z_BChw.dtype)
-    with torch.autocast(z_BChw.device.type, enabled=False):
-        return A_Hh @ z_BChw @ A_Hh.T
+        return ScaleLayout(self.patch_nums).split(idx_BL)
 
 
 def flatten_tokens(idx_list: list[torch.Tensor]) -> torch.Tensor:
     """List of token maps ``(B, pn, pn)`` -> flat sequence ``(B, L)`` in scale order."""
-    return torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
+    return ScaleLayout.flatten(idx_list)

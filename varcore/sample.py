@@ -6,7 +6,7 @@ mixes the logits as ``(1 + t) l_cond - t l_uncond`` with ``t = cfg * k / (K - 1)
 guidance grows from zero at the first scale to ``cfg`` at the last, as in the paper's code.
 Zero-shot tasks teacher-force the tokens outside a mask at every scale (paper Sec. 7).
 On CUDA the transformer calls run through the static engine (one CUDA graph per scale,
-:mod:`varcore.static_sampler`); the tokens are those of the plain KV-cached loop.
+:mod:`varcore.fast.static_sampler`); the tokens are those of the plain KV-cached loop.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from .errors import require
+from .fast.compile import compile_region
+from .fast.static_sampler import static_engine
 from .quant import MultiScaleQuantizer
-from .static_sampler import static_engine
-from .var import VAR, compile_region
+from .var import VAR
 from .vqvae import VQVAE
 
 
 ENGINES = ("auto", "plain", "static", "static_exact")
 # cuDNN picks convolution kernels by timing them at the first call of each shape (the VQ-VAE
 # decoder and the quantiser's phi convolutions); its heuristic choice for the decoder's
-# channels-last bf16 convolutions was about 30% slower on an H100 (benchmarks/RESULTS.md, round 2).
+# channels-last bf16 convolutions was markedly slower than the timed choice on Hopper GPUs.
 CUDNN_AUTOTUNE = True
 
 
@@ -148,10 +149,7 @@ def scale_forward(var: VAR, cond_BC: torch.Tensor, engine: str = "auto"):
         eng = static_engine(var, cond_BC.shape[0], device, False if engine == "static_exact" else None)
         eng.begin(var, cond_BC)
         return eng.scale
-    caches, starts, n = var.new_kv_caches(), [], 0
-    for pn in var.cfg.patch_nums:
-        starts.append(n)
-        n += pn * pn
+    caches, starts = var.new_kv_caches(), var.cfg.layout.starts
     return lambda k, x_BlC: var.forward_scale(x_BlC, cond_BC, starts[k], caches).float()
 
 

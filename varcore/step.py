@@ -1,5 +1,5 @@
 """One VAR optimisation step (forward, loss, backward, gradient clipping, AdamW), the same
-for the trainer (``pipeline.train_loop``) and the speed benchmark (``benchmarks/train_step.py``),
+for the trainer (the ``train_var`` stage) and the speed benchmark (``benchmarks/train_step.py``),
 so that the benchmark times exactly what training runs.
 
 On one CUDA device the step can be captured as one CUDA graph and replayed: the ~2000
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .master_weights import MasterWeights
-from .var import VAR, compile_region
+from .fast.compile import compile_region
+from .fast.master_weights import MasterWeights
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,15 @@ class TrainStep:
     ``amp``: autocast dtype (None: no autocast). ``grad_clip``: max global gradient norm
     (0: off). ``cuda_graph``: capture after ``eager_steps`` eager calls (CUDA only).
     ``master_weights``: the large linear weights compute as ``amp`` copies that AdamW keeps in
-    step with their float32 parameters (:mod:`varcore.master_weights`; one device, needs ``amp``
-    and a ``torch.optim.AdamW``). Build the step after loading a checkpoint into the model.
+    step with their float32 parameters (:mod:`varcore.fast.master_weights`; one device, needs
+    ``amp`` and a ``torch.optim.AdamW``). ``compile_loss``: the loss through ``torch.compile``
+    (where the model's blocks are). :meth:`from_plan` takes the three from an execution plan.
+    Build the step after loading a checkpoint into the model.
     """
 
     def __init__(self, model: nn.Module, optim: torch.optim.Optimizer, *, amp: torch.dtype | None = None,
                  grad_clip: float = 0.0, cuda_graph: bool = False, eager_steps: int = 2,
-                 master_weights: bool = False):
+                 master_weights: bool = False, compile_loss: bool = False):
         device = next(model.parameters()).device
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph needs the model on a CUDA device, it is on {device}")
@@ -74,9 +76,7 @@ class TrainStep:
         self.model, self.optim, self.device = model, optim, device
         self.amp, self.grad_clip, self.cuda_graph, self.eager_steps = amp, grad_clip, cuda_graph, eager_steps
         self.master = MasterWeights(model, optim, amp) if master_weights else None
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        compiled = isinstance(inner, VAR) and inner.compiled(device)
-        self.loss_fn: Callable = compile_region(var_loss, tuned=True) if compiled else var_loss
+        self.loss_fn: Callable = compile_region(var_loss, tuned=True) if compile_loss else var_loss
         self.calls = 0
         self.capture_error: str | None = None   # why a requested capture failed (the step then stays eager)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -87,6 +87,13 @@ class TrainStep:
         if cuda_graph:
             for g in optim.param_groups:
                 g["capturable"] = True
+
+    @classmethod
+    def from_plan(cls, model: nn.Module, optim: torch.optim.Optimizer, plan, *, amp: torch.dtype | None = None,
+                  grad_clip: float = 0.0) -> "TrainStep":
+        """The step a resolved :class:`varcore.fast.ExecutionPlan` asks for (graph, master weights, compiled loss)."""
+        return cls(model, optim, amp=amp, grad_clip=grad_clip, cuda_graph=plan.cuda_graph,
+                   master_weights=plan.master_weights, compile_loss=plan.compile)
 
     # ---- the step itself ------------------------------------------------------------------
     def _body(self, label_B: torch.Tensor, x_BlCvae: torch.Tensor, target_BL: torch.Tensor):

@@ -1,17 +1,15 @@
-"""Stage `tokenizer`: train the multi-scale VQ-VAE with the paper's compound loss (eq. 5).
+"""Training of the multi-scale VQ-VAE with the paper's compound loss (eq. 5), resumable.
 
 loss = ||im - im_hat|| (L1 or L2) + commitment ||f - f_hat|| + lambda_P LPIPS
        + lambda_G * w_adapt * GAN (PatchGAN, hinge, joins after ``disc_start_step`` steps)
 
-LPIPS needs ImageNet VGG16 weights from a local path (``lpips_weights``); without one it is
-off with a warning. Training state is checkpointed to ``checkpoints/tokenizer/state.pt``
-(outside DVC's outputs) every ``ckpt_every`` steps and at each epoch end; a killed run
-resumes from there, batch for batch, and ends with the weights it would have had.
+Training state (models, optimisers, RNG, position in the epoch) is checkpointed every
+``checkpoint_every`` steps and at each epoch end; a killed run resumes from there, batch for
+batch, and ends with the weights an uninterrupted run would have had.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -25,23 +23,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from varcore import VQVAE
 from varcore.disc import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from varcore.vqvae import VQVAE
 
-from .artifacts import save_tokenizer
-from .config import ParamsError, TokenizerParams, load_tokenizer_params, read_params, resolve_device
-from .cli import InputError, stage_main
-from .data import load_split
-from .io import atomic_path, read_json, sha256_bytes, write_json
+from ..errors import InputError
+from ..files import save_torch, sha256_bytes
+from ..images import grid, to_float_images, to_uint8_images
+from ..params import resolve_device
+from .config import TokenizerParams
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "varscale.tokenizer-state.v1"
-
-
-def to_float_images(images_NHWC: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [-1, 1]."""
-    x = images_NHWC if isinstance(images_NHWC, torch.Tensor) else torch.from_numpy(np.array(images_NHWC, np.uint8))
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def psnr(img_hat: torch.Tensor, img: torch.Tensor) -> float:
@@ -96,16 +88,7 @@ def recon_grid(vq: VQVAE, images: np.ndarray, n: int = 16) -> np.ndarray:
     x = to_float_images(images[:n]).to(vq.quantizer.embedding.weight.device)
     with torch.no_grad():
         rec = vq.idx_to_img(vq.img_to_idx(x))
-    x, rec = x.cpu(), rec.cpu()
-    rows = [torch.cat(list(t), dim=2) for t in (x, rec)]           # (3, S, nS) each
-    grid = torch.cat(rows, dim=1).add(1).mul(127.5).round().clamp(0, 255).byte()
-    return grid.permute(1, 2, 0).numpy()
-
-
-def save_png(path: Path, array_HWC: np.ndarray) -> None:
-    from PIL import Image
-    with atomic_path(path) as tmp:
-        Image.fromarray(array_HWC).save(tmp, format="PNG")
+    return grid([to_uint8_images(x), to_uint8_images(rec)])
 
 
 class Trainer:
@@ -134,16 +117,16 @@ class Trainer:
                 "disc": self.disc.state_dict() if self.disc else None,
                 "opt_d": self.opt_d.state_dict() if self.opt_d else None,
                 "rng": torch.get_rng_state()}
-        with atomic_path(path) as tmp:
-            torch.save(blob, tmp)
+        save_torch(path, blob)
 
     def try_resume(self, path: Path) -> bool:
+        """Continue from the state at ``path`` if it is this run's (same fingerprint) and readable."""
         if not path.is_file():
             return False
         try:
-            blob = torch.load(path, map_location=self.device, weights_only=False)
+            blob = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
-            log.warning("ignoring unreadable tokenizer state %s: %s", path, e)
+            log.warning("ignoring unreadable tokenizer state %s: %s", path, str(e).splitlines()[0])
             return False
         if blob.get("format") != STATE_FORMAT or blob.get("fingerprint") != self.fingerprint:
             log.warning("ignoring tokenizer state %s: it belongs to other params or data", path)
@@ -195,130 +178,72 @@ class Trainer:
         return m
 
     # ---- the loop ------------------------------------------------------------------------
-    def fit(self, train_images: np.ndarray, state_path: Path, ckpt_every: int = 200,
+    def total_steps(self, num_images: int) -> int:
+        tp = self.tp
+        steps_per_epoch = num_images // tp.batch_size
+        if steps_per_epoch == 0:
+            raise InputError(f"tokenizer.train.batch_size {tp.batch_size} exceeds the {num_images} training images")
+        full = tp.epochs * steps_per_epoch
+        return full if tp.max_steps is None else min(tp.max_steps, full)
+
+    def fit(self, train_images: np.ndarray, state_path: Path,
             on_log: Callable[[int, dict], None] | None = None,
             on_epoch: Callable[[int, "Trainer"], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> None:
+        """Train to the end from the current state; ``on_log`` every ``log_every`` steps,
+        ``on_epoch`` after each epoch, ``on_step`` after every step."""
         tp, st = self.tp, self.state
-        steps_per_epoch = len(train_images) // tp.batch_size
-        if steps_per_epoch == 0:
-            raise InputError(f"tokenizer.train.batch_size {tp.batch_size} exceeds the {len(train_images)} "
-                             f"training images")
-        total = tp.epochs * steps_per_epoch if tp.max_steps is None else min(tp.max_steps, tp.epochs * steps_per_epoch)
-        t0, seconds0 = time.perf_counter(), st.seconds
+        steps_per_epoch, total = len(train_images) // tp.batch_size, self.total_steps(len(train_images))
+        clock = _Clock(st.seconds)
         bar = tqdm(total=total, initial=st.step, desc="tokenizer", unit="step", mininterval=2)
         while st.epoch < tp.epochs and st.step < total:
-            # the epoch's order depends only on (seed, epoch), so a resumed run sees the same batches
-            order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(tp.seed * 1000 + st.epoch))
+            order = epoch_order(len(train_images), tp.seed, st.epoch)
             while st.batch < steps_per_epoch and st.step < total:
                 sel = order[st.batch * tp.batch_size:(st.batch + 1) * tp.batch_size].numpy()
                 m = self.step(to_float_images(train_images[np.sort(sel)]), st.step >= tp.disc_start_step)
-                st.batch += 1
-                st.step += 1
-                st.images_seen += len(sel)
+                st.batch, st.step, st.images_seen = st.batch + 1, st.step + 1, st.images_seen + len(sel)
                 bar.update(1)
                 if on_log and (st.step % tp.log_every == 0 or st.step == total):
                     on_log(st.step, m)
-                if st.step % ckpt_every == 0:
-                    self.save_state(state_path, seconds0 + time.perf_counter() - t0)
+                if st.step % tp.checkpoint_every == 0:
+                    self.save_state(state_path, clock.seconds())
                 if on_step:
                     on_step(st.step)
             if st.batch >= steps_per_epoch:
                 st.epoch, st.batch = st.epoch + 1, 0
-                self.save_state(state_path, seconds0 + time.perf_counter() - t0)
+                self.save_state(state_path, clock.seconds())
                 if on_epoch:
                     on_epoch(st.epoch, self)
         bar.close()
-        st.seconds = seconds0 + time.perf_counter() - t0
+        st.seconds = clock.seconds()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+class _Clock:
+    """Training seconds: those of earlier processes plus this one's."""
+
+    def __init__(self, before: float):
+        self.before, self.t0 = before, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.t0
 
 
 def fingerprint(p: TokenizerParams, data_manifest: dict) -> str:
     """Identifies a run: params, the exact data and the training code; resume state of any
     other run is ignored rather than silently continued."""
     import varcore.disc
+    import varcore.fast.bicubic
     import varcore.quant
     import varcore.vqvae
-    code = b"".join(Path(m.__file__).read_bytes() for m in (varcore.vqvae, varcore.quant, varcore.disc))
+    code = b"".join(Path(m.__file__).read_bytes()
+                    for m in (varcore.vqvae, varcore.quant, varcore.disc, varcore.fast.bicubic))
     code += Path(__file__).read_bytes()
     blob = repr((dataclasses.asdict(p), data_manifest["splits"]["train"]["sha256"])).encode() + code
     return sha256_bytes(blob)[:24]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--data", default="data/images")
-    ap.add_argument("--out", default="models/tokenizer.pt")
-    ap.add_argument("--metrics", default="metrics/tokenizer.json")
-    ap.add_argument("--recon", default="metrics/tokenizer-recon.png")
-    ap.add_argument("--state", default="checkpoints/tokenizer/state.pt")
-    ap.add_argument("--ckpt-every", type=int, default=200)
-    stage_main("tokenizer", ap, run, argv)
-
-
-def run(args: argparse.Namespace) -> dict:
-    import mlflow
-
-    from .perceptual import load_lpips
-    from .tracking import stage_run
-
-    p = load_tokenizer_params(read_params(args.params), args.params)
-    data_dir = Path(args.data)
-    manifest = read_json(data_dir / "manifest.json")
-    if manifest["image_size"] != p.model.image_size:
-        raise ParamsError(f"{args.params}:tokenizer.model.image_size is {p.model.image_size} but "
-                          f"{data_dir}/manifest.json has images of {manifest['image_size']}")
-    train_images, _ = load_split(data_dir, "train")
-    val_images, _ = load_split(data_dir, "val")
-    if p.train.num_threads:
-        torch.set_num_threads(p.train.num_threads)
-    lpips_model = None
-    if p.train.lpips_weights and p.train.lambda_p > 0:
-        lpips_model = load_lpips(p.train.lpips_weights)
-    else:
-        log.warning("LPIPS is off: tokenizer.train.lpips_weights is not set (no pretrained VGG16 here)")
-    trainer = Trainer(p, fingerprint(p, manifest), lpips_model)
-    state_path = Path(args.state)
-    trainer.try_resume(state_path)
-    val_sub = val_images[:2048]
-    with stage_run("tokenizer", {"tokenizer": dataclasses.asdict(p)}) as _:
-        mlflow.set_tags({"lpips": "vgg16 " + str(p.train.lpips_weights) if lpips_model else "off"})
-
-        def on_log(step: int, m: dict) -> None:
-            mlflow.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step)
-
-        def on_epoch(epoch: int, tr: Trainer) -> None:
-            ev = evaluate(tr.vq, val_sub)
-            mlflow.log_metrics({"val/psnr": ev["psnr"], "val/l1": ev["l1"],
-                                **{f"val/codebook_used_s{k}": u for k, u in enumerate(ev["codebook_used"])},
-                                **{f"val/codebook_ppl_s{k}": u for k, u in enumerate(ev["codebook_perplexity"])}},
-                               step=tr.state.step)
-            grid_path = Path(args.recon).with_name(f"tokenizer-recon-epoch{epoch:03d}.png")
-            save_png(grid_path, recon_grid(tr.vq, val_images))
-            mlflow.log_artifact(str(grid_path), artifact_path="reconstructions")
-            grid_path.unlink()
-            log.info("epoch %d: val PSNR %.2f dB, codebook used (any scale) %.1f%%", epoch, ev["psnr"],
-                     100 * ev["codebook_used_any_scale"])
-
-        trainer.fit(train_images, state_path, args.ckpt_every, on_log, on_epoch)
-        ev = evaluate(trainer.vq, val_images)
-        metrics = {"val_psnr": ev["psnr"], "val_l1": ev["l1"], "codebook_used": ev["codebook_used"],
-                   "codebook_perplexity": ev["codebook_perplexity"],
-                   "codebook_used_any_scale": ev["codebook_used_any_scale"],
-                   "steps": trainer.state.step, "images_seen": trainer.state.images_seen,
-                   "train_seconds": round(trainer.state.seconds, 1), "lpips": lpips_model is not None}
-        save_tokenizer(args.out, trainer.vq, {"data_manifest_sha256": sha256_bytes(
-            (data_dir / "manifest.json").read_bytes())})
-        save_png(Path(args.recon), recon_grid(trainer.vq, val_images))
-        write_json(args.metrics, metrics)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(args.recon)
-        mlflow.log_artifact(args.out, artifact_path="model")
-    state_path.unlink(missing_ok=True)  # crash-recovery state is spent; DVC's cache keeps the result
-    log.info("tokenizer: val PSNR %.2f dB after %d steps (%.0f s)", ev["psnr"], trainer.state.step,
-             trainer.state.seconds)
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

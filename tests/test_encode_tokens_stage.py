@@ -1,4 +1,4 @@
-"""Stage `tokenize`: shards, manifest checks with clear errors, and the tokens -> f_hat round trip."""
+"""Stage ``encode_tokens``: shards, manifest checks with clear errors, and the tokens -> f_hat round trip."""
 
 import json
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts import ArtifactError, TokenSpec, load_token_split, load_tokenizer, save_tokenizer
-from pipeline.config import TokenizeParams
-from pipeline.data import run as run_data
-from pipeline.config import DataParams
-from pipeline.io import sha256_file
-from pipeline.tokenize import run as run_tokenize
-from pipeline.tokenizer import to_float_images
+from pipeline.errors import ArtifactError
+from pipeline.files import sha256_file
+from pipeline.images import to_float_images
+from pipeline.stages import data, encode_tokens
+from pipeline.tokenizer.checkpoint import load_tokenizer, save_tokenizer
+from pipeline.tokenizer.config import EncodeParams
+from pipeline.tokens import TokenSpec, load_token_split, write_shard
 from varcore import VQVAE, VQVAEConfig
 from tests.helpers import write_image_folder
 
@@ -20,15 +20,19 @@ CFG = VQVAEConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, mid_at
                   vocab_size=64, patch_nums=(1, 2, 4, 8))
 
 
+def _paths(tmp_path, out: str) -> encode_tokens.Paths:
+    return encode_tokens.Paths(tmp_path / "tok.pt", tmp_path / "images", tmp_path / out, tmp_path / f"{out}.json")
+
+
 @pytest.fixture
 def tokenized(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=3, per_class=10)
-    run_data(DataParams(source="image_folder", root=str(root), image_size=16, val_fraction=0.2),
-             tmp_path / "images", tmp_path / "data.json")
+    data.run(data.DataParams(source="image_folder", root=str(root), image_size=16, val_fraction=0.2),
+             data.Paths(tmp_path / "images", tmp_path / "data.json"))
     torch.manual_seed(0)
     save_tokenizer(tmp_path / "tok.pt", VQVAE(CFG))
-    metrics = run_tokenize(TokenizeParams(batch_size=7, shard_size=10), tmp_path / "tok.pt",
-                           tmp_path / "images", tmp_path / "tokens", CFG)
+    metrics = encode_tokens.run(encode_tokens.Config(EncodeParams(batch_size=7, shard_size=10), CFG),
+                                _paths(tmp_path, "tokens"))
     spec = TokenSpec(CFG.patch_nums, CFG.vocab_size, sha256_file(tmp_path / "tok.pt"))
     return tmp_path, spec, metrics
 
@@ -86,7 +90,6 @@ def test_tampered_or_missing_shard_names_the_shard(tokenized):
 
 def test_wrong_shape_shard_is_rejected(tokenized):
     tmp, spec, _ = tokenized
-    from pipeline.artifacts import write_shard
     man_path = tmp / "tokens" / "manifest.json"
     man = json.loads(man_path.read_text())
     man["splits"]["val"]["shards"] = [write_shard(tmp / "tokens" / "val" / "shard-00000.npz",
@@ -96,11 +99,11 @@ def test_wrong_shape_shard_is_rejected(tokenized):
         load_token_split(tmp / "tokens", "val", spec)
 
 
-def test_tokenizer_params_mismatch_stops_tokenize(tokenized):
+def test_tokenizer_params_mismatch_stops_encoding(tokenized):
     tmp, _, _ = tokenized
     other = VQVAEConfig(**{**CFG.__dict__, "vocab_size": 128})
-    with pytest.raises(ArtifactError, match="re-run the tokenizer stage"):
-        run_tokenize(TokenizeParams(), tmp / "tok.pt", tmp / "images", tmp / "tokens2", other)
+    with pytest.raises(ArtifactError, match="re-run the train_tokenizer stage"):
+        encode_tokens.run(encode_tokens.Config(EncodeParams(), other), _paths(tmp, "tokens2"))
 
 
 def test_missing_or_corrupt_tokenizer_names_the_file(tmp_path):

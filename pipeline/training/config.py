@@ -1,10 +1,12 @@
-"""Typed params of the `train` stage and the sweep: sections ``var`` and ``train`` of params.yaml.
+"""Typed params of the ``train_var`` stage and the sweep, parsed once into :class:`TrainVarConfig`.
 
-``var.model`` holds overrides of :class:`varcore.VARConfig` shared by every depth (the
-depth, V, Cvae, scales and class count are not overridable: the depth list and the
-tokenizer fix them). ``train`` is the optimisation recipe (paper Sec. 4: AdamW 0.9/0.95,
-wd 0.05, lr 1e-4 per 256 images scaled linearly with the global batch), the evaluation
-schedule and the Ray Train resources. Errors name ``file:section.key``.
+Sections: ``var.model`` holds overrides of :class:`varcore.var.VARConfig` shared by every depth
+(the depth, V, Cvae, scales and class count are not overridable: the depth list and the
+tokenizer fix them); ``train`` is the optimisation recipe (paper Sec. 4: AdamW 0.9/0.95, wd 0.05,
+lr 1e-4 per 256 images scaled linearly with the global batch), the evaluation schedule and the
+Ray Train resources; ``execution`` is the :class:`varcore.fast.plan.ExecutionPlan` (how the model
+computes, not what: it is not part of a run's identity); ``tokenizer.model`` gives V, Cvae and
+the scales. Errors name ``file:section.key``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from varcore.errors import require
+from varcore.fast.plan import ExecutionPlan
+from varcore.var import VARConfig
+from varcore.vqvae import VQVAEConfig
 
-from .config import PARAMS_FILE, ParamsError, load_section
+from ..errors import ParamsError
+from ..params import PARAMS_FILE, load, load_section
+from ..tokenizer.config import load_tokenizer_model
 
 FIXED_VAR_KEYS = ("depth", "vocab_size", "Cvae", "patch_nums", "num_classes")
 LR_REFERENCE_BATCH = 256  # the paper quotes lr per 256 images
@@ -62,64 +70,49 @@ class TrainParams:
     weight_decay: float = 0.05
     grad_clip: float = 2.0                 # max global grad norm; 0 turns clipping off
     warmup_frac: float = 0.05              # linear warm-up over this fraction of the steps
-    decay: str = "linear"                  # linear | cosine, from the peak to min_lr_frac * peak
+    decay: Literal["linear", "cosine"] = "linear"   # from the peak to min_lr_frac * peak
     min_lr_frac: float = 0.01
     steps: int | None = 200                # optimizer steps; null: derived from epochs
     epochs: float | None = None            # passes over the train split (used when steps is null)
     num_evals: int = 8                     # validation points along the run
-    eval_spacing: str = "log"              # log: each at twice the compute of the previous | linear
+    eval_spacing: Literal["log", "linear"] = "log"  # log: each at twice the compute of the previous
     val_max_samples: int | None = None     # cap on val images per evaluation (null: all)
     eval_batch_size: int = 256
     checkpoint_every: int = 100            # extra Ray checkpoints between evaluations (steps)
     log_every: int = 10                    # train-loss points in the curve (steps)
-    precision: str = "auto"                # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     fsdp_min_depth: int | None = None      # depths >= this use FSDP instead of DDP (GPU only)
     num_threads: int = 1                   # torch intra-op threads per CPU worker (0: torch default)
-    cuda_graph: bool | str = "auto"        # whole step as one CUDA graph; auto: on for one GPU worker without FSDP
-    master_weights: bool | str = "auto"    # bf16 weight copies updated from float32 masters; auto: as cuda_graph, in bf16
     seed: int = 0
     ray: RayParams = field(default_factory=RayParams)
 
     def __post_init__(self):
         require(len(self.depths) >= 1 and all(d >= 1 for d in self.depths), "depths",
-              f"must be a non-empty list of ints >= 1, got {list(self.depths)}")
+                f"must be a non-empty list of ints >= 1, got {list(self.depths)}")
         require(len(set(self.depths)) == len(self.depths), "depths", f"has duplicates: {list(self.depths)}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.batch_size % self.ray.num_workers == 0, "batch_size",
-              f"{self.batch_size} is not divisible by ray.num_workers={self.ray.num_workers}")
+                f"{self.batch_size} is not divisible by ray.num_workers={self.ray.num_workers}")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
-              f"must be two numbers in [0, 1), got {list(self.betas)}")
+                f"must be two numbers in [0, 1), got {list(self.betas)}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         require(0 <= self.warmup_frac < 1, "warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
-        require(self.decay in ("linear", "cosine"), "decay", f"must be 'linear' or 'cosine', got {self.decay!r}")
         require(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
         require((self.steps is None) != (self.epochs is None), "steps",
-              "set exactly one of steps and epochs (the other null)")
+                "set exactly one of steps and epochs (the other null)")
         require(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         require(self.num_evals >= 1, "num_evals", f"must be >= 1, got {self.num_evals}")
-        require(self.eval_spacing in ("log", "linear"), "eval_spacing",
-              f"must be 'log' or 'linear', got {self.eval_spacing!r}")
         require(self.val_max_samples is None or self.val_max_samples >= 1, "val_max_samples",
-              f"must be >= 1 or null, got {self.val_max_samples}")
+                f"must be >= 1 or null, got {self.val_max_samples}")
         require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
-        require(self.precision in ("auto", "bf16", "fp32"), "precision",
-              f"must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         require(self.fsdp_min_depth is None or self.fsdp_min_depth >= 1, "fsdp_min_depth",
-              f"must be >= 1 or null, got {self.fsdp_min_depth}")
+                f"must be >= 1 or null, got {self.fsdp_min_depth}")
         require(self.num_threads >= 0, "num_threads", f"must be >= 0, got {self.num_threads}")
-        one_gpu = self.ray.use_gpu and self.ray.num_workers == 1 and self.fsdp_min_depth is None
-        for key in ("cuda_graph", "master_weights"):
-            value = getattr(self, key)
-            require(value in ("auto", True, False), key, f"must be 'auto', true or false, got {value!r}")
-            require(value is not True or one_gpu, key, "true needs one GPU worker (ray.use_gpu, ray.num_workers 1) "
-                    "and no FSDP; 'auto' turns it on where it applies")
-        require(self.master_weights is not True or self.precision != "fp32", "master_weights",
-              "true needs bf16 training (precision auto or bf16)")
 
     @property
     def peak_lr(self) -> float:
@@ -136,27 +129,48 @@ class TrainParams:
     def use_fsdp(self, depth: int) -> bool:
         return self.fsdp_min_depth is not None and depth >= self.fsdp_min_depth
 
-    def use_cuda_graph(self, device_type: str, world: int, fsdp: bool) -> bool:
-        """Whether a worker captures its step as a CUDA graph (varcore.step.TrainStep): one
-        CUDA worker without FSDP (data-parallel communication is not captured)."""
-        return self.cuda_graph is not False and _one_cuda_worker(device_type, world, fsdp)
-
-    def use_master_weights(self, device_type: str, world: int, fsdp: bool, amp: bool) -> bool:
-        """Whether a worker computes with bf16 weight copies (varcore.master_weights): one CUDA
-        worker without FSDP (DDP reduces only registered parameters' gradients), under autocast."""
-        return self.master_weights is not False and amp and _one_cuda_worker(device_type, world, fsdp)
+    def amp_dtype(self, device_type: str):
+        """The autocast dtype of this recipe on a device (None: float32)."""
+        import torch
+        use_bf16 = self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+        return torch.bfloat16 if use_bf16 else None
 
 
-def _one_cuda_worker(device_type: str, world: int, fsdp: bool) -> bool:
-    return device_type == "cuda" and world == 1 and not fsdp
+@dataclass(frozen=True)
+class TrainVarConfig:
+    """Everything the ``train_var`` stage reads from params, for one depth."""
+
+    depth: int
+    var: VarParams
+    train: TrainParams
+    execution: ExecutionPlan
+    tokenizer: VQVAEConfig
+    file: str = PARAMS_FILE
+
+    def var_config(self, num_classes: int) -> VARConfig:
+        """The transformer of this depth: the tokenizer fixes V, Cvae and the scales, the data the classes."""
+        tok = self.tokenizer
+        fields = dict(self.var.model, depth=self.depth, vocab_size=tok.vocab_size, Cvae=tok.Cvae,
+                      patch_nums=list(tok.patch_nums), num_classes=num_classes)
+        return load_section(VARConfig, fields, f"{self.file}:var.model")
+
+    def recipe(self) -> "TrainVarConfig":
+        """What identifies one depth's run: without the depth list, the cluster address and the
+        execution plan (none of them changes what this depth computes)."""
+        train = dataclasses.replace(self.train, depths=(self.depth,),
+                                    ray=dataclasses.replace(self.train.ray, address=None))
+        return dataclasses.replace(self, train=train, execution=ExecutionPlan(), file=PARAMS_FILE)
 
 
-def load_var_params(params: dict[str, Any], file: str = PARAMS_FILE) -> VarParams:
-    return load_section(VarParams, params.get("var"), f"{file}:var")
-
-
-def load_train_params(params: dict[str, Any], file: str = PARAMS_FILE) -> TrainParams:
-    return load_section(TrainParams, params.get("train"), f"{file}:train")
+def load_train_var_config(params: dict[str, Any], file: str | Path, depth: int) -> TrainVarConfig:
+    """Parse and check every section the stage uses, before any work (the model config is built
+    again with the data's class count; a stand-in count checks the overrides here)."""
+    if depth < 1:
+        raise ParamsError(f"--depth must be >= 1, got {depth}")
+    cfg = TrainVarConfig(depth, load(VarParams, params, "var", file), load(TrainParams, params, "train", file),
+                         load(ExecutionPlan, params, "execution", file), load_tokenizer_model(params, file), str(file))
+    cfg.var_config(num_classes=1)
+    return cfg
 
 
 def config_hash(*objs: Any) -> str:

@@ -3,7 +3,7 @@
 cuBLASLt can apply the tanh-approximated GELU (and keep its input) in the epilogue of the
 first FFN matmul, and the GELU's derivative in the epilogue of the matmul that
 back-propagates into it. Torch runs these as separate element-wise passes over the
-``(tokens, 4C)`` activations (at d24 about 9 ms of a 219 ms step, RESULTS.md round 7) and
+``(tokens, 4C)`` activations (a few per cent of a paper-scale step) and
 does not expose the epilogues that keep the GELU input (``torch._addmm_activation`` has
 GELU but returns only its output). This module calls the library torch already loaded
 through ``ctypes``; :func:`available` says whether it could.
@@ -241,7 +241,7 @@ def matmul_dgelu(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) ->
     """``dh = (dy W) * gelu'(h)`` (tanh GELU): the gradient into the pre-GELU activations ``h``
     of a layer whose output ``gelu(h)`` went through the linear map ``W`` ``(K, M)``, from one
     matmul. (cuBLASLt's variant that also sums the bias gradient runs that sum as a separate,
-    slower kernel on Hopper: RESULTS.md round 7.)"""
+    slower kernel on Hopper, so the bias gradient is summed by torch.)"""
     dy_NK, w_KM, h_NM = dy_NK.contiguous(), w_KM.contiguous(), h_NM.contiguous()
     dh_NM = torch.empty_like(h_NM)
     gemm(EPILOGUE_DGELU, w_KM, OP_N, dy_NK, OP_N, dh_NM, aux=h_NM)

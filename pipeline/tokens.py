@@ -1,14 +1,13 @@
-"""On-disk formats shared by stages: the tokenizer checkpoint and multi-scale token shards.
+"""Multi-scale token shards, the input of transformer training (written by ``encode_tokens``).
 
 Token shards (``data/tokens/<split>/shard-00000.npz``) hold ``tokens`` ``(N, L)`` uint16,
-flattened scale by scale (scale 1 first), and ``labels`` ``(N,)`` int64. A manifest
-``data/tokens/manifest.json`` records the scale list, V, the tokenizer's sha256 and a
-sha256 and count per shard; :func:`load_token_split` refuses any mismatch.
+flattened scale by scale (scale 1 first, :class:`varcore.scales.ScaleLayout`), and ``labels``
+``(N,)`` int64. A manifest ``data/tokens/manifest.json`` records the scale list, V, the
+tokenizer's sha256 and a sha256 and count per shard; :func:`load_token_split` refuses any mismatch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,45 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from varcore import VQVAE, VQVAEConfig
+from varcore.scales import ScaleLayout
+from varcore.vqvae import VQVAEConfig
 
-from .cli import InputError
-from .io import atomic_path, read_json, save_torch, sha256_file
+from .errors import ArtifactError
+from .files import atomic_path, read_json, sha256_file
 
 TOKENS_MANIFEST = "manifest.json"
-
-
-class ArtifactError(InputError):
-    """An input artifact is missing, corrupt or does not match the params; names the file."""
-
-
-# ---- tokenizer checkpoint --------------------------------------------------------------------
-def save_tokenizer(path: str | Path, vqvae: VQVAE, extra: dict[str, Any] | None = None) -> None:
-    cfg = dataclasses.asdict(vqvae.cfg)
-    save_torch(path, {"format": "varscale.tokenizer.v1", "config": cfg, "state_dict": vqvae.state_dict(),
-                      **(extra or {})})
-
-
-def read_checkpoint(path: str | Path, fmt: str, what: str, stage: str,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict of format ``fmt``; missing, corrupt or foreign files name the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: {what} checkpoint not found (run `dvc repro {stage}`)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises many types for a truncated/corrupt file
-        raise ArtifactError(f"{path}: cannot read {what} checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise ArtifactError(f"{path}: not a varscale {what} checkpoint")
-    return ckpt
-
-
-def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
-    ckpt = read_checkpoint(path, "varscale.tokenizer.v1", "tokenizer", "tokenizer", map_location)
-    vqvae = VQVAE(VQVAEConfig(**ckpt["config"]))
-    vqvae.load_state_dict(ckpt["state_dict"])
-    return vqvae.eval()
 
 
 # ---- token shards ----------------------------------------------------------------------------
@@ -68,7 +35,7 @@ class TokenSpec:
 
     @property
     def L(self) -> int:
-        return sum(p * p for p in self.patch_nums)
+        return ScaleLayout(self.patch_nums).L
 
 
 def write_shard(path: str | Path, tokens_NL: np.ndarray, labels_N: np.ndarray) -> dict[str, Any]:
@@ -80,12 +47,21 @@ def write_shard(path: str | Path, tokens_NL: np.ndarray, labels_N: np.ndarray) -
     return {"file": path.name, "sha256": sha256_file(path), "count": int(len(labels_N))}
 
 
+def manifest_header(vq_cfg: VQVAEConfig, tokenizer_path: str | Path, class_names: list[str]) -> dict[str, Any]:
+    """What every token manifest records besides its splits (the tokenizer file is hashed here)."""
+    lay = ScaleLayout(vq_cfg.patch_nums)
+    return {"patch_nums": list(lay.patch_nums), "vocab_size": vq_cfg.vocab_size, "Cvae": vq_cfg.Cvae, "L": lay.L,
+            "image_size": vq_cfg.image_size, "tokenizer": str(tokenizer_path),
+            "tokenizer_sha256": sha256_file(tokenizer_path), "num_classes": len(class_names),
+            "class_names": list(class_names), "splits": {}}
+
+
 def read_tokens_manifest(tokens_dir: str | Path) -> dict[str, Any]:
     path = Path(tokens_dir) / TOKENS_MANIFEST
     try:
         return read_json(path)
     except (FileNotFoundError, ValueError) as e:
-        raise ArtifactError(f"{path}: {e} (run `dvc repro tokenize`)") from e
+        raise ArtifactError(f"{path}: {e} (run `dvc repro encode_tokens`)") from e
 
 
 def check_manifest(manifest: dict[str, Any], spec: TokenSpec, where: str) -> None:
@@ -95,7 +71,7 @@ def check_manifest(manifest: dict[str, Any], spec: TokenSpec, where: str) -> Non
         raise ArtifactError(f"{where}: vocab_size {manifest.get('vocab_size')} != expected {spec.vocab_size}")
     if spec.tokenizer_sha256 is not None and manifest.get("tokenizer_sha256") != spec.tokenizer_sha256:
         raise ArtifactError(f"{where}: tokenizer_sha256 {manifest.get('tokenizer_sha256')} does not match the "
-                            f"tokenizer ({spec.tokenizer_sha256}); re-run `dvc repro tokenize`")
+                            f"tokenizer ({spec.tokenizer_sha256}); re-run `dvc repro encode_tokens`")
 
 
 def load_token_split(tokens_dir: str | Path, split: str, spec: TokenSpec

@@ -1,4 +1,4 @@
-"""Stage `data`: a class-labelled image set -> ``data/images/{train,val}.npy`` + manifest.
+"""Stage ``data``: a class-labelled image set -> ``data/images/{train,val}.npy`` + manifest.
 
 Sources: the default Fashion-MNIST (Debian package ``dataset-fashion-mnist``, IDX files,
 70k 28x28 grey images, 10 classes) or a user image folder ``root/<class>/*.png|jpg``.
@@ -12,22 +12,25 @@ The train/val split is stratified per class and fixed by ``data.seed``.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import gzip
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .cli import InputError, stage_main
-from .config import DataParams, load_data_params, read_params
-from .io import atomic_path, sha256_bytes, sha256_file, write_json
+from varcore.errors import require
+
+from ..errors import DataError
+from ..files import atomic_path, sha256_bytes, sha256_file, write_json
+from ..images import IMAGES_MANIFEST
+from ..params import load
+from ..stage import stage_main
+from ..tracking import log_artifact
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -37,8 +40,20 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx
                        "t10k": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-class DataError(InputError):
-    """The data source is missing or unusable; the message names the path."""
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    image_size: int = 32
+    val_fraction: float = 0.1
+    max_per_class: int | None = None       # cap images per class (quick runs)
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        require(self.max_per_class is None or self.max_per_class >= 2, "max_per_class",
+              f"must be >= 2 or null, got {self.max_per_class}")
 
 
 @dataclass
@@ -206,20 +221,17 @@ def write_split(listing: Listing, sel: np.ndarray, size: int, out_dir: Path, spl
     return labels_arr, ids
 
 
-def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``images (N, S, S, 3)`` uint8 (memory-mapped) and ``labels (N,)`` of one split."""
-    data_dir = Path(data_dir)
-    images_path, labels_path = data_dir / f"{split}.npy", data_dir / f"{split}-labels.npy"
-    for path in (images_path, labels_path):
-        if not path.is_file():
-            raise DataError(f"{path}: split file not found (run `dvc repro data`)")
-    images, labels = np.load(images_path, mmap_mode="r"), np.load(labels_path)
-    if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
-        raise DataError(f"{images_path}: images {images.shape} do not match labels {labels.shape}")
-    return images, labels
+@dataclass(frozen=True)
+class Paths:
+    out: Path          # data/images
+    metrics: Path      # metrics/data.json
 
 
-def run(p: DataParams, out_dir: Path, metrics_path: Path) -> dict:
+def load_config(params: dict[str, Any], file: str, paths: Paths) -> DataParams:
+    return load(DataParams, params, "data", file)
+
+
+def run(p: DataParams, paths: Paths) -> dict:
     listing = list_fashion_mnist(p) if p.source == "fashion_mnist" else list_image_folder(p)
     kept = cap_per_class(listing, p.max_per_class)
     tr, va = stratified_split(listing.labels[kept], p.val_fraction, p.seed)
@@ -227,41 +239,25 @@ def run(p: DataParams, out_dir: Path, metrics_path: Path) -> dict:
     manifest = {"source": p.source, "root": str(p.root), "image_size": p.image_size, "seed": p.seed,
                 "val_fraction": p.val_fraction, "classes": listing.classes, "splits": {}}
     for split, sel in (("train", kept[tr]), ("val", kept[va])):
-        labels, ids = write_split(listing, sel, p.image_size, out_dir, split, counts)
+        labels, ids = write_split(listing, sel, p.image_size, paths.out, split, counts)
         per_class = np.bincount(labels, minlength=len(listing.classes))
         manifest["splits"][split] = {
-            "file": f"{split}.npy", "count": int(len(labels)), "sha256": sha256_file(out_dir / f"{split}.npy"),
+            "file": f"{split}.npy", "count": int(len(labels)), "sha256": sha256_file(paths.out / f"{split}.npy"),
             "per_class": {c: int(n) for c, n in zip(listing.classes, per_class)},
             "ids_sha256": sha256_bytes("\n".join(ids).encode())}
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(paths.out / IMAGES_MANIFEST, manifest)
     metrics = {"num_classes": len(listing.classes), "train_images": manifest["splits"]["train"]["count"],
                "val_images": manifest["splits"]["val"]["count"], **{k: int(v) for k, v in sorted(counts.items())}}
     for key in ("skipped_unreadable", "skipped_empty_classes", "converted_grey", "converted_alpha",
                 "converted_mode", "resized"):
         metrics.setdefault(key, 0)
-    write_json(metrics_path, metrics)
+    write_json(paths.metrics, metrics)
+    log_artifact(paths.out / IMAGES_MANIFEST)
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="data/images")
-    ap.add_argument("--metrics", default="metrics/data.json")
-    stage_main("data", ap, _main, argv)
-
-
-def _main(args: argparse.Namespace) -> None:
-    import mlflow
-
-    from .tracking import stage_run
-    p = load_data_params(read_params(args.params), args.params)
-    with stage_run("data", {"data": dataclasses.asdict(p)}):
-        metrics = run(p, Path(args.out), Path(args.metrics))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_artifact(str(Path(args.out) / "manifest.json"))
-    log.info("data: %s", metrics)
-
+main = stage_main("data", Paths, load_config, run, summary_keys=("train_images", "val_images", "num_classes"),
+                  doc=__doc__)
 
 if __name__ == "__main__":
     main()

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .cli import InputError
+from ..errors import WeightsError
 
 log = logging.getLogger(__name__)
 # torchvision vgg16.features indices per lpips slice
 _SLICES = {1: range(0, 4), 2: range(4, 9), 3: range(9, 16), 4: range(16, 23), 5: range(23, 30)}
-
-
-class WeightsError(InputError):
-    """Pretrained weights are missing or do not fit; names the path."""
 
 
 def vgg_features_to_lpips(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ as a CUDA graph over preallocated buffers and then replayed: no Python or kernel
 overhead per layer. The graphs read a private copy of the model whose linear layers
 hold their weights in the autocast dtype, so the fp32 -> bf16 weight casts that
 autocast would redo at every scale happen once, and only when the weights changed.
-On CUDA the parts of each block around attention are also compiled (fused
-element-wise work; see ``VAR.forward_scale(compiled=True)``).
+On CUDA the blocks and the head are also compiled (fused element-wise work, one graph
+for scales 2..K); attention over the KV cache stays outside the graphs (:class:`EagerKVCache`),
+so each block compiles as the part before attention and the part after it.
 
 Without compilation the arithmetic is the plain path's: same modules, same kernels,
 weights rounded to the same dtype, so a fixed generator gives the same tokens (on CPU,
@@ -24,7 +25,9 @@ import weakref
 import torch
 import torch.nn as nn
 
-from .var import VAR
+from ..var import VAR, KVCache
+from .compile import compile_forward
+from .plan import reset_plan
 
 _ENGINES: "weakref.WeakKeyDictionary[VAR, StaticScales]" = weakref.WeakKeyDictionary()
 
@@ -36,25 +39,33 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
+class EagerKVCache(KVCache):
+    """A KV cache whose writes and attention run outside ``torch.compile`` graphs: dynamo breaks
+    the graph at :meth:`attend` (the cache's position is Python state that changes every scale)."""
+
+    @torch.compiler.disable
+    def attend(self, q_BHlc, k_BHlc, v_BHlc, scale: float | None) -> torch.Tensor:
+        return super().attend(q_BHlc, k_BHlc, v_BHlc, scale)
+
+
 class StaticScales:
     """Per-scale forward of a private model copy over fixed buffers: ``(2)B`` rows, ``L`` cache slots."""
 
     def __init__(self, var: VAR, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
                  graphs: bool, compiled: bool = False):
         self.key = (batch, device, amp_dtype, graphs, compiled)
-        self.compiled = compiled
-        self.model = copy.deepcopy(var).eval().requires_grad_(False)
+        self.model = reset_plan(copy.deepcopy(var)).eval().requires_grad_(False)
         if amp_dtype is not None:  # what autocast would cast them to at every call
             for m in self.model.modules():
                 if isinstance(m, nn.Linear):
                     m.to(amp_dtype)
+        if compiled:
+            for m in (*self.model.blocks, self.model.head):
+                compile_forward(m, dynamic=None)
         self.synced: tuple | None = None
         cfg = var.cfg
-        self.starts, n = [], 0
-        for pn in cfg.patch_nums:
-            self.starts.append(n)
-            n += pn * pn
-        self.caches = self.model.new_kv_caches()
+        self.starts = cfg.layout.starts
+        self.caches = [EagerKVCache(cfg.L) for _ in self.model.blocks]
         with torch.no_grad(), self._autocast():
             self.cond_BC = torch.zeros(batch, cfg.C, device=device, dtype=var.class_emb.weight.dtype)
             x0 = var.sos(self.cond_BC)
@@ -77,8 +88,7 @@ class StaticScales:
 
     @torch.no_grad()
     def _forward(self, k: int) -> torch.Tensor:
-        return self.model.forward_scale(self.x_BlC[k], self.cond_BC, self.starts[k], self.caches,
-                                        self.compiled).float()
+        return self.model.forward_scale(self.x_BlC[k], self.cond_BC, self.starts[k], self.caches).float()
 
     def _reset(self) -> None:
         for c in self.caches:
@@ -130,7 +140,7 @@ class StaticScales:
 
 def static_engine(var: VAR, batch: int, device: torch.device, compiled: bool | None = None) -> StaticScales:
     """The cached engine of ``var`` for this batch and autocast state (one kept per model).
-    CUDA graphs on CUDA; ``compiled`` (None: on CUDA) fuses the block parts around attention."""
+    CUDA graphs on CUDA; ``compiled`` (None: on CUDA) compiles the blocks and the head."""
     amp, cuda = autocast_dtype(device), device.type == "cuda"
     key = (batch, device, amp, cuda, cuda if compiled is None else compiled)
     eng = _ENGINES.get(var)

@@ -22,10 +22,12 @@ import math
 
 import torch
 
+from ..scales import ScaleLayout
+
 try:  # FlexAttention: torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - older torch
-    BlockMask = create_block_mask = None
+    BlockMask = flex_attention = None
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,14 @@ log = logging.getLogger(__name__)
 # than flex's default of 128 at paper scale; the kernel tiles below must divide it.
 FLEX_MASK_BLOCK = 64
 # Tiles of the compiled flex kernels on CUDA. Head dim is 64 at every depth (w = 64 d, h = d).
-# Forward: 64x64, 4 warps, 3 stages (inductor's autotuning at L=680 on an H100, RESULTS.md
-# round 2). Backward with the 64-token mask: 32-query tiles for dk/dv and 32-key tiles for dq
-# (round 4: one layer 2.53 -> 2.27 ms at d16, 2.99 -> 2.70 ms at d20 against 64 everywhere;
-# 4 stages and 16-wide tiles were slower there). {}: inductor's defaults.
+# Forward: 64x64, 4 warps, 3 stages (what inductor's autotuning picks at L=680 on Hopper).
+# Backward with the 64-token mask: 32-query tiles for dk/dv and 32-key tiles for dq (faster
+# there than 64 everywhere, 4 stages or 16-wide tiles; benchmarks/attention.py compares them).
+# {}: inductor's defaults.
 # BLOCKS_ARE_CONTIGUOUS: the kernels step to the next tile instead of loading its index. The
 # block-causal mask allows it: a query sees the keys [0, end of its scale), so every tile row's
 # (and column's) full tiles and partial tiles are each one run of consecutive tiles, which
-# flex_block_mask checks. One d24 layer, forward + backward: 1.75 -> 1.52 ms (round 7).
+# flex_block_mask checks.
 FLEX_KERNEL_OPTIONS: dict = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
@@ -50,26 +52,12 @@ _BWD_FIELDS = {"block_m1": "bwd_BLOCK_M1", "block_n1": "bwd_BLOCK_N1", "block_m2
                "block_n2": "bwd_BLOCK_N2", "num_warps": "bwd_num_warps", "num_stages": "bwd_num_stages"}
 
 
-def scale_ids(patch_nums: tuple[int, ...]) -> torch.Tensor:
-    """Scale index of every token: ``(L,)``."""
-    return torch.cat([torch.full((pn * pn,), k, dtype=torch.long) for k, pn in enumerate(patch_nums)])
-
-
-def scale_ends(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
-    """End (exclusive) of every scale in the token sequence: ``(1, 5, 14, ..., 680)`` at paper scale."""
-    ends, n = [], 0
-    for pn in patch_nums:
-        n += pn * pn
-        ends.append(n)
-    return tuple(ends)
-
-
 @functools.lru_cache(maxsize=16)
 def flex_block_mask(patch_nums: tuple[int, ...], device: str, block: int | None = None) -> "BlockMask":
     """The block-causal mask (scale of key <= scale of query) as a ``BlockMask`` with
     ``block``-token tiles (None: :data:`FLEX_MASK_BLOCK`); tiles listed as in :func:`tile_lists`."""
     block = block or FLEX_MASK_BLOCK
-    s_L = scale_ids(patch_nums).to(device)
+    s_L = ScaleLayout(patch_nums).scale_ids().to(device)
     L = s_L.numel()
 
     def block_causal(b, h, q_idx, kv_idx):
@@ -122,7 +110,7 @@ def blocks_contiguous(mask: "BlockMask") -> bool:
 
 def computed_pairs(patch_nums: tuple[int, ...], block: int) -> int:
     """Query-key pairs a block mask of ``block``-token tiles computes (every tile it does not skip)."""
-    ends = scale_ends(patch_nums)
+    ends = ScaleLayout(patch_nums).ends
     L, total = ends[-1], 0
     for q0 in range(0, L, block):
         last_q = min(L, q0 + block) - 1

@@ -4,7 +4,7 @@ Same function and gradients as the three modules in a row. The forward's first m
 writes both the GELU output and its input; the backward's matmul into the hidden layer
 applies the GELU derivative in its epilogue (:mod:`varcore.cublaslt`). That removes the
 element-wise GELU passes over the ``(tokens, 4C)`` activations, forward and backward
-(d24 step on an H100: 219.1 -> 214.0 ms, RESULTS.md round 7). Both the GELU's input and
+(two passes over the largest activations of the block). Both the GELU's input and
 output are kept for the backward, as inductor already did for the plain FFN (same peak memory).
 
 The two matmuls are custom ops, so ``torch.compile`` keeps them as calls in its graphs;
@@ -20,6 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..var import FFN
 from . import cublaslt
 
 log = logging.getLogger(__name__)
@@ -106,3 +107,30 @@ def gelu_mlp(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) ->
 def fused_usable(x: torch.Tensor) -> bool:
     """Whether :func:`gelu_mlp` runs the epilogue matmuls for ``x`` (CUDA, bf16/fp16, cuBLASLt)."""
     return _cublaslt_runs(x, fused_dtype(x))
+
+
+def _with_layers(cls: type, ffn: FFN) -> FFN:
+    new = cls.__new__(cls)
+    torch.nn.Module.__init__(new)
+    new.fc1, new.fc2, new.drop = ffn.fc1, ffn.fc2, ffn.drop
+    return new.train(ffn.training)
+
+
+class FusedFFN(FFN):
+    """:class:`varcore.var.FFN` with the GELU inside its matmuls' epilogues when gradients are
+    on; without them the plain FFN runs, since the fused forward's second output (the GELU
+    input) serves only the backward. Same parameters and state-dict keys as the FFN."""
+
+    @classmethod
+    def of(cls, ffn: FFN) -> "FusedFFN":
+        """The fused FFN over ``ffn``'s own layers (the same parameters)."""
+        return _with_layers(cls, ffn)
+
+    def plain(self) -> FFN:
+        """The plain FFN over the same layers."""
+        return _with_layers(FFN, self)
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x_BLC)
+        return self.drop(gelu_mlp(x_BLC, self.fc1, self.fc2))

@@ -2,7 +2,7 @@
 
 Under autocast every step casts each float32 weight matrix to bf16 for its matmuls, and the
 bf16 weight gradients back to float32 for the optimizer: 12 bytes of memory traffic per
-weight and step that do no arithmetic (about 4 ms of a 210 ms d24 step on an H100). Here the
+weight and step that do no arithmetic (about 2% of a paper-scale step). Here the
 model's float32 parameters stay the masters (state dicts, checkpoints, evaluation and
 sampling see them, and the optimizer state keeps torch's AdamW layout), while the training
 step swaps each selected weight for a bf16 copy: the forward reads it without a cast, the

@@ -19,14 +19,13 @@ is recorded beside it as ``compute_6NT``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from varcore import VARConfig
 from varcore.flops import var_flops
+from varcore.var import VARConfig
 
 
 @dataclass
@@ -89,27 +88,3 @@ def tokens_seen(steps: int, batch_size: int, cfg: VARConfig) -> int:
 def train_compute(cfg: VARConfig, tokens: int) -> float:
     """Training FLOPs C after ``tokens`` training tokens (module docstring)."""
     return var_flops(cfg).train_per_token * tokens
-
-
-# ---- schedules -----------------------------------------------------------------------------
-def eval_steps(total_steps: int, num_evals: int, spacing: str = "log") -> list[int]:
-    """Evaluation steps ending at the last step. ``log``: each at twice the compute of the
-    previous one, which gives the loss-vs-compute curve (and its Pareto frontier C_min) equal
-    weight per octave; ``linear``: every ``total / num_evals`` steps."""
-    if spacing == "linear":
-        steps = {max(1, round(total_steps * (j + 1) / num_evals)) for j in range(num_evals)}
-    else:
-        steps = {max(1, round(total_steps / 2 ** j)) for j in range(num_evals)}
-    return sorted(steps)
-
-
-def lr_at(step: int, total_steps: int, peak: float, warmup_frac: float, decay: str, min_frac: float) -> float:
-    """Linear warm-up from ~0 to ``peak`` then linear or cosine decay to ``min_frac * peak``.
-    ``step`` is 0-based (the lr used for the update that makes ``step + 1``)."""
-    warm = round(warmup_frac * total_steps)
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total_steps - warm - 1)
-    t = min(max(t, 0.0), 1.0)
-    shape = 1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-    return peak * (min_frac + (1.0 - min_frac) * shape)

@@ -1,7 +1,7 @@
-"""Synthetic stand-ins for the upstream artifacts of the `train` stage (tests and step-time probes).
+"""Synthetic stand-ins for the upstream artifacts of the ``train_var`` stage (tests).
 
 Writes a randomly initialised tokenizer with :func:`save_tokenizer` and token shards with
-:func:`write_shard` plus a manifest in the format the `tokenize` stage produces. Tokens are
+:func:`write_shard` plus a manifest in the format the ``encode_tokens`` stage produces. Tokens are
 class-dependent with a share ``noise`` of uniform tokens, so a model can learn them and the
 loss has a known floor.
 """
@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.files import write_json
+from pipeline.tokenizer.checkpoint import save_tokenizer
+from pipeline.tokens import TOKENS_MANIFEST, manifest_header, write_shard
 from varcore import VQVAE, VQVAEConfig
-
-from .artifacts import TOKENS_MANIFEST, save_tokenizer, write_shard
-from .io import sha256_file, write_json
+from varcore.scales import ScaleLayout
 
 
 def synthetic_tokens(n: int, L: int, vocab_size: int, num_classes: int, noise: float, seed: int
@@ -37,12 +38,9 @@ def write_synthetic_artifacts(root: str | Path, vq_cfg: VQVAEConfig, n_train: in
     torch.manual_seed(seed)
     tok_path = root / "tokenizer.pt"
     save_tokenizer(tok_path, VQVAE(vq_cfg))
-    L = sum(p * p for p in vq_cfg.patch_nums)
+    L = ScaleLayout(vq_cfg.patch_nums).L
     tokens_dir = root / "tokens"
-    manifest = {"patch_nums": list(vq_cfg.patch_nums), "vocab_size": vq_cfg.vocab_size, "Cvae": vq_cfg.Cvae,
-                "L": L, "image_size": vq_cfg.image_size, "tokenizer": str(tok_path),
-                "tokenizer_sha256": sha256_file(tok_path), "num_classes": num_classes,
-                "class_names": [f"class{c}" for c in range(num_classes)], "splits": {}}
+    manifest = manifest_header(vq_cfg, tok_path, [f"class{c}" for c in range(num_classes)])
     for k, (split, n) in enumerate((("train", n_train), ("val", n_val))):
         tokens, labels = synthetic_tokens(n, L, vq_cfg.vocab_size, num_classes, noise, seed + 1 + k)
         shards = [write_shard(tokens_dir / split / f"shard-{j:05d}.npz", tokens[s:s + shard_size],

@@ -1,0 +1,39 @@
+"""The transformer file ``models/var-d{D}.pt``: VARConfig fields, weights, class names, metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from varcore.var import VAR, VARConfig
+
+from ..checkpoints import config_from, load_weights, read_checkpoint
+from ..files import save_torch
+
+VAR_FORMAT = "varscale.var.v1"
+# VARConfig fields that earlier versions saved and that never changed the model's function, so
+# a checkpoint holding them still loads: qk_norm_impl chose the form of the q/k-norm's backward;
+# the rest are the execution choices that now live in varcore.fast.plan.ExecutionPlan.
+RETIRED_CONFIG_FIELDS = ("qk_norm_impl", "attn_impl", "attn_prefix_scales", "attn_backends", "mlp_impl",
+                         "compile_blocks", "checkpointing")
+
+
+def save_var(path: str | Path, model: VAR, class_names: list[str] | None = None,
+             extra: dict[str, Any] | None = None) -> None:
+    """Write atomically: ``config`` (VARConfig fields), ``state_dict``, ``num_classes``, ``class_names``."""
+    save_torch(path, {"format": VAR_FORMAT, "config": dataclasses.asdict(model.cfg),
+                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                      "num_classes": model.cfg.num_classes, "class_names": list(class_names or []),
+                      **(extra or {})})
+
+
+def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VAR, dict[str, Any]]:
+    """The model (eval mode) and the checkpoint's metadata (everything but the weights)."""
+    ckpt = read_checkpoint(path, VAR_FORMAT, "VAR", "train_var", map_location)
+    model = VAR(config_from(path, VARConfig, ckpt["config"], RETIRED_CONFIG_FIELDS))
+    load_weights(path, model, ckpt["state_dict"])
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model.eval(), meta

@@ -1,0 +1,190 @@
+"""The driver side of one depth's training: inputs, the Ray Train run, and what it leaves behind.
+
+:func:`train_depth` loads the verified token shards and the tokenizer's quantiser, runs
+:func:`pipeline.training.worker.train_worker` under ``TorchTrainer`` (workers, CPU/GPU and
+resources from ``train.ray``), and writes the model, the metrics the scaling-law fit reads and
+the run's configuration. The ``train_var`` stage and the sweep's trials both call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from varcore.errors import ConfigError
+from varcore.flops import count_main_params, count_params, main_N, var_flops
+from varcore.quant import MultiScaleQuantizer
+from varcore.var import VAR, VARConfig
+
+from ..tokenizer.checkpoint import load_tokenizer
+from ..errors import ArtifactError
+from ..files import sha256_file, write_json
+from ..tokens import TOKENS_MANIFEST, TokenSpec, load_token_split, read_tokens_manifest
+from ..tracking import log_artifact, log_metrics, log_params, set_tags
+from .checkpoint import save_var
+from .config import TrainVarConfig, config_hash
+from .metrics import train_compute
+from .worker import RunSpec, read_state_file, train_worker
+
+log = logging.getLogger(__name__)
+METRIC_KEYS = ("L_last", "L_mean", "Err_last", "Err_mean")
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    tokenizer: Path     # models/tokenizer.pt
+    tokens: Path        # data/tokens
+    model_out: Path     # models/var-dD.pt
+    metrics_out: Path   # metrics/train-dD.json: what the fit reads
+    curve_out: Path     # metrics/train-dD-curve.json: flat rows for `dvc plots`
+    run_out: Path       # runs/train-dD.json: configuration, execution plan, paths, timings (not metrics)
+
+
+@dataclass
+class TrainInputs:
+    """What the driver loads once per depth: config, quantiser, data and class names."""
+
+    cfg: VARConfig
+    quantizer: MultiScaleQuantizer
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    class_names: list[str]
+    tokenizer_sha256: str
+
+
+def load_inputs(config: TrainVarConfig, paths: TrainPaths) -> TrainInputs:
+    """The depth's VARConfig (params + the data's classes) and the verified token splits."""
+    vq = load_tokenizer(paths.tokenizer)
+    manifest = read_tokens_manifest(paths.tokens)
+    num_classes = int(manifest.get("num_classes") or 0)
+    if num_classes < 1:
+        raise ArtifactError(f"{paths.tokens / TOKENS_MANIFEST}: no num_classes (re-run `dvc repro encode_tokens`)")
+    cfg = config.var_config(num_classes)
+    try:
+        cfg.check_tokenizer(vq.cfg.vocab_size, vq.cfg.Cvae, vq.cfg.patch_nums)
+    except ConfigError as e:
+        raise ArtifactError(f"{paths.tokenizer}: does not fit {config.file}:tokenizer.model: {e}") from e
+    sha = sha256_file(paths.tokenizer)
+    spec = TokenSpec(cfg.patch_nums, cfg.vocab_size, tokenizer_sha256=sha)
+
+    def split(name):
+        t, lab = load_token_split(paths.tokens, name, spec)
+        return t.numpy().astype(np.uint16), lab.numpy()
+
+    names = list(manifest.get("class_names") or [str(i) for i in range(num_classes)])
+    return TrainInputs(cfg, vq.quantizer, split("train"), split("val"), names, sha)
+
+
+def run_name(config: TrainVarConfig, inputs: TrainInputs) -> str:
+    """Ray run name: same recipe and data -> same name -> Ray resumes its latest checkpoint.
+    The depth list, the cluster address and the execution plan are not part of it."""
+    return f"var-d{config.depth}-{config_hash(inputs.cfg, config.recipe().train, inputs.tokenizer_sha256)}"
+
+
+def fit(config: TrainVarConfig, inputs: TrainInputs, *, name: str | None = None, callbacks: list | None = None,
+        after_step: tuple = ()):
+    """Run :func:`train_worker` under ``TorchTrainer``; returns the Ray ``Result``. Needs ``ray.init``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tp, r = config.train, config.train.ray
+    spec = RunSpec(inputs.cfg, tp, config.execution, tp.total_steps(len(inputs.train[0])))
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}), **r.resources_per_worker}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec, "quantizer": inputs.quantizer, "after_step": after_step,
+                           "train": ray.put(inputs.train), "val": ray.put(inputs.val)},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name or run_name(config, inputs), storage_path=str(Path(r.storage_path).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.num_to_keep), callbacks=callbacks))
+    log.info("d%d: %d steps of %d images on %d %s worker(s), run %s", config.depth, spec.total_steps,
+             tp.batch_size, r.num_workers, "GPU" if r.use_gpu else "CPU", trainer.run_config.name)
+    return trainer.fit()
+
+
+def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, Any]) -> tuple[dict[str, Any], VAR]:
+    """The metrics the fit reads, and the trained model, from the final checkpoint's payload."""
+    cfg, st, tp = inputs.cfg, payload["state"], config.train
+    model = VAR(cfg)
+    model.load_state_dict(payload["model"])
+    if not st["curve"]:
+        raise RuntimeError("the final checkpoint has no validation point")
+    steps, N = st["step"], main_N(cfg)
+    tokens = steps * tp.batch_size * cfg.L
+    metrics = {
+        "depth": cfg.depth, "width": cfg.C, "heads": cfg.H,
+        "N": N, "N_counted_main": count_main_params(model), "params_total": count_params(model),
+        "steps": steps, "images_seen": steps * tp.batch_size, "tokens": tokens,
+        "flops_per_token": var_flops(cfg).train_per_token,
+        "compute": train_compute(cfg, tokens), "compute_6NT": 6.0 * N * tokens,
+        "train_loss": st["train_curve"][-1]["train_loss"],
+        **{k: st["curve"][-1][k] for k in METRIC_KEYS},
+        "curve": st["curve"], "train_curve": st["train_curve"],
+    }
+    return metrics, model
+
+
+def run_record(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, Any], ray_path: str,
+               wall_seconds: float) -> dict[str, Any]:
+    """What the run was, apart from what it measured: configuration, plan, timings, Ray run."""
+    st = payload["state"]
+    return {"var_config": dataclasses.asdict(inputs.cfg), "train": dataclasses.asdict(config.train),
+            "execution_plan": st.get("plan", {}), "tokenizer_sha256": inputs.tokenizer_sha256,
+            "lr_peak": config.train.peak_lr, "ray_run": Path(ray_path).name,
+            "train_seconds": round(st.get("train_seconds", 0.0), 1),   # all attempts, resumes included
+            "wall_seconds": round(wall_seconds, 1)}                     # this invocation
+
+
+def log_run(metrics: dict[str, Any], record: dict[str, Any], paths: TrainPaths) -> None:
+    """The MLflow child run: curves per step, the resolved plan, timings, the files (the stage
+    logs the final values)."""
+    for row in metrics["train_curve"]:
+        log_metrics({k: row[k] for k in ("train_loss", "lr", "compute")}, step=row["step"])
+    for row in metrics["curve"]:
+        log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["step"], prefix="val_")
+    log_metrics({k: record[k] for k in ("train_seconds", "wall_seconds")})
+    log_params({f"plan.{k}": v for k, v in record["execution_plan"].items()})
+    for p in (paths.metrics_out, paths.run_out):
+        log_artifact(p)
+    set_tags({"varscale.model_path": str(paths.model_out)})
+
+
+def train_depth(config: TrainVarConfig, paths: TrainPaths, *, callbacks: list | None = None,
+                after_step: tuple = ()) -> dict[str, Any]:
+    """Load, fit under Ray, write the model, the metrics and the run record, log the MLflow run."""
+    inputs = load_inputs(config, paths)
+    t0 = time.perf_counter()
+    result = fit(config, inputs, callbacks=callbacks, after_step=after_step)
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"d{config.depth}: training produced no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        payload = read_state_file(d)
+    metrics, model = summarize_run(config, inputs, payload)
+    record = run_record(config, inputs, payload, result.path, time.perf_counter() - t0)
+    save_var(paths.model_out, model, inputs.class_names,
+             extra={"tokenizer_sha256": inputs.tokenizer_sha256, "steps": metrics["steps"]})
+    write_json(paths.metrics_out, metrics)
+    write_json(paths.curve_out, metrics["curve"])
+    write_json(paths.run_out, record)
+    log_run(metrics, record, paths)
+    log.info("d%d: N=%.3g C=%.3g FLOPs L_mean=%.4f L_last=%.4f Err_mean=%.4f -> %s", config.depth, metrics["N"],
+             metrics["compute"], metrics["L_mean"], metrics["L_last"], metrics["Err_mean"], paths.model_out)
+    return metrics
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=None, log_to_driver=True)

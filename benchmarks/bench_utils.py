@@ -20,7 +20,7 @@ PAPER_VQ = VQVAEConfig(image_size=256, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_
 
 def env() -> dict:
     info = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    if os.environ.get("BENCH_TAG"):   # which arm of a before/after comparison (device_round.sh)
+    if os.environ.get("BENCH_TAG"):   # which arm of a before/after comparison (e.g. old and new code in one call)
         info["tag"] = os.environ["BENCH_TAG"]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

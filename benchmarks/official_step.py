@@ -1,4 +1,4 @@
-"""Training-step speed and peak memory of the official VAR code, for same-machine ratios.
+"""Training-step and sampling speed and peak memory of the official VAR code, for same-machine ratios.
 
 The issue's reference figures for the official code (FoundationVision/VAR) come from another
 run; this program times the official model on the machine that times ours, with the same step
@@ -8,6 +8,11 @@ warm-up. One JSON line per case (``bench: official_train_step``); MFU uses varco
 count, as ``train_step.py`` does.
 
     PYTHONPATH=. python benchmarks/official_step.py --official-root PATH/TO/VAR --case 16:64 --case 24:32
+    PYTHONPATH=. python benchmarks/official_step.py --official-root PATH/TO/VAR --sample-case 16:64
+
+``--sample-case depth:batch`` times the official sampler (``VAR.autoregressive_infer_cfg``: KV cache,
+CFG 1.5, top-k 900, top-p 0.96, the official VQ-VAE's decoder included) under bf16 autocast, as
+``sample.py`` times ours; it needs the checkout's own ``models.vqvae`` (random weights).
 
 ``--official-root`` is a checkout of the official repository (not shipped with varscale). The
 model is built as the official ``build_vae_var`` builds it for depth d (width 64 d, d heads,
@@ -85,7 +90,8 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
     attn = model.blocks[0].attn
     s = summary(times)
     tokens_per_s, mfu = rates(cfg, batch, s["ms_median"])
-    rec.update(**s, tokens_per_s=round(tokens_per_s), mfu=round(mfu, 4), peak_gib=peak_gib(device), params=sum(p.numel() for p in model.parameters()),
+    rec.update(**s, tokens_per_s=round(tokens_per_s), mfu=round(mfu, 4), peak_gib=peak_gib(device),
+               params=sum(p.numel() for p in model.parameters()),
                # flash_attn serves the official code only without a mask (sampling); xformers takes the mask
                flash_attn_installed=bool(getattr(attn, "using_flash", False)),
                xformers_used=bool(getattr(attn, "using_xform", False)))
@@ -95,10 +101,35 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
     return rec
 
 
+def sample_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
+    """The official sampler at ``depth`` for ``batch`` images, decode included (ms per image)."""
+    from models.vqvae import VQVAE   # the checkout's own: sampling decodes through it
+    reset_peak(device)
+    rec = {"bench": "official_sample", "depth": depth, "batch": batch, "cfg": 1.5, "top_k": 900, "top_p": 0.96,
+           **env()}
+    with contextlib.redirect_stdout(sys.stderr):
+        vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, test_mode=True, share_quant_resi=4,
+                    v_patch_nums=PAPER_PATCH_NUMS).to(device).eval()
+        var = VAR(vae_local=vae, num_classes=1000, depth=depth, embed_dim=64 * depth, num_heads=depth,
+                  mlp_ratio=4.0, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1 * depth / 24, norm_eps=1e-6,
+                  shared_aln=False, cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=PAPER_PATCH_NUMS,
+                  flash_if_available=True, fused_if_available=True).to(device).eval()
+        var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+    label_B = torch.arange(batch, device=device) % 1000
+
+    def generate():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            var.autoregressive_infer_cfg(batch, label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
+    s = summary(time_ms(generate, device, args.warmup, args.iters))
+    rec.update(**s, ms_per_image=round(s["ms_median"] / batch, 3), peak_gib=peak_gib(device))
+    return rec
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official-root", type=Path, required=True, help="checkout of FoundationVision/VAR")
-    ap.add_argument("--case", action="append", default=[], help="depth:batch")
+    ap.add_argument("--case", action="append", default=[], help="depth:batch (training step)")
+    ap.add_argument("--sample-case", action="append", default=[], help="depth:batch (sampling, decode included)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,6 +139,15 @@ def main(argv=None):
     for case in args.case:
         depth, batch = (int(p) for p in case.split(":"))
         emit(run_case(VAR, depth, batch, args, device))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for case in args.sample_case:
+        depth, batch = (int(p) for p in case.split(":"))
+        try:
+            emit(sample_case(VAR, depth, batch, args, device))
+        except Exception as e:  # a failed case must not hide the others' figures
+            emit({"bench": "official_sample", "depth": depth, "batch": batch, "error": f"{type(e).__name__}: {e}"[:500]})
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

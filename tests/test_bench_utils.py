@@ -37,3 +37,23 @@ def test_gaps_overlap_and_late_launches():
 def test_no_kernels():
     out = trace_gaps([{"cat": "cpu_op", "name": "x", "ts": 0, "dur": 1, "tid": 1}])
     assert out["kernels"] == 0 and out["span_ms"] == 0.0 and out["top"] == []
+
+
+def test_ratios_pair_official_and_ours_by_case():
+    from ratios import ratios
+    lines = [
+        {"bench": "official_train_step", "depth": 16, "batch": 64, "ms_median": 300.0, "pipelined_ms_median": 290.0},
+        {"bench": "train_step", "depth": 16, "batch": 64, "ms_median": 120.0, "pipelined_ms_median": 125.0},
+        {"bench": "train_step", "depth": 24, "batch": 32, "ms_median": 200.0},            # no official row
+        {"bench": "official_sample", "depth": 16, "batch": 64, "ms_per_image": 8.0},
+        {"bench": "sample", "depth": 16, "batch": 64, "ms_per_image": 3.0},
+        {"bench": "official_sample", "depth": 24, "batch": 64, "error": "OOM"},
+        {"bench": "sample", "depth": 24, "batch": 64, "ms_per_image": 6.0},
+    ]
+    rows = ratios(lines)
+    assert rows == [
+        {"ratio": "train_speedup", "depth": 16, "batch": 64, "tag": None, "official_ms": 300.0, "ours_ms": 120.0,
+         "speedup_synced": 2.5, "speedup_back_to_back": 2.32},
+        {"ratio": "sample_time", "depth": 16, "batch": 64, "tag": None, "official_ms_per_image": 8.0,
+         "ours_ms_per_image": 3.0, "ours_over_official": 0.375},
+    ]

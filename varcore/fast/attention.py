@@ -42,7 +42,8 @@ class FlexBlockCausal(nn.Module):
 
     def forward(self, q_BHLc, k_BHLc, v_BHLc, dropout_p: float, scale: float | None) -> torch.Tensor:
         if dropout_p:
-            raise ValueError("flex attention has no dropout: use attention 'per_scale' or 'dense' with attn_drop_rate > 0")
+            raise ValueError("flex attention has no dropout: use attention 'per_scale' or 'dense' "
+                             "with attn_drop_rate > 0")
         return flex.flex_attention(q_BHLc, k_BHLc, v_BHLc, block_mask=self.block_mask, scale=scale,
                                    kernel_options=self.kernel_options)
 

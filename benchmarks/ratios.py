@@ -1,0 +1,47 @@
+"""Ours against the official code from the JSON lines of one call (stdin): one line per case.
+
+Training: official ms/step over ours (synced, and back to back where both have it), so above 1
+means faster. Sampling: ours ms/image over official (below 1 means faster), as the issues state it.
+
+    bash benchmarks/suite.sh versus              # calls this at the end
+    python benchmarks/ratios.py < results.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def ratios(records: list[dict]) -> list[dict]:
+    by = {(r.get("bench"), r.get("depth"), r.get("batch"), r.get("tag")): r for r in records if "error" not in r}
+    out = []
+    for (bench, depth, batch, tag), ours in by.items():
+        if bench == "train_step" and ("official_train_step", depth, batch, None) in by:
+            off = by[("official_train_step", depth, batch, None)]
+            row = {"ratio": "train_speedup", "depth": depth, "batch": batch, "tag": tag,
+                   "official_ms": off["ms_median"], "ours_ms": ours["ms_median"],
+                   "speedup_synced": round(off["ms_median"] / ours["ms_median"], 3)}
+            if "pipelined_ms_median" in off and "pipelined_ms_median" in ours:
+                row["speedup_back_to_back"] = round(off["pipelined_ms_median"] / ours["pipelined_ms_median"], 3)
+            out.append(row)
+        if bench == "sample" and ("official_sample", depth, batch, None) in by:
+            off = by[("official_sample", depth, batch, None)]
+            out.append({"ratio": "sample_time", "depth": depth, "batch": batch, "tag": tag,
+                        "official_ms_per_image": off["ms_per_image"], "ours_ms_per_image": ours["ms_per_image"],
+                        "ours_over_official": round(ours["ms_per_image"] / off["ms_per_image"], 3)})
+    return out
+
+
+def main() -> None:
+    records = []
+    for line in sys.stdin:
+        line = line.strip()
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    for row in ratios(records):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Named benchmark suites for a GPU machine. JSON lines on stdout (one per measurement), progress on stderr.
+#
+#   bash benchmarks/suite.sh SUITE [SUITE...]
+#
+#   train     our training step (the trainer's TrainStep and execution plan) at the paper depths:
+#             d16 and d20 at batch 64, d24 at 32, d30 at 32 with 10 of 30 blocks recomputed
+#   sample    our sampler at B=64 and B=1 (CFG 1.5, top-k 900, top-p 0.96, decode included) and the
+#             token check (the uncompiled static engine draws the plain loop's tokens)
+#   official  the official code's training step and sampler (OFFICIAL_ROOT: a FoundationVision/VAR checkout)
+#   versus    official then ours in one call: training d16/64 and d24/32, sampling d16/64 and d24/64, and
+#             the ratios (benchmarks/ratios.py); the comparison benchmarks/RESULTS.md reports
+#   numerics  bf16 fast path against the fp32 plain path over 30 steps, CUDA-graph replays against
+#             eager steps, a checkpointed and resumed run against a straight one
+#
+# TRAIN_CASES / SAMPLE_CASES replace the cases, e.g. TRAIN_CASES="16:64 24:32" SAMPLE_CASES="16:64".
+# Each program runs under `timeout ${T:-600}`; a failed case prints an error line and the rest go on.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT_LINES=$(mktemp)
+run() { echo "## $*" >&2; timeout "${T:-600}" python3 "$@" | tee -a "$OUT_LINES"; }
+cases() { local flag=$1; shift; for c in $*; do printf -- '%s %s ' "$flag" "$c"; done; }
+official_root() {
+  [ -n "${OFFICIAL_ROOT:-}" ] || { echo "OFFICIAL_ROOT must name a FoundationVision/VAR checkout" >&2; exit 2; }
+  echo "$OFFICIAL_ROOT"
+}
+for suite in "$@"; do
+  case $suite in
+    train)    run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-16:64 20:64 24:32 30:32:10}") ;;
+    sample)   run benchmarks/sample.py $(cases --case "${SAMPLE_CASES:-16:64 16:1 20:64 24:64 24:1}") --check-tokens ;;
+    official) root=$(official_root)
+              run benchmarks/official_step.py --official-root "$root" $(cases --case "${TRAIN_CASES:-16:64 20:64 24:32}") \
+                  $(cases --sample-case "${SAMPLE_CASES:-16:64 20:64 24:64}") ;;
+    versus)   root=$(official_root)
+              run benchmarks/official_step.py --official-root "$root" $(cases --case "${TRAIN_CASES:-16:64 24:32}") \
+                  $(cases --sample-case "${SAMPLE_CASES:-16:64 24:64}")
+              run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-16:64 24:32}")
+              run benchmarks/sample.py $(cases --case "${SAMPLE_CASES:-16:64 24:64}")
+              python3 benchmarks/ratios.py < "$OUT_LINES" ;;
+    numerics) run benchmarks/train_step.py --numerics --graph-check --resume-check ;;
+    *) echo "unknown suite $suite (train, sample, official, versus, numerics)" >&2; exit 2 ;;
+  esac
+done
+rm -f "$OUT_LINES"

@@ -127,6 +127,16 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def log_parent_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """An artifact of the active run's parent (the pipeline's run, where the report belongs)."""
+    run = mlflow.active_run()
+    if run is None:
+        return
+    parent = run.data.tags.get("mlflow.parentRunId") or mlflow.get_run(run.info.run_id).data.tags.get(
+        "mlflow.parentRunId")
+    MlflowClient().log_artifact(parent or run.info.run_id, str(path), artifact_path)
+
+
 def set_tags(tags: dict[str, str]) -> None:
     if active():
         mlflow.set_tags(tags)

@@ -156,6 +156,7 @@ def test_summarize_run_records_N_tokens_and_compute():
     assert m["compute"] == pytest.approx(var_flops(cfg).train_per_token * 6 * 8 * 14)
     assert m["compute_6NT"] == 6 * m["N"] * m["tokens"]
     assert (m["L_mean"], m["L_last"], m["Err_mean"], m["Err_last"], m["train_loss"]) == (1.5, 2.0, 0.25, 0.5, 1.25)
+    assert "curve" not in m and "train_curve" not in m          # the curves are files of their own
     assert torch.equal(m_model.pos_1LC, model.pos_1LC)
 
 

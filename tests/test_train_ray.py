@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.files import sha256_file
 from pipeline.stages import train_var
 from pipeline.training.checkpoint import load_var
 from pipeline.training.config import load_train_var_config
@@ -65,6 +66,13 @@ def fail_once_after(step: int, marker: Path):
     return hook
 
 
+def reference_state(out):
+    """The one-worker run's curves as its files hold them: validation curve and run record."""
+    return {"curve": json.loads((out / "train-d1-curve.json").read_text()),
+            "train_curve": json.loads((out / "run-d1.json").read_text())["train_curve"],
+            "step": json.loads((out / "train-d1.json").read_text())["steps"]}
+
+
 def curves(state):
     return np.array([r["train_loss"] for r in state["train_curve"]]), np.array([r["L_mean"] for r in state["curve"]])
 
@@ -100,12 +108,15 @@ def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
     assert saved["N"] == main_N(model.cfg) and saved["params_total"] == count_params(model)
     assert saved["compute"] == pytest.approx(var_flops(model.cfg).train_per_token * saved["tokens"])
     assert meta["class_names"] == ["class0", "class1", "class2", "class3"]
+    assert all(isinstance(v, (int, float, str)) for v in saved.values())   # final values only: the curves
+    assert saved["model_sha256"] == sha256_file(out / "var-d1.pt")             # are files of their own
     # a curve point per evaluation (steps 5, 10), monotone in compute, last one = the summary
-    assert [r["step"] for r in saved["curve"]] == [5, 10]
-    assert saved["curve"][-1]["L_mean"] == saved["L_mean"]
-    assert json.loads((out / "train-d1-curve.json").read_text()) == saved["curve"]
-    assert saved["curve"][0]["compute"] * 2 == pytest.approx(saved["curve"][1]["compute"])
-    assert saved["curve"][-1]["L_mean"] < saved["curve"][0]["L_mean"] < np.log(64)   # it learns
+    curve = json.loads((out / "train-d1-curve.json").read_text())
+    assert [r["step"] for r in curve] == [5, 10]
+    assert curve[-1]["L_mean"] == saved["L_mean"]
+    assert curve[0]["compute"] * 2 == pytest.approx(curve[1]["compute"])
+    assert curve[-1]["L_mean"] < curve[0]["L_mean"] < np.log(64)   # it learns
+    assert [r["step"] for r in record["train_curve"]] == list(range(1, STEPS + 1))
     # the saved model reproduces the recorded test loss
     root, tok, tokens = artifacts
     inputs = inputs_for(config_for(root), tok, tokens)
@@ -128,7 +139,7 @@ def test_two_workers_follow_the_one_worker_trajectory(one_worker_run, artifacts)
     res = fit(config, inputs_for(config, tok, tokens))
     with res.checkpoint.as_directory() as d:
         two = read_state_file(d)["state"]
-    ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
+    ref = reference_state(one_worker_run[0])
     t2, v2 = curves(two)
     t1, v1 = curves(ref)
     assert two["step"] == STEPS and len(t2) == STEPS
@@ -147,8 +158,8 @@ def test_worker_failure_restarts_from_the_last_checkpoint(one_worker_run, artifa
     assert marker.exists() and res.error is None
     with res.checkpoint.as_directory() as d:
         state = read_state_file(d)["state"]
-    ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
-    assert state["step"] == ref["steps"] == STEPS
+    ref = reference_state(one_worker_run[0])
+    assert state["step"] == ref["step"] == STEPS
     t, v = curves(state)
     np.testing.assert_allclose(t, curves(ref)[0], rtol=1e-5)
     np.testing.assert_allclose(v, curves(ref)[1], rtol=1e-5)
@@ -171,7 +182,7 @@ def test_crashed_run_resumes_when_rerun(one_worker_run, artifacts, tmp_path):
     second = fit(config, inputs, name="crash")
     with second.checkpoint.as_directory() as d:
         state = read_state_file(d)["state"]
-    ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
+    ref = reference_state(one_worker_run[0])
     assert state["step"] == STEPS
     np.testing.assert_allclose(curves(state)[0], curves(ref)[0], rtol=1e-5)
     np.testing.assert_allclose(curves(state)[1], curves(ref)[1], rtol=1e-5)

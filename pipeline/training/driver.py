@@ -41,9 +41,9 @@ class TrainPaths:
     tokenizer: Path     # models/tokenizer.pt
     tokens: Path        # data/tokens
     model_out: Path     # models/var-dD.pt
-    metrics_out: Path   # metrics/train-dD.json: what the fit reads
-    curve_out: Path     # metrics/train-dD-curve.json: flat rows for `dvc plots`
-    run_out: Path       # runs/train-dD.json: configuration, execution plan, paths, timings (not metrics)
+    metrics_out: Path   # metrics/train/dD.json: the final values the fit reads (scalars)
+    curve_out: Path     # metrics/train/dD-curve.json: the validation curve (the fit's C_min, `dvc plots`)
+    run_out: Path       # runs/train-dD.json: configuration, execution plan, train-loss curve, timings
 
 
 @dataclass
@@ -113,7 +113,8 @@ def fit(config: TrainVarConfig, inputs: TrainInputs, *, name: str | None = None,
 
 
 def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, Any]) -> tuple[dict[str, Any], VAR]:
-    """The metrics the fit reads, and the trained model, from the final checkpoint's payload."""
+    """The final values the fit reads, and the trained model, from the final checkpoint's payload
+    (the curves stay in the payload's ``state``)."""
     cfg, st, tp = inputs.cfg, payload["state"], config.train
     model = VAR(cfg)
     model.load_state_dict(payload["model"])
@@ -129,7 +130,6 @@ def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str
         "compute": train_compute(cfg, tokens), "compute_6NT": 6.0 * N * tokens,
         "train_loss": st["train_curve"][-1]["train_loss"],
         **{k: st["curve"][-1][k] for k in METRIC_KEYS},
-        "curve": st["curve"], "train_curve": st["train_curve"],
     }
     return metrics, model
 
@@ -142,15 +142,16 @@ def run_record(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, A
             "execution_plan": st.get("plan", {}), "tokenizer_sha256": inputs.tokenizer_sha256,
             "lr_peak": config.train.peak_lr, "ray_run": Path(ray_path).name,
             "train_seconds": round(st.get("train_seconds", 0.0), 1),   # all attempts, resumes included
-            "wall_seconds": round(wall_seconds, 1)}                     # this invocation
+            "wall_seconds": round(wall_seconds, 1),                     # this invocation
+            "train_curve": st["train_curve"]}
 
 
-def log_run(metrics: dict[str, Any], record: dict[str, Any], paths: TrainPaths) -> None:
+def log_run(curve: list[dict[str, Any]], record: dict[str, Any], paths: TrainPaths) -> None:
     """The MLflow child run: curves per step, the resolved plan, timings, the files (the stage
     logs the final values)."""
-    for row in metrics["train_curve"]:
+    for row in record["train_curve"]:
         log_metrics({k: row[k] for k in ("train_loss", "lr", "compute")}, step=row["step"])
-    for row in metrics["curve"]:
+    for row in curve:
         log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["step"], prefix="val_")
     log_metrics({k: record[k] for k in ("train_seconds", "wall_seconds")})
     log_params({f"plan.{k}": v for k, v in record["execution_plan"].items()})
@@ -175,10 +176,11 @@ def train_depth(config: TrainVarConfig, paths: TrainPaths, *, callbacks: list | 
     record = run_record(config, inputs, payload, result.path, time.perf_counter() - t0)
     save_var(paths.model_out, model, inputs.class_names,
              extra={"tokenizer_sha256": inputs.tokenizer_sha256, "steps": metrics["steps"]})
+    metrics["model_sha256"] = sha256_file(paths.model_out)   # what evaluations of this depth must have sampled
     write_json(paths.metrics_out, metrics)
-    write_json(paths.curve_out, metrics["curve"])
+    write_json(paths.curve_out, payload["state"]["curve"])
     write_json(paths.run_out, record)
-    log_run(metrics, record, paths)
+    log_run(payload["state"]["curve"], record, paths)
     log.info("d%d: N=%.3g C=%.3g FLOPs L_mean=%.4f L_last=%.4f Err_mean=%.4f -> %s", config.depth, metrics["N"],
              metrics["compute"], metrics["L_mean"], metrics["L_last"], metrics["Err_mean"], paths.model_out)
     return metrics

@@ -1,0 +1,79 @@
+"""The report stage renders from a fixture metrics set, the same bytes on every rerun."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.evaluation.config import FitParams
+from pipeline.files import write_json
+from pipeline.images import save_png
+from pipeline.stages import fit, report
+
+from .test_fit import write_runs
+
+REFERENCE = {"real_vs_real": {"fid": 0.5, "is_mean": 9.1, "kid_mean": 0.0001, "precision": 0.7, "recall": 0.7,
+                              "images": 2000},
+             "tokenizer": {"fid": 3.2, "is_mean": 8.5, "kid_mean": 0.002, "precision": 0.6, "recall": 0.6,
+                           "images": 7000}}
+EVAL_EXTRA = {"sampling": {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "engine": "auto"}, "seeds": [0, 1],
+              "samples_per_seed": 2000, "reference_images": 7000, "class_names": [str(i) for i in range(10)],
+              "feature_network": {"name": "classifier", "weights": "classifier.pt", "sha256": "ab" * 32,
+                                  "val_accuracy": 0.91}, "tokenizer_sha256": "cd" * 32}
+
+
+def fixture(tmp_path, depths=(1, 2, 3, 4)):
+    train, ev = write_runs(tmp_path, depths)
+    for d in depths:
+        m = {**__import__("json").loads((ev / f"d{d}.json").read_text()), **EVAL_EXTRA}
+        write_json(ev / f"d{d}.json", m)
+        save_png(ev / f"samples-d{d}.png", np.full((20, 30, 3), 40 * d, np.uint8))
+    write_json(tmp_path / "reference.json", {**REFERENCE, "feature_network": EVAL_EXTRA["feature_network"]})
+    write_json(tmp_path / "images" / "manifest.json", {"source": "fashion_mnist", "image_size": 32,
+                                                       "classes": [str(i) for i in range(10)],
+                                                       "splits": {"train": {"count": 63000}, "val": {"count": 7000}}})
+    fit.run(fit.FitConfig(tuple(depths), 0.05, FitParams()),
+            fit.Paths(train, ev, tmp_path / "scaling.json", tmp_path / "scaling-detail.json"))
+    return report.Paths(train, ev, tmp_path / "scaling-detail.json", tmp_path / "reference.json",
+                        tmp_path / "images", tmp_path / "reports")
+
+
+def test_report_renders_tables_fits_figures_and_provenance(tmp_path):
+    paths = fixture(tmp_path)
+    out = report.run(report.ReportConfig((1, 2, 3, 4), "params.yaml"), paths)
+    assert out == {"depths": 4, "flags": out["flags"], "fit_status": "ok"}
+    text = (paths.out / "scaling.md").read_text()
+    for needle in ("## Runs", "| depth | N | tokens |", "## Fitted power laws", "| L_mean vs N | 4 | -0.1000 |",
+                   "FID vs N", "paper alpha", "| -0.2 |", "real train images vs val (floor)",
+                   "tokenizer round trip of val (rFID)", "CFG 1.5, top-k 900, top-p 0.96",
+                   "val accuracy 91.0%", "## Provenance", "git commit", "torch-fidelity",
+                   "figures/scaling_vs_N.png", "figures/samples-d4.png"):
+        assert needle in text, needle
+    frame = pd.read_csv(paths.out / "runs.csv")
+    assert list(frame["depth"]) == [1, 2, 3, 4] and frame["L_mean"].is_monotonic_decreasing
+    for name in ("scaling_vs_N", "scaling_vs_C", "fidelity_vs_N"):
+        assert (paths.out / "figures" / f"{name}.png").stat().st_size > 10_000
+    for d in (1, 2, 3, 4):
+        assert (paths.out / "figures" / f"samples-d{d}.png").read_bytes() == (paths.eval / f"samples-d{d}.png").read_bytes()
+    first = {p.name: p.read_bytes() for p in sorted(paths.out.rglob("*")) if p.is_file()}
+    report.run(report.ReportConfig((1, 2, 3, 4), "params.yaml"), paths)      # nothing changed: same bytes
+    assert {p.name: p.read_bytes() for p in sorted(paths.out.rglob("*")) if p.is_file()} == first
+
+
+def test_report_lists_the_runs_when_the_fit_refuses(tmp_path):
+    paths = fixture(tmp_path, depths=(1, 2))
+    out = report.run(report.ReportConfig((1, 2), "params.yaml"), paths)
+    text = (paths.out / "scaling.md").read_text()
+    assert out["fit_status"] == "refused"
+    assert "**The fit refused:** 2 depth(s) [1, 2]: a fit needs at least 3" in text
+    assert "| 2 | 590k | 100k |" in text
+
+
+@pytest.mark.parametrize("missing", ["scaling-detail.json", "reference.json"])
+def test_report_names_a_missing_input(tmp_path, missing):
+    from pipeline.errors import InputError
+    paths = fixture(tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises((InputError, FileNotFoundError), match=missing):
+        report.run(report.ReportConfig((1, 2, 3, 4), "params.yaml"), paths)

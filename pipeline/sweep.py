@@ -118,6 +118,17 @@ def sweep_parent_run(name: str, params: dict[str, Any], grid: dict[str, list[Any
     return run.info.run_id
 
 
+def default_mlflow_uri(tokens: Path, fallback_dir: Path) -> str:
+    """The store of the checkout whose tokens the sweep trains on (the folder of its dvc.yaml), so
+    sweeps and `dvc repro` runs compare in one MLflow UI; a SQLite file in ``fallback_dir`` when
+    the tokens are not inside a checkout. (Under `ray job submit` the job runs in a temporary copy
+    of the working directory, so its own folder is the wrong place.)"""
+    for parent in Path(tokens).resolve().parents:
+        if (parent / "dvc.yaml").is_file() and (parent / ".dvc").is_dir():
+            return f"sqlite:///{parent / 'mlflow.db'}"
+    return f"sqlite:///{fallback_dir / 'mlflow.db'}"
+
+
 def run_sweep(params: dict[str, Any], depths: list[int], grid: dict[str, list[Any]], *, tokenizer: Path,
               tokens: Path, out_dir: Path, name: str, params_file: str = PARAMS_FILE,
               max_concurrent: int | None = None, mlflow_uri: str | None = None):
@@ -135,7 +146,7 @@ def run_sweep(params: dict[str, Any], depths: list[int], grid: dict[str, list[An
             load_train_var_config(apply_overrides(params, dict(zip(grid, combo))), params_file, d)
     out_dir = out_dir.expanduser().resolve() / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir.parent / 'mlflow.db'}"
+    mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(tokens, out_dir.parent)
     mlflow.set_tracking_uri(mlflow_uri)
     parent = sweep_parent_run(name, params, grid, depths)
     # Ray Train's checkpoints of every trial go under the sweep dir unless the params pin a shared path
@@ -176,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="absolute or ~ path: under `ray job submit` the cwd is a temporary copy")
     ap.add_argument("--name", default=None, help="sweep name (default: sweep-<timestamp>)")
     ap.add_argument("--max-concurrent", type=int, default=None, help="default: as many as the cluster fits")
-    ap.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite in --out-dir")
+    ap.add_argument("--mlflow-uri", default=None,
+                    help="default: $MLFLOW_TRACKING_URI, else the mlflow.db of the checkout that holds --tokens")
     args = ap.parse_args(argv)
     setup_logging()
     results = run_cli("sweep", lambda: _sweep(args))

@@ -13,6 +13,16 @@ from .test_train import TINY_VQ, tiny_params
 ray = pytest.importorskip("ray")
 
 
+def test_sweeps_log_to_the_store_of_the_checkout_that_made_the_tokens(tmp_path):
+    from pipeline.sweep import default_mlflow_uri
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    (repo / "data" / "tokens").mkdir(parents=True)
+    assert default_mlflow_uri(repo / "data" / "tokens", tmp_path / "sweeps") == f"sqlite:///{repo / 'mlflow.db'}"
+    assert default_mlflow_uri(tmp_path / "elsewhere", tmp_path / "sweeps") == f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}"
+
+
 def test_grid_and_overrides():
     grid = parse_grid(["train.lr=1e-4,2e-4", "var.model.shared_aln=true,false"])
     assert grid == {"train.lr": [1e-4, 2e-4], "var.model.shared_aln": [True, False]}
@@ -43,7 +53,7 @@ def test_sweep_runs_every_depth_and_value(tmp_path, monkeypatch):
             assert m["depth"] == d and m["steps"] == 3 and record["lr_peak"] == pytest.approx(lr * 8 / 256)
     assert {r.metrics["step"] for r in results} == {3}
     import mlflow
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")   # not in a checkout
     exp = client.get_experiment_by_name("varscale").experiment_id
     parent = client.search_runs([exp], "tags.`varscale.kind` = 'sweep'")
     assert len(parent) == 1

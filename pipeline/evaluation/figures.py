@@ -21,6 +21,13 @@ def _pyplot():
     return plt
 
 
+def _plain_y(ax) -> None:
+    """Log-scaled y axes over less than a decade read better with plain tick labels."""
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
@@ -51,6 +58,7 @@ def scaling_vs_N(runs: list[dict[str, Any]], fits: dict[str, Any], path: Path) -
             ax.legend(fontsize=8)
         ax.set(xlabel="N (eq. 8)", ylabel=METRIC_LABELS[m], title=f"{m} vs N")
         ax.grid(True, which="both", alpha=0.3)
+        _plain_y(ax)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -72,6 +80,7 @@ def scaling_vs_C(frontiers: dict[str, Any], fits: dict[str, Any], path: Path) ->
             _draw_fit(ax, fits[f"{m}_vs_C"], "C")
         ax.set(xlabel="training compute C (FLOPs)", ylabel=METRIC_LABELS[m], title=f"{m} vs compute")
         ax.grid(True, which="both", alpha=0.3)
+        _plain_y(ax)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -94,6 +103,7 @@ def fidelity_vs_N(runs: list[dict[str, Any]], fits: dict[str, Any], path: Path) 
     axes[1].set(xscale="log", xlabel="N", ylabel="IS", title="IS vs N")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
+        _plain_y(ax)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -141,18 +141,20 @@ def test_evaluate_stage_records_settings_seeds_and_the_feature_network(classifie
     p = EvaluateParams(samples_per_class=6, seeds=(0, 1), batch_size=7, kid_subset_size=10,
                        sampling=SamplingParams(cfg=1.5, top_k=20, top_p=0.9), grid_columns=4)
     paths = evaluate.Paths(1, tmp_path / "var-d1.pt", tmp_path / "tok.pt", path, tmp_path / "images",
-                           tmp_path / "eval" / "d1.json", tmp_path / "eval" / "samples-d1.png")
+                           tmp_path / "eval" / "d1.json", tmp_path / "runs" / "d1.json",
+                           tmp_path / "eval" / "samples-d1.png")
     m = evaluate.run(p, paths)
-    saved = json.loads(paths.metrics.read_text())
-    assert saved == json.loads(json.dumps(m))
-    assert [s["seed"] for s in m["per_seed"]] == [0, 1] and m["samples_per_seed"] == 18
-    assert m["fid"] == pytest.approx((m["per_seed"][0]["fid"] + m["per_seed"][1]["fid"]) / 2)
-    assert m["fid_spread"] == pytest.approx(abs(m["per_seed"][0]["fid"] - m["per_seed"][1]["fid"]))
-    assert m["sampling"] == {"cfg": 1.5, "top_k": 20, "top_p": 0.9, "engine": "auto"}
-    assert m["feature_network"]["name"] == "classifier" and len(m["feature_network"]["sha256"]) == 64
+    assert json.loads(paths.metrics.read_text()) == m
+    assert set(m) == {"depth", "fid", "fid_spread", "is_mean", "kid_mean", "precision", "recall"}  # dvc metrics show
+    r = json.loads(paths.record.read_text())
+    assert [s["seed"] for s in r["per_seed"]] == [0, 1] and r["samples_per_seed"] == 18
+    assert m["fid"] == pytest.approx((r["per_seed"][0]["fid"] + r["per_seed"][1]["fid"]) / 2)
+    assert m["fid_spread"] == pytest.approx(abs(r["per_seed"][0]["fid"] - r["per_seed"][1]["fid"]))
+    assert r["sampling"] == {"cfg": 1.5, "top_k": 20, "top_p": 0.9, "engine": "auto"}
+    assert r["feature_network"]["name"] == "classifier" and len(r["feature_network"]["sha256"]) == 64
     assert 1.0 <= m["is_mean"] <= 3.0 + 1e-6    # IS is bounded by the class count
     from PIL import Image
     with Image.open(paths.grid) as im:
         assert im.size == (4 * 16, 3 * 16) and im.info["varscale.depth"] == "1"
     again = evaluate.run(p, paths)                # same seeds: the same samples and numbers
-    assert again["per_seed"] == m["per_seed"]
+    assert again == m and json.loads(paths.record.read_text())["per_seed"] == r["per_seed"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from pipeline.errors import ArtifactError
 from pipeline.evaluation.config import FitParams
 from pipeline.evaluation.fit import (Point, falling_flags, fit_line, frontier_flags, irreducible_fit, lower_envelope,
                                      quality_flags)
-from pipeline.evaluation.runs import read_runs
+from pipeline.evaluation.runs import RunFiles, read_runs
 from pipeline.files import write_json
 from pipeline.stages.fit import FitConfig, fit_runs
 
@@ -109,53 +110,57 @@ def test_a_fit_needs_three_positive_points():
 
 
 # ---- the stage's inputs -------------------------------------------------------------------------
-def write_runs(tmp_path, depths, alpha=-0.1, fid_alpha=-0.5, evals=True, steps=100):
-    """metrics/train and metrics/eval files of a clean power law (loss falls with N, curves cross)."""
-    train, ev = tmp_path / "train", tmp_path / "eval"
+def write_runs(tmp_path, depths, alpha=-0.1, fid_alpha=-0.5, evals=True, steps=100) -> RunFiles:
+    """metrics/ and runs/ files of a clean power law (loss falls with N; the curves do not cross)."""
+    files = RunFiles(tmp_path / "train", tmp_path / "runs" / "train", tmp_path / "eval", tmp_path / "runs" / "eval")
     for d in depths:
         N = 73728 * d ** 3
         flops = 6.0 * N
         curve = []
-        for j, step in enumerate((10, 25, 50, 100)):
+        for step in (10, 25, 50, 100):
             tokens = step * 1000
             L = 5.0 * (N * 1e-4) ** alpha * (1 + 2.0 / (1 + step / 5) ** 0.5)
             curve.append({"step": step, "tokens": tokens, "compute": flops * tokens, "L_mean": L, "L_last": L * 1.02,
                           "Err_mean": 0.8 * L / 5, "Err_last": 0.82 * L / 5})
         final = {k: curve[-1][k] for k in ("L_mean", "L_last", "Err_mean", "Err_last")}
-        write_json(train / f"d{d}.json", {"depth": d, "N": N, "steps": steps, "tokens": steps * 1000,
-                                          "images_seen": steps * 10, "compute": curve[-1]["compute"],
-                                          "model_sha256": f"sha-{d}", **final})
-        write_json(train / f"d{d}-curve.json", curve)
+        write_json(files.train / f"d{d}.json", {"depth": d, "N": N, "steps": steps, "tokens": steps * 1000,
+                                                "compute": curve[-1]["compute"], "train_loss": 1.0, **final})
+        write_json(files.train_records / f"d{d}.json", {"images_seen": steps * 10,
+                                                        "model_sha256": f"sha-{d}"})
+        write_json(files.train / f"d{d}-curve.json", curve)
         if evals:
             fid = 40.0 * (N * 1e-4) ** fid_alpha
-            write_json(ev / f"d{d}.json", {"depth": d, "fid": fid, "fid_spread": 0.1 * fid, "is_mean": 5.0 + d,
-                                           "kid_mean": 0.01, "precision": 0.5, "recall": 0.4, "model_sha256": f"sha-{d}"})
-    return train, ev
+            write_json(files.eval / f"d{d}.json", {"depth": d, "fid": fid, "fid_spread": 0.1 * fid, "is_mean": 5.0 + d,
+                                                   "kid_mean": 0.01, "precision": 0.5, "recall": 0.4})
+            write_json(files.eval_records / f"d{d}.json", {"model_sha256": f"sha-{d}"})
+    return files
 
 
 def test_fit_stage_fits_and_refuses_below_three_depths(tmp_path):
-    train, ev = write_runs(tmp_path, (1, 2, 3, 4))
+    files = write_runs(tmp_path, (1, 2, 3, 4))
     cfg = FitConfig((1, 2, 3, 4), 0.05, TH)
-    summary, detail = fit_runs(read_runs(cfg.depths, train, ev), cfg)
+    summary, detail = fit_runs(read_runs(cfg.depths, files), cfg)
     assert summary["status"] == "ok"
     assert summary["fits"]["L_mean_vs_N"]["alpha"] == pytest.approx(-0.1, abs=1e-9)
     assert summary["fits"]["FID_vs_N"]["alpha"] == pytest.approx(-0.5, abs=1e-9)
     assert {"L_mean_vs_C", "L_last_vs_C"} <= set(summary["fits"])
     assert detail["fits"]["L_mean_vs_N"]["points"][0]["depth"] == 1
     two = FitConfig((1, 2), 0.05, TH)
-    refused, _ = fit_runs(read_runs(two.depths, train, ev), two)
+    refused, _ = fit_runs(read_runs(two.depths, files), two)
     assert refused["status"] == "refused" and "2 depth(s) [1, 2]" in refused["reason"]
 
 
 def test_missing_or_stale_metrics_name_the_file_and_the_stage(tmp_path):
-    train, ev = write_runs(tmp_path, (1, 2, 3))
-    (ev / "d2.json").unlink()
+    files = write_runs(tmp_path, (1, 2, 3))
+    (files.eval / "d2.json").unlink()
     with pytest.raises(ArtifactError, match=r"d2.json: not found \(run `dvc repro evaluate@2`\)"):
-        read_runs((1, 2, 3), train, ev)
-    write_json(ev / "d2.json", {"fid": 1.0, "model_sha256": "sha-of-an-older-model"})
+        read_runs((1, 2, 3), files)
+    write_json(files.eval / "d2.json", {"fid": 1.0})
+    write_json(files.eval_records / "d2.json", {"model_sha256": "sha-of-an-older-model"})
     with pytest.raises(ArtifactError, match=r"d2.json: evaluates another model .* run `dvc repro evaluate@2`"):
-        read_runs((1, 2, 3), train, ev)
-    (train / "d3-curve.json").unlink()
+        read_runs((1, 2, 3), files)
+    (files.train / "d3-curve.json").unlink()
+    no_eval = dataclasses.replace(files, eval=None)
     with pytest.raises(ArtifactError, match=r"d3-curve.json: not found \(run `dvc repro train_var@3`\)"):
-        read_runs((1, 2, 3), train, None)
-    assert math.isfinite(read_runs((1, 2), train, None)[0].train["N"])
+        read_runs((1, 2, 3), no_eval)
+    assert math.isfinite(read_runs((1, 2), no_eval)[0].train["N"])

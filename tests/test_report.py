@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,19 +26,20 @@ EVAL_EXTRA = {"sampling": {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "engine": "a
 
 
 def fixture(tmp_path, depths=(1, 2, 3, 4)):
-    train, ev = write_runs(tmp_path, depths)
+    files = write_runs(tmp_path, depths)
     for d in depths:
-        m = {**__import__("json").loads((ev / f"d{d}.json").read_text()), **EVAL_EXTRA}
-        write_json(ev / f"d{d}.json", m)
-        save_png(ev / f"samples-d{d}.png", np.full((20, 30, 3), 40 * d, np.uint8))
+        record = {**json.loads((files.eval_records / f"d{d}.json").read_text()), **EVAL_EXTRA}
+        write_json(files.eval_records / f"d{d}.json", record)
+        save_png(files.eval / f"samples-d{d}.png", np.full((20, 30, 3), 40 * d, np.uint8))
     write_json(tmp_path / "reference.json", {**REFERENCE, "feature_network": EVAL_EXTRA["feature_network"]})
     write_json(tmp_path / "images" / "manifest.json", {"source": "fashion_mnist", "image_size": 32,
                                                        "classes": [str(i) for i in range(10)],
                                                        "splits": {"train": {"count": 63000}, "val": {"count": 7000}}})
     fit.run(fit.FitConfig(tuple(depths), 0.05, FitParams()),
-            fit.Paths(train, ev, tmp_path / "scaling.json", tmp_path / "scaling-detail.json"))
-    return report.Paths(train, ev, tmp_path / "scaling-detail.json", tmp_path / "reference.json",
-                        tmp_path / "images", tmp_path / "reports")
+            fit.Paths(files.train, files.train_records, files.eval, files.eval_records, tmp_path / "scaling.json",
+                      tmp_path / "fit.json"))
+    return report.Paths(files.train, files.train_records, files.eval, files.eval_records, tmp_path / "fit.json",
+                        tmp_path / "reference.json", tmp_path / "images", tmp_path / "reports")
 
 
 def test_report_renders_tables_fits_figures_and_provenance(tmp_path):
@@ -70,7 +73,7 @@ def test_report_lists_the_runs_when_the_fit_refuses(tmp_path):
     assert "| 2 | 590k | 100k |" in text
 
 
-@pytest.mark.parametrize("missing", ["scaling-detail.json", "reference.json"])
+@pytest.mark.parametrize("missing", ["fit.json", "reference.json"])
 def test_report_names_a_missing_input(tmp_path, missing):
     from pipeline.errors import InputError
     paths = fixture(tmp_path)

@@ -149,12 +149,12 @@ def test_summarize_run_records_N_tokens_and_compute():
         pass
     inputs = Inputs()
     inputs.cfg = cfg
-    m, m_model = summarize_run(config, inputs, payload)
-    assert m["N"] == 73728 * 8 == m["N_counted_main"]
-    assert m["params_total"] == count_params(model)
-    assert m["tokens"] == 6 * 8 * 14 and m["images_seen"] == 48
+    m, counts, m_model = summarize_run(config, inputs, payload)
+    assert m["N"] == 73728 * 8 == counts["N_counted_main"]
+    assert counts["params_total"] == count_params(model)
+    assert m["tokens"] == 6 * 8 * 14 and counts["images_seen"] == 48 and m["steps"] == 6
     assert m["compute"] == pytest.approx(var_flops(cfg).train_per_token * 6 * 8 * 14)
-    assert m["compute_6NT"] == 6 * m["N"] * m["tokens"]
+    assert counts["compute_6NT"] == 6 * m["N"] * m["tokens"]
     assert (m["L_mean"], m["L_last"], m["Err_mean"], m["Err_last"], m["train_loss"]) == (1.5, 2.0, 0.25, 0.5, 1.25)
     assert "curve" not in m and "train_curve" not in m          # the curves are files of their own
     assert torch.equal(m_model.pos_1LC, model.pos_1LC)

@@ -1,9 +1,11 @@
 """Every depth's training and evaluation results, read and checked together, as one table.
 
 The fit and the report read the same files through :func:`read_runs`: per depth the training's
-final values (``metrics/train/dD.json``), its validation curve (``dD-curve.json``) and the
-evaluation (``metrics/eval/dD.json``). A missing file, or an evaluation of another model than
-the one the training metrics describe, is an error naming the file and the stage to rerun.
+numbers (``metrics/train/dD.json``) and record (``runs/train/dD.json``: steps, the model's sha256,
+...), its validation curve (``metrics/train/dD-curve.json``), and the evaluation's numbers
+(``metrics/eval/dD.json``) and record (``runs/eval/dD.json``: per seed, settings, feature network).
+A missing file, or an evaluation of another model than the one the training produced, is an error
+naming the file and the stage to rerun.
 """
 
 from __future__ import annotations
@@ -39,19 +41,30 @@ def _read(path: Path, stage: str) -> Any:
         raise ArtifactError(f"{e} (run `dvc repro {stage}`)") from e
 
 
-def read_runs(depths: tuple[int, ...], train_dir: Path, eval_dir: Path | None) -> list[DepthRun]:
-    """The runs of ``depths`` (sorted); without ``eval_dir`` the evaluations are left out."""
+@dataclass(frozen=True)
+class RunFiles:
+    """Where the per-depth files are (the folders ``dvc.yaml`` names)."""
+
+    train: Path            # metrics/train
+    train_records: Path    # runs/train
+    eval: Path | None      # metrics/eval (None: leave the evaluations out)
+    eval_records: Path | None = None   # runs/eval
+
+
+def read_runs(depths: tuple[int, ...], files: RunFiles) -> list[DepthRun]:
+    """The runs of ``depths`` (sorted), each training merged with its record."""
     runs = []
     for d in sorted(depths):
-        train = _read(train_dir / f"d{d}.json", f"train_var@{d}")
-        curve = _read(train_dir / f"d{d}-curve.json", f"train_var@{d}")
+        stage = f"train_var@{d}"
+        train = {**_read(files.train_records / f"d{d}.json", stage), **_read(files.train / f"d{d}.json", stage)}
+        curve = _read(files.train / f"d{d}-curve.json", stage)
         ev = None
-        if eval_dir is not None:
-            path = eval_dir / f"d{d}.json"
-            ev = _read(path, f"evaluate@{d}")
+        if files.eval is not None:
+            path = files.eval / f"d{d}.json"
+            ev = {**_read(files.eval_records / f"d{d}.json", f"evaluate@{d}"), **_read(path, f"evaluate@{d}")}
             if ev.get("model_sha256") != train.get("model_sha256"):
-                raise ArtifactError(f"{path}: evaluates another model than {train_dir / f'd{d}.json'} describes "
-                                    f"(stale: run `dvc repro evaluate@{d}`)")
+                raise ArtifactError(f"{path}: evaluates another model than {files.train_records / f'd{d}.json'} "
+                                    f"records (stale: run `dvc repro evaluate@{d}`)")
         runs.append(DepthRun(d, train, curve, ev))
     return runs
 

@@ -32,7 +32,7 @@ from ..tracking import log_artifact, log_metrics
 from ..training.checkpoint import load_var
 
 log = logging.getLogger(__name__)
-SUMMARY = ("fid", "is_mean", "kid_mean", "precision", "recall")
+SUMMARY = ("fid", "is_mean", "kid_mean", "precision", "recall")   # the numbers metrics/eval/dD.json holds
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,9 @@ class Paths:
     tokenizer: Path      # models/tokenizer.pt
     classifier: Path     # models/classifier.pt (the default feature network)
     images: Path         # data/images (the val split is the reference)
-    metrics: Path        # metrics/eval-dD.json
-    grid: Path           # metrics/samples-dD.png
+    metrics: Path        # metrics/eval/dD.json: FID, IS, KID, precision, recall (means over the seeds)
+    record: Path         # runs/eval/dD.json: per seed, settings, seeds, feature network, hashes
+    grid: Path           # metrics/eval/samples-dD.png
 
 
 def load_config(params: dict[str, Any], file: str, paths: Paths) -> EvaluateParams:
@@ -103,15 +104,19 @@ def run(p: EvaluateParams, paths: Paths) -> dict:
     save_png(paths.grid, class_grid(first, labels, p.grid_columns),
              {"varscale.depth": str(paths.depth), "varscale.seed": str(p.seeds[0]),
               "varscale.sampling": str(dataclasses.asdict(p.sampling))})
-    metrics = {"depth": paths.depth, **summarize_seeds(per_seed), "per_seed": per_seed,
-               "samples_per_seed": len(labels), "reference_images": len(reference),
-               "sampling": dataclasses.asdict(p.sampling), "seeds": list(p.seeds),
-               "feature_network": net.describe(), "model_sha256": sha256_file(paths.model),
-               "tokenizer_sha256": sha256_file(paths.tokenizer), "class_names": meta.get("class_names", [])}
+    means = summarize_seeds(per_seed)
+    metrics = {"depth": paths.depth, **{k: means[k] for k in SUMMARY + ("fid_spread",)}}
+    record = {**{k: v for k, v in means.items() if k not in metrics}, "per_seed": per_seed,
+              "samples_per_seed": len(labels), "reference_images": len(reference),
+              "sampling": dataclasses.asdict(p.sampling), "seeds": list(p.seeds), "feature_network": net.describe(),
+              "model_sha256": sha256_file(paths.model), "tokenizer_sha256": sha256_file(paths.tokenizer),
+              "class_names": meta.get("class_names", [])}
     write_json(paths.metrics, metrics)
+    write_json(paths.record, record)
     for s in per_seed:
         log_metrics({k: v for k, v in s.items() if k != "seed"}, step=s["seed"], prefix="seed/")
     log_artifact(paths.grid, "samples")
+    log_artifact(paths.record)
     return metrics
 
 

@@ -32,7 +32,8 @@ class Paths:
     tokenizer: Path      # models/tokenizer.pt
     classifier: Path     # models/classifier.pt (the default feature network)
     images: Path         # data/images
-    metrics: Path        # metrics/reference.json
+    metrics: Path        # metrics/reference.json: FID, IS, precision, recall of both rows
+    record: Path         # runs/reference.json: every number, counts, the feature network
 
 
 def load_config(params: dict[str, Any], file: str, paths: Paths) -> EvaluateParams:
@@ -59,13 +60,15 @@ def run(p: EvaluateParams, paths: Paths) -> dict:
                                 "classes": n_classes},
                "tokenizer": {**tok, "images": n_ref}, "reference_images": n_ref,
                "feature_network": net.describe(), "tokenizer_sha256": sha256_file(paths.tokenizer)}
-    write_json(paths.metrics, metrics)
+    write_json(paths.record, metrics)
     log.info("real vs real: FID %.3f IS %.3f; tokenizer rFID %.3f", real["fid"], real["is_mean"], tok["fid"])
-    return {"real_fid": real["fid"], "real_is": real["is_mean"], "rfid": tok["fid"], "tokenizer_is": tok["is_mean"],
-            "real_precision": real["precision"], "real_recall": real["recall"]}
+    compact = {f"{prefix}_{k}": m[k] for prefix, m in (("real", real), ("recon", tok))
+               for k in ("fid", "is_mean", "precision", "recall")}
+    write_json(paths.metrics, compact)
+    return compact
 
 
-main = stage_main("evaluate_reference", Paths, load_config, run, summary_keys=("real_fid", "rfid", "real_is"),
+main = stage_main("evaluate_reference", Paths, load_config, run, summary_keys=("real_fid", "recon_fid", "real_is_mean"),
                   doc=__doc__)
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ the evaluation (:mod:`pipeline.evaluation.runs`), then fits (:mod:`pipeline.eval
 L_last, L_mean, Err_last, Err_mean against N (the paper's eqs. 9-12) and against C_min, the lower
 envelope of every evaluation point past warm-up (eqs. 13-16), and FID against N. Every fit carries
 its flags. With fewer than ``fit.min_depths`` depths it refuses and says so (the report still
-lists the runs). Writes ``metrics/scaling.json`` (scalars and flags) and the points behind every fit.
+lists the runs). Writes ``metrics/scaling.json`` (alpha and r of every fit, the flag count) and
+``runs/fit.json`` (every fit whole: intervals, leave-one-out ranges, residuals, points, flags).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from ..evaluation.config import FitParams
 from ..evaluation.fit import (PAPER, Point, PowerLaw, falling_flags, fit_line, frontier_flags, irreducible_fit,
                               lower_envelope, quality_flags)
-from ..evaluation.runs import DepthRun, read_runs
+from ..evaluation.runs import DepthRun, RunFiles, read_runs
 from ..files import write_json
 from ..params import load
 from ..stage import stage_main
@@ -38,10 +39,12 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class Paths:
-    train: Path      # metrics/train (dD.json, dD-curve.json per depth)
-    eval: Path       # metrics/eval (dD.json per depth)
-    metrics: Path    # metrics/scaling.json
-    detail: Path     # runs/scaling-detail.json: the points of every fit and frontier
+    train: Path          # metrics/train (dD.json, dD-curve.json per depth)
+    train_records: Path  # runs/train (dD.json per depth)
+    eval: Path           # metrics/eval (dD.json per depth)
+    eval_records: Path   # runs/eval (dD.json per depth)
+    metrics: Path        # metrics/scaling.json: alpha and r of every fit, the flag count
+    detail: Path         # runs/fit.json: everything of every fit and frontier, with the points and flags
 
 
 def load_config(params: dict[str, Any], file: str, paths: Paths) -> FitConfig:
@@ -103,17 +106,23 @@ def fit_runs(runs: list[DepthRun], cfg: FitConfig) -> tuple[dict[str, Any], dict
     return summary, detail
 
 
+def compact(summary: dict[str, Any]) -> dict[str, Any]:
+    """What ``dvc metrics show`` lists: alpha and r of every fit and how many flags were raised."""
+    fits = summary.get("fits", {})
+    return {"n_depths": len(summary["depths"]), "n_flags": len(summary.get("flags", [])),
+            **{k: {"alpha": f["alpha"], "r": f["r"]} for k, f in fits.items()}}
+
+
 def run(cfg: FitConfig, paths: Paths) -> dict:
-    runs = read_runs(cfg.depths, paths.train, paths.eval)
+    runs = read_runs(cfg.depths, RunFiles(paths.train, paths.train_records, paths.eval, paths.eval_records))
     summary, detail = fit_runs(runs, cfg)
-    write_json(paths.metrics, summary)
+    write_json(paths.metrics, compact(summary))
     write_json(paths.detail, detail)
-    log_artifact(paths.metrics)
+    log_artifact(paths.detail)
     for flag in summary.get("flags", []):
         log.warning("flag: %s", flag)
-    fits = summary.get("fits", {})
-    return {"n_depths": len(runs), "n_flags": len(summary.get("flags", [])),
-            **{f"{k}.alpha": f["alpha"] for k, f in fits.items()}, **{f"{k}.r": f["r"] for k, f in fits.items()}}
+    return {k: v for k, v in compact(summary).items() if not isinstance(v, dict)} | {
+        f"{k}.{m}": v[m] for k, v in compact(summary).items() if isinstance(v, dict) for m in v}
 
 
 main = stage_main("fit", Paths, load_config, run, summary_keys=("n_depths", "n_flags", "L_mean_vs_N.alpha",

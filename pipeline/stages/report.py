@@ -17,7 +17,7 @@ from typing import Any
 
 from ..evaluation.figures import fidelity_vs_N, scaling_vs_C, scaling_vs_N
 from ..evaluation.report import markdown, versions
-from ..evaluation.runs import read_runs, runs_frame
+from ..evaluation.runs import RunFiles, read_runs, runs_frame
 from ..files import atomic_path, read_json, sha256_file
 from ..images import IMAGES_MANIFEST, read_images_manifest
 from ..params import load
@@ -34,10 +34,12 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class Paths:
-    train: Path        # metrics/train
-    eval: Path         # metrics/eval
-    fit: Path          # runs/scaling-detail.json
-    reference: Path    # metrics/reference.json
+    train: Path          # metrics/train
+    train_records: Path  # runs/train
+    eval: Path           # metrics/eval
+    eval_records: Path   # runs/eval
+    fit: Path            # runs/fit.json
+    reference: Path      # runs/reference.json
     images: Path       # data/images (its manifest describes the data)
     out: Path          # reports
 
@@ -64,7 +66,7 @@ def _data_line(paths: Paths, depths: tuple[int, ...], runs) -> str:
 
 
 def run(cfg: ReportConfig, paths: Paths) -> dict:
-    runs = read_runs(cfg.depths, paths.train, paths.eval)
+    runs = read_runs(cfg.depths, RunFiles(paths.train, paths.train_records, paths.eval, paths.eval_records))
     fit, reference = read_json(paths.fit), read_json(paths.reference)
     frame = runs_frame(runs)
     figures = paths.out / "figures"

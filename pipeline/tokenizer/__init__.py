@@ -1,0 +1,1 @@
+"""The tokenizer: its params, training, perceptual loss and checkpoint file."""

@@ -1,0 +1,1 @@
+"""Transformer training under Ray Train: params, schedules, metrics, the worker and the driver."""

@@ -41,9 +41,9 @@ class TrainPaths:
     tokenizer: Path     # models/tokenizer.pt
     tokens: Path        # data/tokens
     model_out: Path     # models/var-dD.pt
-    metrics_out: Path   # metrics/train/dD.json: the final values the fit reads (scalars)
+    metrics_out: Path   # metrics/train/dD.json: the numbers a user compares (N, C, L, Err)
     curve_out: Path     # metrics/train/dD-curve.json: the validation curve (the fit's C_min, `dvc plots`)
-    run_out: Path       # runs/train-dD.json: configuration, execution plan, train-loss curve, timings
+    run_out: Path       # runs/train/dD.json: counts, hashes, configuration, execution plan, train-loss curve, timings
 
 
 @dataclass
@@ -112,9 +112,11 @@ def fit(config: TrainVarConfig, inputs: TrainInputs, *, name: str | None = None,
     return trainer.fit()
 
 
-def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, Any]) -> tuple[dict[str, Any], VAR]:
-    """The final values the fit reads, and the trained model, from the final checkpoint's payload
-    (the curves stay in the payload's ``state``)."""
+def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any], VAR]:
+    """From the final checkpoint's payload: the numbers a user compares (``metrics/train/dD.json``:
+    N, tokens, compute C, train loss, test loss L and error Err), the counts behind them (for the
+    run record) and the trained model."""
     cfg, st, tp = inputs.cfg, payload["state"], config.train
     model = VAR(cfg)
     model.load_state_dict(payload["model"])
@@ -122,16 +124,12 @@ def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str
         raise RuntimeError("the final checkpoint has no validation point")
     steps, N = st["step"], main_N(cfg)
     tokens = steps * tp.batch_size * cfg.L
-    metrics = {
-        "depth": cfg.depth, "width": cfg.C, "heads": cfg.H,
-        "N": N, "N_counted_main": count_main_params(model), "params_total": count_params(model),
-        "steps": steps, "images_seen": steps * tp.batch_size, "tokens": tokens,
-        "flops_per_token": var_flops(cfg).train_per_token,
-        "compute": train_compute(cfg, tokens), "compute_6NT": 6.0 * N * tokens,
-        "train_loss": st["train_curve"][-1]["train_loss"],
-        **{k: st["curve"][-1][k] for k in METRIC_KEYS},
-    }
-    return metrics, model
+    metrics = {"depth": cfg.depth, "N": N, "steps": steps, "tokens": tokens, "compute": train_compute(cfg, tokens),
+               "train_loss": st["train_curve"][-1]["train_loss"], **{k: st["curve"][-1][k] for k in METRIC_KEYS}}
+    counts = {"width": cfg.C, "heads": cfg.H, "N_counted_main": count_main_params(model),
+              "params_total": count_params(model), "images_seen": steps * tp.batch_size,
+              "flops_per_token": var_flops(cfg).train_per_token, "compute_6NT": 6.0 * N * tokens}
+    return metrics, counts, model
 
 
 def run_record(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, Any], ray_path: str,
@@ -172,11 +170,11 @@ def train_depth(config: TrainVarConfig, paths: TrainPaths, *, callbacks: list | 
         raise RuntimeError(f"d{config.depth}: training produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         payload = read_state_file(d)
-    metrics, model = summarize_run(config, inputs, payload)
-    record = run_record(config, inputs, payload, result.path, time.perf_counter() - t0)
+    metrics, counts, model = summarize_run(config, inputs, payload)
     save_var(paths.model_out, model, inputs.class_names,
              extra={"tokenizer_sha256": inputs.tokenizer_sha256, "steps": metrics["steps"]})
-    metrics["model_sha256"] = sha256_file(paths.model_out)   # what evaluations of this depth must have sampled
+    record = {**counts, "model_sha256": sha256_file(paths.model_out),   # what evaluations of it must have sampled
+              **run_record(config, inputs, payload, result.path, time.perf_counter() - t0)}
     write_json(paths.metrics_out, metrics)
     write_json(paths.curve_out, payload["state"]["curve"])
     write_json(paths.run_out, record)
@@ -187,6 +185,12 @@ def train_depth(config: TrainVarConfig, paths: TrainPaths, *, callbacks: list | 
 
 
 def init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or a cluster ``ray start`` runs here), else start a local one. Token
+    authentication is asked for explicitly (Ray turns it on for local clusters anyway, and warns
+    when it was not asked for); a cluster started with it off still accepts the connection."""
+    import os
+
     import ray
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=None, log_to_driver=True)

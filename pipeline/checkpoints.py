@@ -1,9 +1,10 @@
 """Reading the model files the stages hand on (``models/tokenizer.pt``, ``models/var-d{D}.pt``).
 
-Each is a dict with a ``format`` tag, the model's config fields, its ``state_dict`` and metadata,
-written atomically with bytes that depend only on the content (``pipeline.files.save_torch``).
-Loading uses ``torch.load(weights_only=True)``: a file from elsewhere is read as data and never
-runs code. Missing, corrupt or foreign files raise :class:`ArtifactError` naming the path.
+Each is a dict with a ``format`` tag, the model's config fields, its ``state_dict``, the sha256 of
+the weights' bytes and metadata, written atomically with bytes that depend only on the content
+(``pipeline.files.save_torch``). Loading uses ``torch.load(weights_only=True)``: a file from
+elsewhere is read as data and never runs code. Missing, truncated, bit-flipped (the weights no
+longer match their sha256) or foreign files raise :class:`ArtifactError` naming the path.
 """
 
 from __future__ import annotations
@@ -15,6 +16,26 @@ from typing import Any
 import torch
 
 from .errors import ArtifactError
+from .files import save_torch
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and raw bytes of the tensors (in name order)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_checkpoint(path: str | Path, fmt: str, config: Any, state_dict: dict[str, torch.Tensor],
+                     extra: dict[str, Any] | None = None) -> None:
+    """``{format, config (dataclass fields), state_dict (on CPU), weights_sha256, **extra}``, atomically."""
+    sd = {k: v.detach().cpu() for k, v in state_dict.items()}
+    save_torch(path, {"format": fmt, "config": dataclasses.asdict(config), "state_dict": sd,
+                      "weights_sha256": weights_sha256(sd), **(extra or {})})
 
 
 def read_checkpoint(path: str | Path, fmt: str, what: str, stage: str,
@@ -29,6 +50,10 @@ def read_checkpoint(path: str | Path, fmt: str, what: str, stage: str,
         raise ArtifactError(f"{path}: cannot read {what} checkpoint: {str(e).splitlines()[0]}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise ArtifactError(f"{path}: not a varscale {what} checkpoint (format {fmt})")
+    digest = ckpt.get("weights_sha256")    # absent in files written before it was recorded
+    if digest is not None and weights_sha256(ckpt.get("state_dict", {})) != digest:
+        raise ArtifactError(f"{path}: the weights do not match their recorded sha256 (corrupt file; "
+                            f"rerun `dvc repro {stage}`)")
     return ckpt
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class InputError(ValueError):
-    """Bad params, data or artifacts: reported as ``<stage>: <message>``, without a traceback."""
+    """Bad params, data or artifacts, or an environment the user must fix (a full disk, an unreachable
+    tracking server): reported as ``<stage>: <message>``, without a traceback."""
 
 
 class ParamsError(InputError):
@@ -21,3 +22,8 @@ class DataError(InputError):
 
 class WeightsError(InputError):
     """Pretrained weights are missing or do not fit; names the path and the params key."""
+
+
+class OutputError(InputError):
+    """An output cannot be written (disk full); names the file and the space it needs. The previous
+    file at that path is left as it was."""

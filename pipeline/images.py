@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ArtifactError
-from .files import atomic_path, read_json
+from .files import atomic_path, read_json, sha256_file
 
 IMAGES_MANIFEST = "manifest.json"
 
@@ -28,18 +28,28 @@ def read_images_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 
 def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``images (N, S, S, 3)`` uint8 (memory-mapped) and ``labels (N,)`` of one split."""
+    """``images (N, S, S, 3)`` uint8 (memory-mapped) and ``labels (N,)`` of one split, checked against
+    the manifest (sha256 of both files, count) before use: a truncated or changed file is named
+    before any work is done on it."""
     data_dir = Path(data_dir)
+    entry = read_images_manifest(data_dir).get("splits", {}).get(split)
+    if not isinstance(entry, dict):
+        raise ArtifactError(f"{data_dir / IMAGES_MANIFEST}: no split {split!r} (run `dvc repro data`)")
     images_path, labels_path = data_dir / f"{split}.npy", data_dir / f"{split}-labels.npy"
-    for path in (images_path, labels_path):
+    for path, key in ((images_path, "sha256"), (labels_path, "labels_sha256")):
         if not path.is_file():
             raise ArtifactError(f"{path}: split file not found (run `dvc repro data`)")
+        if key in entry and sha256_file(path) != entry[key]:
+            raise ArtifactError(f"{path}: sha256 differs from {data_dir / IMAGES_MANIFEST} (corrupt or changed "
+                                "since `dvc repro data` wrote it; rerun that stage)")
     try:
         images, labels = np.load(images_path, mmap_mode="r"), np.load(labels_path)
     except (OSError, ValueError) as e:   # truncated or not an array
         raise ArtifactError(f"{images_path}: cannot read the split: {e} (run `dvc repro data`)") from e
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) != len(labels):
         raise ArtifactError(f"{images_path}: images {images.shape} {images.dtype} do not match labels {labels.shape}")
+    if len(images) != entry.get("count", len(images)):
+        raise ArtifactError(f"{images_path}: {len(images)} images, {data_dir / IMAGES_MANIFEST} says {entry['count']}")
     return images, labels
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from .errors import InputError
 from .params import read_params
 from .tracking import log_metrics, stage_run
+from .tracking_store import tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,16 @@ def setup_logging() -> None:
 
 
 def run_cli(name: str, body: Callable[[], Any]) -> Any:
-    """Run ``body``; an :class:`InputError` exits with ``<name>: <message>`` and no traceback."""
+    """Run ``body``; an :class:`InputError` exits with ``<name>: <message>`` and no traceback, and so
+    does an MLflow failure (after the stage's bounded retries), naming the store."""
+    from mlflow.exceptions import MlflowException
     try:
         return body()
     except InputError as e:
         raise SystemExit(f"{name}: {e}") from None
+    except MlflowException as e:
+        first = " ".join(str(e).split())[:300]
+        raise SystemExit(f"{name}: MLflow store {tracking_uri()} failed: {first}") from None
 
 
 def summary(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:

@@ -104,14 +104,12 @@ def default_concurrency(params: dict[str, Any], file: str) -> int:
     return max(1, int(res.get("CPU", 1) // (r.num_workers * r.cpus_per_worker)))
 
 
-def sweep_parent_run(name: str, params: dict[str, Any], grid: dict[str, list[Any]], depths: list[int]) -> str:
-    """An MLflow parent run for the whole sweep (trials log their child runs under it)."""
-    from mlflow.tracking import MlflowClient
-
-    from .tracking import _experiment_id, git_commit, params_hash
-    client = MlflowClient()
-    run = client.create_run(_experiment_id(client), run_name=f"sweep {name}", tags={
-        "varscale.kind": "sweep", "varscale.git_commit": git_commit(), "varscale.params_hash": params_hash(),
+def sweep_parent_run(name: str, uri: str, grid: dict[str, list[Any]], depths: list[int]) -> str:
+    """An MLflow parent run for the whole sweep in the store at ``uri`` (trials log their child runs under it)."""
+    from .tracking import connect, experiment_id, run_tags
+    client = connect(uri)
+    run = client.create_run(experiment_id(client), run_name=f"sweep {name}", tags={
+        "varscale.kind": "sweep", **run_tags(),
         "varscale.sweep.depths": ",".join(map(str, depths)),
         "varscale.sweep.grid": yaml.safe_dump(grid, default_flow_style=True).strip()})
     client.set_terminated(run.info.run_id)
@@ -135,7 +133,6 @@ def run_sweep(params: dict[str, Any], depths: list[int], grid: dict[str, list[An
     """Run the grid on the connected Ray cluster; returns Tune's ``ResultGrid``."""
     import itertools
 
-    import mlflow
     from ray import tune
 
     for d in depths:
@@ -147,8 +144,7 @@ def run_sweep(params: dict[str, Any], depths: list[int], grid: dict[str, list[An
     out_dir = out_dir.expanduser().resolve() / name
     out_dir.mkdir(parents=True, exist_ok=True)
     mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(tokens, out_dir.parent)
-    mlflow.set_tracking_uri(mlflow_uri)
-    parent = sweep_parent_run(name, params, grid, depths)
+    parent = sweep_parent_run(name, mlflow_uri, grid, depths)
     # Ray Train's checkpoints of every trial go under the sweep dir unless the params pin a shared path
     storage = params.get("train", {}).get("ray", {}).get("storage_path")
     if not storage or not Path(storage).is_absolute():

@@ -3,6 +3,9 @@
 Every stage runs as a child of a parent run keyed by the git commit and the hash of
 ``params.yaml``, so one ``dvc repro`` (or one sweep) groups under one parent in the UI.
 ``MLFLOW_TRACKING_URI`` overrides the store; ``VARSCALE_PARENT_RUN_ID`` pins the parent.
+Each run is tagged with the commit, the params hash, the package versions and the machine
+(:mod:`pipeline.machine`). How the store is reached, bounded in time and kept portable is
+:mod:`pipeline.tracking_store`.
 """
 
 from __future__ import annotations
@@ -18,15 +21,13 @@ from typing import Any, Iterator
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from . import machine
 from .files import sha256_bytes
+from .tracking_store import (bound_http_waits, check_reachable, experiment_location, make_default_experiment_portable,
+                             retry_locked, tracking_uri)
 
 log = logging.getLogger(__name__)
-DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "varscale"
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
 
 
 def git_commit() -> str:
@@ -54,10 +55,42 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _experiment_id(client: MlflowClient) -> str:
+def experiment_id(client: MlflowClient) -> str:
+    """The experiment's id, created on first use (in a local store with portable artifact paths)."""
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    uri = mlflow.get_tracking_uri()
+    try:
+        return client.create_experiment(name, artifact_location=experiment_location(uri, name))
+    except Exception:   # another process (a sweep's trial) created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+    finally:
+        make_default_experiment_portable(uri)
+
+
+def connect(uri: str | None = None) -> MlflowClient:
+    """The client of ``uri`` (default: the configured store), after checking within seconds that it answers."""
+    uri = uri or tracking_uri()
+    bound_http_waits()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient()
+
+
+def run_tags() -> dict[str, str]:
+    """What every run records: commit, params hash, package versions, machine, and a source name
+    without the checkout's absolute path (MLflow's default is ``sys.argv[0]``)."""
+    import sys
+    source = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+    return {"varscale.git_commit": git_commit(), "varscale.params_hash": params_hash(),
+            "mlflow.source.name": source,
+            **{f"varscale.version.{k}": v for k, v in machine.versions().items()},
+            **{f"varscale.machine.{k}": v for k, v in machine.describe().items()}}
 
 
 def parent_run_id(client: MlflowClient, experiment_id: str) -> str:
@@ -87,21 +120,19 @@ def as_params(config: Any) -> dict[str, Any]:
 def log_params(params: dict[str, Any]) -> None:
     items = [(k, str(v)[:500]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i:i + 100]))
+        retry_locked(mlflow.log_params, dict(items[i:i + 100]))
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, config: Any = None, run_name: str | None = None,
               tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow child run of one stage, with its config as params, the commit and the params hash."""
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    exp = _experiment_id(client)
-    parent = parent_run_id(client, exp)
-    all_tags = {"varscale.stage": stage, "varscale.git_commit": git_commit(),
-                "varscale.params_hash": params_hash(), **(tags or {})}
-    with mlflow.start_run(experiment_id=exp, run_name=run_name or stage, parent_run_id=parent,
-                          tags=all_tags) as run:
+    client = connect()
+    exp = retry_locked(experiment_id, client)
+    parent = retry_locked(parent_run_id, client, exp)
+    all_tags = {"varscale.stage": stage, **run_tags(), **(tags or {})}
+    with retry_locked(mlflow.start_run, experiment_id=exp, run_name=run_name or stage, parent_run_id=parent,
+                      tags=all_tags) as run:
         log_params(as_params(config))
         log.info("MLflow run %s (stage %s) in %s", run.info.run_id, stage, tracking_uri())
         yield run
@@ -119,7 +150,7 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None, prefix: str = 
     scalars = {f"{prefix}{k}": float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if scalars:
-        mlflow.log_metrics(scalars, step=step)
+        retry_locked(mlflow.log_metrics, scalars, step=step)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
@@ -139,4 +170,4 @@ def log_parent_artifact(path: str | Path, artifact_path: str | None = None) -> N
 
 def set_tags(tags: dict[str, str]) -> None:
     if active():
-        mlflow.set_tags(tags)
+        retry_locked(mlflow.set_tags, tags)

@@ -17,7 +17,7 @@ import copy
 import varcore.fast.compile as compile_mod
 from varcore import ConfigError, VAR, VARConfig
 from varcore.fast import cublaslt
-from varcore.fast.fused_mlp import FusedFFN, _GeluMLP, fused_usable, gelu_mlp
+from varcore.fast.fused_mlp import FusedFFN, _GeluMLP, fused_usable
 from varcore.fast.plan import ExecutionPlan, apply_plan
 from varcore.var import FFN
 from tests.conftest import randomize_

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import varcore.fast.compile as compile_mod
 from pipeline.training.config import TrainParams
-from pipeline.training.worker import TrainState, load_state, make_optimizer, save_state
+from pipeline.training.state import TrainState, load_state, save_state
+from pipeline.training.worker import make_optimizer
 from varcore import VAR, VARConfig
 from varcore.fast.master_weights import MasterWeights, adamw_update
 from varcore.fast.plan import ExecutionPlan, apply_plan

@@ -66,6 +66,36 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
     assert not Trainer(p, "other").try_resume(tmp_path / "state.pt")
 
 
+def test_corrupt_latest_state_falls_back_to_the_one_before(tmp_path, caplog):
+    """States are kept at steps 2, 3 (epoch end) and 4 when the run dies at step 5; the step-4 file
+    is truncated: the run resumes from the step-3 state with a warning naming the bad file and ends
+    with the uninterrupted run's weights."""
+    imgs = _images()
+    p = _params(checkpoint_every=2)
+    ref = Trainer(p, "fp")
+    ref.fit(imgs, tmp_path / "ref.pt")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(p, "fp").fit(imgs, tmp_path / "state.pt", on_step=crash_at_5)
+    state = tmp_path / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    resumed = Trainer(p, "fp")
+    with caplog.at_level("WARNING"):
+        assert resumed.try_resume(state)
+    assert f"skipping unreadable tokenizer state {state}" in caplog.text
+    assert (resumed.state.step, resumed.state.epoch, resumed.state.batch) == (3, 1, 0)
+    resumed.fit(imgs, state)
+    for (k, a), b in zip(ref.vq.state_dict().items(), resumed.vq.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_training_reduces_reconstruction_error(tmp_path):
     imgs = np.repeat(_images(8), 4, axis=0)           # few distinct images: fast to fit
     p = _params(epochs=6, disc_start_step=10**6, lambda_g=0.0)

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.errors import ArtifactError, ParamsError
 from pipeline.params import load, read_params
 from pipeline.training.checkpoint import load_var, save_var
-from pipeline.training.config import TrainParams, TrainVarConfig, VarParams, load_train_var_config
+from pipeline.training.config import TrainParams, VarParams, load_train_var_config
 from pipeline.training.driver import TrainPaths, load_inputs, summarize_run
 from pipeline.training.metrics import TokenStats, summarize, token_stats, train_compute
 from pipeline.training.schedule import eval_steps, global_batch_indices, lr_at, rank_slice, step_seed
@@ -320,7 +320,7 @@ class _RunsCode:
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     from pipeline.tokenizer.checkpoint import load_tokenizer
-    from pipeline.training.worker import read_state_file
+    from pipeline.training.state import read_state_file
     marker = tmp_path / "code-ran"
     evil = {"format": "varscale.var.v1", "config": _RunsCode(marker), "state_dict": {}}
     torch.save(evil, tmp_path / "var-d1.pt")

@@ -17,7 +17,8 @@ from pipeline.stages import train_var
 from pipeline.training.checkpoint import load_var
 from pipeline.training.config import load_train_var_config
 from pipeline.training.driver import TrainPaths, fit, load_inputs
-from pipeline.training.worker import evaluate, read_state_file
+from pipeline.training.state import read_state_file
+from pipeline.training.worker import evaluate
 from tests.synthetic import write_synthetic_artifacts
 from varcore.flops import count_params, main_N, var_flops
 
@@ -186,3 +187,89 @@ def test_crashed_run_resumes_when_rerun(one_worker_run, artifacts, tmp_path):
     assert state["step"] == STEPS
     np.testing.assert_allclose(curves(state)[0], curves(ref)[0], rtol=1e-5)
     np.testing.assert_allclose(curves(state)[1], curves(ref)[1], rtol=1e-5)
+
+
+def record_first_step(path: Path):
+    """An ``after_step`` hook that writes the first step this worker finishes (once per attempt file)."""
+    def hook(s: int) -> None:
+        if not path.exists():
+            path.write_text(str(s))
+    return hook
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(one_worker_run, artifacts, tmp_path):
+    """The run dies after step 6 with checkpoints at steps 4 and 5; a bit of step 5's state is
+    flipped. The rerun warns, resumes from step 4 (its first step is 5) and ends as the
+    uninterrupted run did."""
+    root, tok, tokens = artifacts
+    p = params_for(root)
+    p["train"]["ray"]["max_failures"] = 0
+    config = load_train_var_config(p, "params.yaml", 1)
+    inputs = inputs_for(config, tok, tokens)
+    with pytest.raises(ray.train.TrainingFailedError, match="injected failure after step 6"):
+        fit(config, inputs, name="corrupt", after_step=(fail_once_after(6, tmp_path / "failed"),))
+    latest = root / "ray" / "corrupt" / "step-000000005" / "state.pt"
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    latest.write_bytes(bytes(data))
+    first = tmp_path / "first-step"
+    second = fit(config, inputs, name="corrupt", after_step=(record_first_step(first),))
+    assert second.error is None and first.read_text() == "5"
+    with second.checkpoint.as_directory() as d:
+        state = read_state_file(d)["state"]
+    ref = reference_state(one_worker_run[0])
+    assert state["step"] == STEPS
+    np.testing.assert_allclose(curves(state)[0], curves(ref)[0], rtol=1e-5)
+    np.testing.assert_allclose(curves(state)[1], curves(ref)[1], rtol=1e-5)
+
+
+def test_state_file_with_a_flipped_bit_is_named(tmp_path):
+    from pipeline.training.state import TrainState, save_state
+    model = torch.nn.Linear(4, 3)
+    save_state(tmp_path, model, torch.optim.AdamW(model.parameters()), TrainState(step=2))
+    path = tmp_path / "state.pt"
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{path}: sha256 does not match state.pt.sha256"):
+        read_state_file(tmp_path)
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_from_its_last_checkpoint(one_worker_run, artifacts, tmp_path):
+    """kill -9 of the stage's process group (driver, Ray, workers) once a checkpoint is on disk; the
+    rerun resumes at a checkpointed step, not 0, and ends with the uninterrupted run's numbers."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    root, tok, tokens = artifacts
+    params = params_for(root)
+    params["train"]["ray"]["storage_path"] = str(tmp_path / "ray")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "pipeline.stages.train_var", "--params", "params.yaml", "--depth", "1",
+           "--tokenizer", str(tok), "--tokens", str(tokens), "--model-out", "var-d1.pt", "--metrics-out",
+           "train-d1.json", "--curve-out", "train-d1-curve.json", "--run-out", "run-d1.json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "ray").glob("var-d1-*/step-*/state.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    on_disk = {int(p.parent.name[5:]) for p in (tmp_path / "ray").glob("var-d1-*/step-*/state.pt")}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", res.stdout + res.stderr)]
+    assert resumed and resumed[0] in on_disk and resumed[0] > 0
+    ref = json.loads((one_worker_run[0] / "train-d1.json").read_text())
+    got = json.loads((tmp_path / "train-d1.json").read_text())
+    assert got["steps"] == ref["steps"] == STEPS
+    for k in ("L_mean", "L_last", "Err_mean", "train_loss"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-5), k

@@ -23,8 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoints import config_from, load_weights, read_checkpoint
-from ..files import save_torch
+from ..checkpoints import config_from, load_weights, read_checkpoint, write_checkpoint
 from ..images import to_float_images
 from .config import ClassifierParams
 
@@ -114,8 +113,7 @@ def train_classifier(p: ClassifierParams, images: np.ndarray, labels: np.ndarray
 
 
 def save_classifier(path: str | Path, model: SmallCNN, extra: dict[str, Any] | None = None) -> None:
-    save_torch(path, {"format": CLASSIFIER_FORMAT, "config": dataclasses.asdict(model.cfg),
-                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **(extra or {})})
+    write_checkpoint(path, CLASSIFIER_FORMAT, model.cfg, model.state_dict(), extra)
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SmallCNN, dict[str, Any]]:

@@ -4,10 +4,9 @@ flags, figures and provenance. No timestamps: a rerun with nothing changed write
 from __future__ import annotations
 
 import math
-from importlib import metadata
 from typing import Any
 
-PACKAGES = ("torch", "numpy", "scipy", "pandas", "matplotlib", "torch-fidelity", "ray", "mlflow", "dvc")
+from .. import machine
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -72,13 +71,7 @@ def exponents_table(fits: dict[str, Any], paper: dict[str, Any]) -> str:
 
 
 def versions() -> str:
-    out = []
-    for name in PACKAGES:
-        try:
-            out.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            out.append(f"{name} (not installed)")
-    return ", ".join(out)
+    return ", ".join(f"{k} {v}" for k, v in machine.versions().items())
 
 
 def settings_line(ev: dict[str, Any]) -> str:

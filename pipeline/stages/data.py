@@ -243,6 +243,7 @@ def run(p: DataParams, paths: Paths) -> dict:
         per_class = np.bincount(labels, minlength=len(listing.classes))
         manifest["splits"][split] = {
             "file": f"{split}.npy", "count": int(len(labels)), "sha256": sha256_file(paths.out / f"{split}.npy"),
+            "labels_sha256": sha256_file(paths.out / f"{split}-labels.npy"),
             "per_class": {c: int(n) for c, n in zip(listing.classes, per_class)},
             "ids_sha256": sha256_bytes("\n".join(ids).encode())}
     write_json(paths.out / IMAGES_MANIFEST, manifest)

@@ -67,7 +67,12 @@ def summarize_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _check_fit(var, vq, paths: Paths) -> None:
+def _check_fit(var, meta: dict[str, Any], vq, paths: Paths) -> None:
+    """The model is this depth's and was trained on tokens of this tokenizer."""
+    trained_on, tok_sha = meta.get("tokenizer_sha256"), sha256_file(paths.tokenizer)
+    if trained_on is not None and trained_on != tok_sha:
+        raise ArtifactError(f"{paths.model}: trained on the tokens of another tokenizer (sha256 {trained_on[:12]}) "
+                            f"than {paths.tokenizer} ({tok_sha[:12]}); rerun `dvc repro train_var@{paths.depth}`")
     try:
         var.cfg.check_tokenizer(vq.cfg.vocab_size, vq.cfg.Cvae, vq.cfg.patch_nums)
     except ValueError as e:
@@ -97,7 +102,7 @@ def run(p: EvaluateParams, paths: Paths) -> dict:
     device = resolve_device(p.device)
     var, meta = load_var(paths.model)
     vq = load_tokenizer(paths.tokenizer)
-    _check_fit(var, vq, paths)
+    _check_fit(var, meta, vq, paths)
     net = feature_network(p.feature_network, paths.classifier, p.inception_weights)
     reference = reference_set(p, paths.images)
     per_seed, first, labels = score_seeds(p, var.to(device), vq.to(device), net, reference, device, paths.depth)

@@ -48,12 +48,22 @@ def load_config(params: dict[str, Any], file: str, paths: Paths) -> ReportConfig
     return ReportConfig(tuple(load(TrainParams, params, "train", file).depths), file)
 
 
-def _provenance(cfg: ReportConfig, paths: Paths, ev: dict[str, Any]) -> dict[str, str]:
+def machines(runs) -> str:
+    """The machines the depths were trained on (CPU numerics differ between machines)."""
+    seen: dict[str, list[int]] = {}
+    for r in runs:
+        m = r.train.get("machine")
+        key = f"{m['cpu']} ({m['isa']}), accelerator {m['accelerator']}" if m else "not recorded"
+        seen.setdefault(key, []).append(r.depth)
+    return "; ".join(f"{k}: d{', d'.join(map(str, ds))}" for k, ds in seen.items())
+
+
+def _provenance(cfg: ReportConfig, paths: Paths, ev: dict[str, Any], runs) -> dict[str, str]:
     return {"git commit": git_commit(), "params hash": f"{params_hash(cfg.params_file)} ({cfg.params_file})",
             "data manifest sha256": sha256_file(paths.images / IMAGES_MANIFEST),
             "tokenizer sha256": ev["tokenizer_sha256"],
             "feature network": f"{ev['feature_network']['name']}, sha256 {ev['feature_network']['sha256']}",
-            "packages": versions()}
+            "packages": versions(), "trained on": machines(runs)}
 
 
 def _data_line(paths: Paths, depths: tuple[int, ...], runs) -> str:
@@ -83,7 +93,7 @@ def run(cfg: ReportConfig, paths: Paths) -> dict:
     ev = runs[0].eval
     text = markdown({"title": "VAR scaling laws", "data": _data_line(paths, cfg.depths, runs), "frame": frame,
                      "fit": fit, "reference": reference, "eval": ev, "depths": cfg.depths,
-                     "provenance": _provenance(cfg, paths, ev)})
+                     "provenance": _provenance(cfg, paths, ev, runs)})
     with atomic_path(paths.out / "scaling.md") as tmp:
         tmp.write_text(text)
     for p in (paths.out / "scaling.md", paths.out / "runs.csv", paths.fit, *sorted(figures.glob("*.png"))):

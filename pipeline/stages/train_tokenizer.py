@@ -23,7 +23,7 @@ from ..images import IMAGES_MANIFEST, load_split, read_images_manifest, save_png
 from ..stage import stage_main
 from ..tokenizer.config import TokenizerParams, load_tokenizer_params
 from ..tokenizer.perceptual import load_lpips
-from ..tokenizer.training import Trainer, evaluate, fingerprint, recon_grid
+from ..tokenizer.training import Trainer, evaluate, fingerprint, previous, recon_grid
 from ..tracking import log_artifact, log_metrics, set_tags
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def run(p: TokenizerParams, paths: Paths) -> dict:
     write_json(paths.metrics, metrics)
     log_artifact(paths.recon)
     log_artifact(paths.out, "model")
-    paths.state.unlink(missing_ok=True)  # crash-recovery state is spent; DVC's cache keeps the result
+    for spent in (paths.state, previous(paths.state)):
+        spent.unlink(missing_ok=True)  # crash-recovery state is spent; DVC's cache keeps the result
     return metrics
 
 

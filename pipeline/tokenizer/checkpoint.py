@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +9,13 @@ import torch
 
 from varcore.vqvae import VQVAE, VQVAEConfig
 
-from ..checkpoints import config_from, load_weights, read_checkpoint
-from ..files import save_torch
+from ..checkpoints import config_from, load_weights, read_checkpoint, write_checkpoint
 
 TOKENIZER_FORMAT = "varscale.tokenizer.v1"
 
 
 def save_tokenizer(path: str | Path, vqvae: VQVAE, extra: dict[str, Any] | None = None) -> None:
-    save_torch(path, {"format": TOKENIZER_FORMAT, "config": dataclasses.asdict(vqvae.cfg),
-                      "state_dict": vqvae.state_dict(), **(extra or {})})
+    write_checkpoint(path, TOKENIZER_FORMAT, vqvae.cfg, vqvae.state_dict(), extra)
 
 
 def load_tokenizer(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -111,26 +112,44 @@ class Trainer:
 
     # ---- checkpointing -------------------------------------------------------------------
     def save_state(self, path: Path, seconds: float) -> None:
+        """Write the state atomically; the one before it stays beside it (``<name>.prev``) in case
+        the new one is found corrupt."""
         blob = {"format": STATE_FORMAT, "fingerprint": self.fingerprint,
                 "state": dataclasses.asdict(dataclasses.replace(self.state, seconds=seconds)),
                 "vq": self.vq.state_dict(), "opt": self.opt.state_dict(),
                 "disc": self.disc.state_dict() if self.disc else None,
                 "opt_d": self.opt_d.state_dict() if self.opt_d else None,
                 "rng": torch.get_rng_state()}
+        if path.is_file():
+            os.replace(path, previous(path))
         save_torch(path, blob)
 
     def try_resume(self, path: Path) -> bool:
-        """Continue from the state at ``path`` if it is this run's (same fingerprint) and readable."""
+        """Continue from the state at ``path``, or from the one before it when ``path`` is unreadable,
+        if it is this run's (same fingerprint)."""
+        for candidate in (path, previous(path)):
+            blob = self._read_state(candidate)
+            if blob is not None:
+                self._load(blob)
+                log.info("resuming tokenizer training from %s at epoch %d batch %d (step %d)", candidate,
+                         self.state.epoch, self.state.batch, self.state.step)
+                return True
+        return False
+
+    def _read_state(self, path: Path) -> dict[str, Any] | None:
         if not path.is_file():
-            return False
+            return None
         try:
             blob = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
-            log.warning("ignoring unreadable tokenizer state %s: %s", path, str(e).splitlines()[0])
-            return False
-        if blob.get("format") != STATE_FORMAT or blob.get("fingerprint") != self.fingerprint:
+            log.warning("skipping unreadable tokenizer state %s: %s", path, str(e).splitlines()[0])
+            return None
+        if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT or blob.get("fingerprint") != self.fingerprint:
             log.warning("ignoring tokenizer state %s: it belongs to other params or data", path)
-            return False
+            return None
+        return blob
+
+    def _load(self, blob: dict[str, Any]) -> None:
         self.vq.load_state_dict(blob["vq"])
         self.opt.load_state_dict(blob["opt"])
         if self.disc:
@@ -138,9 +157,6 @@ class Trainer:
             self.opt_d.load_state_dict(blob["opt_d"])
         torch.set_rng_state(blob["rng"].cpu())
         self.state = TrainState(**blob["state"])
-        log.info("resuming tokenizer training at epoch %d batch %d (step %d)",
-                 self.state.epoch, self.state.batch, self.state.step)
-        return True
 
     # ---- one optimisation step -----------------------------------------------------------
     def step(self, x: torch.Tensor, gan_on: bool) -> dict[str, float]:
@@ -216,6 +232,11 @@ class Trainer:
                     on_epoch(st.epoch, self)
         bar.close()
         st.seconds = clock.seconds()
+
+
+def previous(path: Path) -> Path:
+    """Where the state before the latest one is kept."""
+    return path.with_name(path.name + ".prev")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,7 @@ import torch
 
 from varcore.var import VAR, VARConfig
 
-from ..checkpoints import config_from, load_weights, read_checkpoint
-from ..files import save_torch
+from ..checkpoints import config_from, load_weights, read_checkpoint, write_checkpoint
 
 VAR_FORMAT = "varscale.var.v1"
 # VARConfig fields that earlier versions saved and that never changed the model's function, so
@@ -24,10 +22,8 @@ RETIRED_CONFIG_FIELDS = ("qk_norm_impl", "attn_impl", "attn_prefix_scales", "att
 def save_var(path: str | Path, model: VAR, class_names: list[str] | None = None,
              extra: dict[str, Any] | None = None) -> None:
     """Write atomically: ``config`` (VARConfig fields), ``state_dict``, ``num_classes``, ``class_names``."""
-    save_torch(path, {"format": VAR_FORMAT, "config": dataclasses.asdict(model.cfg),
-                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                      "num_classes": model.cfg.num_classes, "class_names": list(class_names or []),
-                      **(extra or {})})
+    write_checkpoint(path, VAR_FORMAT, model.cfg, model.state_dict(),
+                     {"num_classes": model.cfg.num_classes, "class_names": list(class_names or []), **(extra or {})})
 
 
 def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VAR, dict[str, Any]]:

@@ -22,15 +22,17 @@ from varcore.flops import count_main_params, count_params, main_N, var_flops
 from varcore.quant import MultiScaleQuantizer
 from varcore.var import VAR, VARConfig
 
+from .. import machine
+from ..errors import ArtifactError, InputError
+from ..files import exclusive_lock, sha256_file, write_json
 from ..tokenizer.checkpoint import load_tokenizer
-from ..errors import ArtifactError
-from ..files import sha256_file, write_json
 from ..tokens import TOKENS_MANIFEST, TokenSpec, load_token_split, read_tokens_manifest
 from ..tracking import log_artifact, log_metrics, log_params, set_tags
 from .checkpoint import save_var
 from .config import TrainVarConfig, config_hash
 from .metrics import train_compute
-from .worker import RunSpec, read_state_file, train_worker
+from .state import read_state_file
+from .worker import RunSpec, train_worker
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("L_last", "L_mean", "Err_last", "Err_mean")
@@ -109,7 +111,10 @@ def fit(config: TrainVarConfig, inputs: TrainInputs, *, name: str | None = None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.num_to_keep), callbacks=callbacks))
     log.info("d%d: %d steps of %d images on %d %s worker(s), run %s", config.depth, spec.total_steps,
              tp.batch_size, r.num_workers, "GPU" if r.use_gpu else "CPU", trainer.run_config.name)
-    return trainer.fit()
+    # two runs of one recipe would share (and corrupt) one checkpoint folder: the second is refused
+    lock = Path(trainer.run_config.storage_path) / f"{trainer.run_config.name}.lock"
+    with exclusive_lock(lock, f"the training run {trainer.run_config.name}"):
+        return trainer.fit()
 
 
 def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, Any]
@@ -141,7 +146,7 @@ def run_record(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, A
             "lr_peak": config.train.peak_lr, "ray_run": Path(ray_path).name,
             "train_seconds": round(st.get("train_seconds", 0.0), 1),   # all attempts, resumes included
             "wall_seconds": round(wall_seconds, 1),                     # this invocation
-            "train_curve": st["train_curve"]}
+            "machine": machine.describe(), "train_curve": st["train_curve"]}
 
 
 def log_run(curve: list[dict[str, Any]], record: dict[str, Any], paths: TrainPaths) -> None:
@@ -158,6 +163,21 @@ def log_run(curve: list[dict[str, Any]], record: dict[str, Any], paths: TrainPat
     set_tags({"varscale.model_path": str(paths.model_out)})
 
 
+def user_error_in(error: BaseException) -> InputError | None:
+    """An :class:`InputError` (a full disk, a bad file) that a worker raised, found in the error
+    Ray Train wraps it in, so the stage reports it as one line."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError):
+            return e
+        todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
 def train_depth(config: TrainVarConfig, paths: TrainPaths, *, callbacks: list | None = None,
                 after_step: tuple = ()) -> dict[str, Any]:
     """Load, fit under Ray, write the model, the metrics and the run record, log the MLflow run."""
@@ -165,7 +185,7 @@ def train_depth(config: TrainVarConfig, paths: TrainPaths, *, callbacks: list | 
     t0 = time.perf_counter()
     result = fit(config, inputs, callbacks=callbacks, after_step=after_step)
     if result.error is not None:
-        raise result.error
+        raise user_error_in(result.error) or result.error
     if result.checkpoint is None:
         raise RuntimeError(f"d{config.depth}: training produced no checkpoint")
     with result.checkpoint.as_directory() as d:

@@ -15,7 +15,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from varcore.fast.plan import ExecutionPlan, apply_plan
@@ -34,9 +33,9 @@ from varcore.var import VAR, AdaLNBlock, VARConfig
 from .config import TrainParams
 from .metrics import TokenStats, summarize, token_stats, train_compute
 from .schedule import eval_steps, global_batch_indices, lr_at, rank_slice, step_seed
+from .state import TrainState, resume, save_state
 
 log = logging.getLogger(__name__)
-STATE_FILE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -47,17 +46,6 @@ class RunSpec:
     train: TrainParams
     execution: ExecutionPlan      # resolved on the worker, for its device
     total_steps: int
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    curve: list[dict[str, float]] = field(default_factory=list)         # validation points
-    train_curve: list[dict[str, float]] = field(default_factory=list)   # train-loss points
-    loss_sum: float = 0.0          # local train-loss sum since the last train-curve point
-    loss_count: int = 0
-    train_seconds: float = 0.0     # time in the training loop, summed over resumed runs
-    plan: dict[str, Any] = field(default_factory=dict)                  # the resolved execution plan
 
 
 # ---- model, optimizer, checkpoint --------------------------------------------------------------
@@ -75,29 +63,6 @@ def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if id(p) in decay_ids], "weight_decay": tp.weight_decay},
               {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0}]
     return adamw(groups, tp.peak_lr, tuple(tp.betas), tp.weight_decay, params[0].device)
-
-
-def save_state(directory: Path, model: nn.Module, optim: torch.optim.Optimizer, state: TrainState) -> None:
-    """Full (unsharded) state; every rank must call this (FSDP gathers), only rank 0 gets data."""
-    msd, osd = get_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    for g in osd.get("param_groups", []):   # a CUDA-graph step's settings; the resumed step sets its own
-        if torch.is_tensor(g.get("lr")):
-            g["lr"] = float(g["lr"])
-        g["capturable"] = False
-    if msd:
-        torch.save({"model": msd, "optim": osd, "state": state.__dict__}, directory / STATE_FILE)
-
-
-def read_state_file(directory: str | Path) -> dict[str, Any]:
-    """A checkpoint's payload: ``model`` (state dict), ``optim``, ``state`` (step, curves). Data only."""
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def load_state(directory: Path, model: nn.Module, optim: torch.optim.Optimizer) -> TrainState:
-    ckpt = read_state_file(directory)
-    set_state_dict(model, optim, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optim"],
-                   options=StateDictOptions(full_state_dict=True))
-    return TrainState(**ckpt["state"])
 
 
 # ---- distributed helpers -----------------------------------------------------------------------
@@ -211,13 +176,7 @@ class WorkerRun:
 
     def _resume(self) -> TrainState:
         import ray.train
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return TrainState()
-        with ckpt.as_directory() as d:
-            state = load_state(Path(d), self.model, self.optim)
-        log.info("rank %d: resumed from %s at step %d", self.rank, ckpt.path, state.step)
-        return state
+        return resume(ray.train.get_checkpoint(), self.model, self.optim, self.rank)
 
     # ---- the loop ----------------------------------------------------------------------------
     def loop(self, after_step: tuple[Callable[[int], None], ...] = ()) -> None:

@@ -223,10 +223,11 @@ def graph_check(args, device: torch.device) -> dict:
 def resume_check(args, device: torch.device, steps: int = 6, cut: int = 3) -> dict:
     """The trainer's one-GPU step (CUDA graph, master weights, clipping) through ``steps`` steps
     straight, against ``cut`` steps, a checkpoint written and read by the trainer's code
-    (``pipeline.training.worker.save_state`` / ``load_state``) into a fresh model and optimizer, and
+    (``pipeline.training.state.save_state`` / ``load_state``) into a fresh model and optimizer, and
     the remaining steps: losses and final weights should agree exactly."""
     from pipeline.training.config import TrainParams
-    from pipeline.training.worker import TrainState, load_state, make_optimizer, save_state
+    from pipeline.training.state import TrainState, load_state, save_state
+    from pipeline.training.worker import make_optimizer
 
     amp = torch.bfloat16 if device.type == "cuda" else None   # elsewhere: the eager float32 step (tests run it)
     tp = TrainParams(steps=steps, grad_clip=2.0)

@@ -59,8 +59,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block; when another
-    process holds it, raise :class:`OutputError` at once naming the file, its pid and ``what``."""
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block, for ``what`` (written
+    into the file with the pid); when another process holds it, raise :class:`OutputError` at once
+    naming the file, that process and what it runs. The lock goes with the process, even on kill -9."""
     import fcntl
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,12 +70,12 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise OutputError(f"{path}: locked by process {holder}, which is running {what}; wait for it to end "
-                              "(or stop it) and rerun") from None
+            pid, _, running = f.read().strip().partition(" ")
+            raise OutputError(f"{path}: locked by process {pid or 'unknown'} ({running or 'unknown'}); wait for it to "
+                              "end (or stop it) and rerun") from None
         f.seek(0)
         f.truncate()
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()} {what}\n")
         f.flush()
         try:
             yield

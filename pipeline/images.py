@@ -1,5 +1,5 @@
-"""The image splits on disk (``data/images``) and conversions between their uint8 pixels, the
-models' float tensors and PNG files.
+"""The image splits on disk (``data/images``), the ``data`` params that make them, and conversions
+between their uint8 pixels, the models' float tensors and PNG files.
 
 A split is ``<split>.npy`` (``(N, S, S, 3)`` uint8, memory-mapped) with ``<split>-labels.npy``
 (``(N,)`` int64), described by ``manifest.json`` (count, per-class counts, sha256 of each file).
@@ -7,16 +7,35 @@ A split is ``<split>.npy`` (``(N, S, S, 3)`` uint8, memory-mapped) with ``<split
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from varcore.errors import require
 
 from .errors import ArtifactError
 from .files import atomic_path, read_json, sha256_file
 
 IMAGES_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    image_size: int = 32
+    val_fraction: float = 0.1
+    max_per_class: int | None = None       # cap images per class (quick runs)
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        require(self.max_per_class is None or self.max_per_class >= 2, "max_per_class",
+              f"must be >= 2 or null, got {self.max_per_class}")
 
 
 def read_images_manifest(data_dir: str | Path) -> dict[str, Any]:

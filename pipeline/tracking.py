@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from . import machine
 from .files import sha256_bytes
-from .tracking_store import (bound_http_waits, check_reachable, experiment_location, make_default_experiment_portable,
-                             retry_locked, tracking_uri)
+from .tracking_store import (bound_http_waits, check_reachable, create_store_once, experiment_location,
+                             make_default_experiment_portable, retry_locked, tracking_uri)
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "varscale"
@@ -78,6 +78,7 @@ def connect(uri: str | None = None) -> MlflowClient:
     uri = uri or tracking_uri()
     bound_http_waits()
     check_reachable(uri)
+    create_store_once(uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient()
 

@@ -88,15 +88,30 @@ def experiment_location(uri: str, name: str) -> str | None:
     return f"{SCHEME}:///mlruns/{name}" if sqlite_file(uri) is not None else None
 
 
+def create_store_once(uri: str) -> None:
+    """Create (and migrate) a SQLite store under a file lock: MLflow's schema migration is not safe
+    against several processes creating the same new file at once (a sweep's first trials)."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+    db_file = sqlite_file(uri)
+    if db_file is None:
+        return
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(db_file.with_name(db_file.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)
+
+
 def make_default_experiment_portable(uri: str) -> None:
-    """MLflow creates experiment 0 ("Default") with an absolute ``file://`` location when it creates a
+    """MLflow creates experiment 0 ("Default") with an absolute path as its location when it creates a
     SQLite store; point it into the store's folder through the portable scheme as well."""
     db_file = sqlite_file(uri)
     if db_file is None or not db_file.is_file():
         return
     with contextlib.closing(sqlite3.connect(db_file, timeout=20)) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0 "
-                   "AND artifact_location LIKE 'file:%'", (f"{SCHEME}:///mlruns/0",))
+                   "AND artifact_location NOT LIKE ?", (f"{SCHEME}:///mlruns/0", f"{SCHEME}:%"))
 
 
 def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 6, **kwargs: Any) -> T:

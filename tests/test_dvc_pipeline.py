@@ -180,6 +180,22 @@ def test_params_error_stops_before_any_output_is_deleted(repo):
     assert _files(work) == before
 
 
+def test_a_second_dvc_repro_is_refused_while_one_runs(repo):
+    work, env, dvc, _, _ = repo
+    before = _files(work)
+    first = subprocess.Popen(dvc + ["repro", "-f", "check_params"], cwd=work, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not _stage_pids(work, "check_params"):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    second = subprocess.run(dvc + ["repro", "encode_tokens"], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert first.wait(timeout=120) == 0
+    assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+    assert _files(work) == before
+
+
 def test_mlflow_has_one_child_run_per_stage(repo):
     work, env, dvc, out, tmp = repo
     from mlflow.tracking import MlflowClient
@@ -215,3 +231,27 @@ def test_dvc_exp_run_with_override(repo):
     _run(dvc + ["exp", "run", "-S", "encode_tokens.shard_size=8", "encode_tokens"], work, env)
     man = json.loads((work / "data" / "tokens" / "manifest.json").read_text())
     assert [s["count"] for s in man["splits"]["train"]["shards"]][:3] == [8, 8, 8]
+
+
+def test_plots_render_without_the_network(repo, tmp_path):
+    """`dvc plots show` with the page template install.sh builds (vega inlined) loads no script from
+    the network; DVC's default page takes vega from a CDN."""
+    import re
+    template = REPO / ".dvc" / "plots" / "offline.html"
+    if not template.is_file():
+        pytest.skip("install.sh could not fetch vega from registry.npmjs.org, so there is no offline template")
+    work, env, dvc, _, _ = repo
+    (work / "curve.json").write_text(json.dumps([{"step": s, "L": 5.0 - 0.1 * s} for s in range(5)]))
+    pages = {}
+    try:
+        for name, extra in (("offline", ["--html-template", str(template)]), ("default", [])):
+            _run(dvc + ["plots", "show", "curve.json", "-x", "step", "-y", "L", "-o", str(tmp_path / name), *extra],
+                 work, env)
+            pages[name] = (tmp_path / name / "index.html").read_text()
+    finally:
+        (work / "curve.json").unlink()
+
+    def external_scripts(page: str) -> list[str]:
+        return [u for u in re.findall(r"<script[^>]*\bsrc=[\"']([^\"']+)", page) if "//" in u]
+    assert "vegaEmbed" in pages["offline"] and external_scripts(pages["offline"]) == []
+    assert external_scripts(pages["default"])     # what the template replaces

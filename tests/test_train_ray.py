@@ -238,8 +238,9 @@ def test_state_file_with_a_flipped_bit_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_killed_stage_resumes_from_its_last_checkpoint(one_worker_run, artifacts, tmp_path):
-    """kill -9 of the stage's process group (driver, Ray, workers) once a checkpoint is on disk; the
-    rerun resumes at a checkpointed step, not 0, and ends with the uninterrupted run's numbers."""
+    """kill -9 of the stage's process group (driver, Ray, workers) once Ray has registered a
+    checkpoint; the rerun resumes at a checkpointed step, not 0, and ends with the uninterrupted
+    run's numbers."""
     import os
     import re
     import signal
@@ -258,7 +259,10 @@ def test_killed_stage_resumes_from_its_last_checkpoint(one_worker_run, artifacts
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "ray").glob("var-d1-*/step-*/state.pt")):
+    def registered() -> bool:   # Ray resumes from the checkpoints its snapshot lists
+        snap = list((tmp_path / "ray").glob("var-d1-*/checkpoint_manager_snapshot.json"))
+        return bool(snap) and "step-" in snap[0].read_text(errors="replace")
+    while not registered():
         assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before it could be killed"
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -17,11 +17,11 @@ from typing import Any
 from ..errors import ParamsError
 from ..evaluation.config import ClassifierParams, EvaluateParams, FitParams
 from ..files import write_json
+from ..images import DataParams
 from ..params import load
 from ..stage import stage_main
 from ..tokenizer.config import EncodeParams, load_tokenizer_params
 from ..training.config import TrainParams, load_train_var_config
-from .data import DataParams
 
 SECTIONS = ("data", "tokenizer", "encode_tokens", "var", "train", "classifier", "evaluate", "fit", "execution")
 
@@ -31,8 +31,9 @@ class Paths:
     out: Path        # runs/params-check.json (the sections checked; every stage depends on it)
 
 
-def load_config(params: dict[str, Any], file: str, paths: Paths) -> tuple[str, ...]:
-    """Load every section the stages load, as they load it; unknown top-level sections are errors."""
+def load_config(params: dict[str, Any], file: str, paths: Paths) -> dict[str, Any]:
+    """Load every section the stages load, as they load it (unknown top-level sections are errors);
+    returns the params, checked (the stage's MLflow run logs them all)."""
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
         raise ParamsError(f"{file}: unknown section(s) {unknown}; the sections are {list(SECTIONS)}")
@@ -45,12 +46,12 @@ def load_config(params: dict[str, Any], file: str, paths: Paths) -> tuple[str, .
     load(ClassifierParams, params, "classifier", file)
     load(EvaluateParams, params, "evaluate", file)
     load(FitParams, params, "fit", file)
-    return SECTIONS
+    return params
 
 
-def run(sections: tuple[str, ...], paths: Paths) -> dict[str, Any]:
-    write_json(paths.out, {"checked": list(sections)})
-    return {"sections": len(sections)}
+def run(params: dict[str, Any], paths: Paths) -> dict[str, Any]:
+    write_json(paths.out, {"checked": list(SECTIONS)})
+    return {"sections": len(SECTIONS)}
 
 
 main = stage_main("check_params", Paths, load_config, run, summary_keys=("sections",), doc=__doc__)

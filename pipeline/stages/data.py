@@ -17,17 +17,15 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from varcore.errors import require
-
 from ..errors import DataError
 from ..files import atomic_path, sha256_bytes, sha256_file, write_json
-from ..images import IMAGES_MANIFEST
+from ..images import IMAGES_MANIFEST, DataParams
 from ..params import load
 from ..stage import stage_main
 from ..tracking import log_artifact
@@ -38,22 +36,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                        "t10k": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-
-
-@dataclass(frozen=True)
-class DataParams:
-    source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
-    root: str = "/usr/share/datasets/fashion-mnist"
-    image_size: int = 32
-    val_fraction: float = 0.1
-    max_per_class: int | None = None       # cap images per class (quick runs)
-    seed: int = 0
-
-    def __post_init__(self):
-        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
-        require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        require(self.max_per_class is None or self.max_per_class >= 2, "max_per_class",
-              f"must be >= 2 or null, got {self.max_per_class}")
 
 
 @dataclass

@@ -113,7 +113,7 @@ def fit(config: TrainVarConfig, inputs: TrainInputs, *, name: str | None = None,
              tp.batch_size, r.num_workers, "GPU" if r.use_gpu else "CPU", trainer.run_config.name)
     # two runs of one recipe would share (and corrupt) one checkpoint folder: the second is refused
     lock = Path(trainer.run_config.storage_path) / f"{trainer.run_config.name}.lock"
-    with exclusive_lock(lock, f"the training run {trainer.run_config.name}"):
+    with exclusive_lock(lock, f"training run {trainer.run_config.name}"):
         return trainer.fit()
 
 

@@ -78,25 +78,36 @@ def load_state(directory: Path, model: nn.Module, optim: torch.optim.Optimizer) 
     return TrainState(**ckpt["state"])
 
 
+def step_of(name: str) -> int:
+    """The step of a checkpoint folder ``step-NNNNNNNNN`` (or ``step-NNNNNNNNN-<suffix>``)."""
+    return int(name[5:14])
+
+
 def newest_first(latest) -> Iterator[Any]:
-    """``latest`` (a ``ray.train.Checkpoint``), then the run's earlier ``step-*`` checkpoints, newest first."""
+    """``latest`` (a ``ray.train.Checkpoint``), then the run's other ``step-*`` checkpoints up to its
+    step, newest first."""
     import pyarrow.fs as pafs
     import ray.train
     yield latest
     parent, name = latest.path.rstrip("/").rsplit("/", 1)
     infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-    earlier = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                      and i.base_name.startswith("step-") and i.base_name < name), reverse=True)
-    for n in earlier:
+    others = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                     and i.base_name.startswith("step-") and i.base_name != name
+                     and step_of(i.base_name) <= step_of(name)), key=lambda n: (step_of(n), n), reverse=True)
+    for n in others:
         yield ray.train.Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem)
 
 
-def resume(latest, model: nn.Module, optim: torch.optim.Optimizer, rank: int = 0) -> TrainState:
+def resume(latest, model: nn.Module, optim: torch.optim.Optimizer, rank: int = 0) -> tuple[TrainState, str]:
     """The state of the newest readable checkpoint (loaded into ``model`` and ``optim``), or a fresh
-    state when there is none; unreadable ones are skipped with a warning naming them."""
+    state when there is none; unreadable ones are skipped with a warning naming them. Also a suffix
+    for the names of the checkpoints to come: empty, or when one was skipped a tag of it (the steps
+    after the one resumed from are checkpointed again, and Ray still tracks the skipped folders, so
+    the new ones must not take their names; every rank computes the same tag)."""
     if latest is None:
-        return TrainState()
-    for ckpt in newest_first(latest):
+        return TrainState(), ""
+    tag = "-" + sha256_bytes(latest.path.encode())[:8]
+    for i, ckpt in enumerate(newest_first(latest)):
         try:
             with ckpt.as_directory() as d:
                 state = load_state(Path(d), model, optim)
@@ -104,6 +115,6 @@ def resume(latest, model: nn.Module, optim: torch.optim.Optimizer, rank: int = 0
             log.warning("rank %d: skipping checkpoint %s: %s", rank, ckpt.path, e)
             continue
         log.info("rank %d: resumed from %s at step %d", rank, ckpt.path, state.step)
-        return state
+        return state, tag if i > 0 else ""
     log.warning("rank %d: no readable checkpoint beside %s; training starts over", rank, latest.path)
-    return TrainState()
+    return TrainState(), tag

@@ -176,7 +176,8 @@ class WorkerRun:
 
     def _resume(self) -> TrainState:
         import ray.train
-        return resume(ray.train.get_checkpoint(), self.model, self.optim, self.rank)
+        state, self.dir_suffix = resume(ray.train.get_checkpoint(), self.model, self.optim, self.rank)
+        return state
 
     # ---- the loop ----------------------------------------------------------------------------
     def loop(self, after_step: tuple[Callable[[int], None], ...] = ()) -> None:
@@ -254,7 +255,7 @@ class WorkerRun:
         with tempfile.TemporaryDirectory() as tmp:
             save_state(Path(tmp), self.model, self.optim, st)
             ckpt = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
-            ray.train.report(point, checkpoint=ckpt, checkpoint_dir_name=f"step-{st.step:09d}")
+            ray.train.report(point, checkpoint=ckpt, checkpoint_dir_name=f"step-{st.step:09d}{self.dir_suffix}")
 
 
 def train_worker(config: dict[str, Any]) -> None:

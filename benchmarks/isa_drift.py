@@ -1,13 +1,15 @@
 """How much CPU numerics move training results between machines (x86 ISA extensions).
 
-The same seed gives slightly different float results on CPUs whose GEMM kernels differ (oneDNN
-picks AVX2, AVX-512 or AMX code paths at run time, each summing in its own order); training
-amplifies the last-bit differences. Run this under oneDNN's ISA limits on one machine to see the
-size of the effect without a second machine:
+The same seed gives slightly different float results on CPUs whose kernels differ (oneDNN, which
+runs the convolutions, and MKL, which runs float32 matmuls, pick AVX2, AVX-512 or AMX code paths
+at run time, each summing in its own order); training amplifies the last-bit differences. Run
+this under the libraries' ISA limits on one machine to see the size of the effect without a
+second machine:
 
-    for isa in DEFAULT AVX512_CORE AVX2; do
-      ONEDNN_MAX_CPU_ISA=$isa PYTHONPATH=. python benchmarks/isa_drift.py
-    done
+    PYTHONPATH=. python benchmarks/isa_drift.py
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE PYTHONPATH=. python benchmarks/isa_drift.py
+    ONEDNN_MAX_CPU_ISA=AVX2 PYTHONPATH=. python benchmarks/isa_drift.py
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 PYTHONPATH=. python benchmarks/isa_drift.py
 
 Needs ``dvc repro encode_tokens`` (real images, tokenizer and tokens). One JSON line per part:
 the tokenizer trained ``--tokenizer-steps`` steps from the default params (final loss, val PSNR,
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import emit  # noqa: E402
+from bench_utils import emit, env  # noqa: E402
+from pipeline.machine import cpu  # noqa: E402
 from pipeline.checkpoints import weights_sha256  # noqa: E402
 from pipeline.images import load_split  # noqa: E402
 from pipeline.params import read_params  # noqa: E402
@@ -82,9 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     params = read_params("params.yaml")
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "DEFAULT")
+    limits = {k: os.environ.get(k, "default") for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
     for rec in (tokenizer_part(params, args.tokenizer_steps), var_part(params, args.var_steps)):
-        emit({"bench": "isa_drift", "onednn_max_cpu_isa": isa, **rec})
+        emit({"bench": "isa_drift", **limits, **env(), **cpu(), **rec})
 
 
 if __name__ == "__main__":

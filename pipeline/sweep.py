@@ -162,7 +162,9 @@ def run_sweep(params: dict[str, Any], depths: list[int], grid: dict[str, list[An
         # the trial only drives its TorchTrainer (Tune refuses 0 CPU); the workers hold the resources
         tune.with_resources(sweep_trial, {"cpu": 0.01}),
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, metric="L_mean", mode="min",
+        # no metric/mode: no scheduler ranks trials, and the checkpoint reports between evaluations
+        # carry no L_mean (Tune's strict check would fail them); rank with get_best_result("L_mean", "min")
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
                                     trial_name_creator=lambda t: trial_name(t.config)),
         run_config=tune.RunConfig(name=name, storage_path=str(out_dir / "tune")),
     )

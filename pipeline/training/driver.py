@@ -152,8 +152,10 @@ def run_record(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, A
 def log_run(curve: list[dict[str, Any]], record: dict[str, Any], paths: TrainPaths) -> None:
     """The MLflow child run: curves per step, the resolved plan, timings, the files (the stage
     logs the final values)."""
-    for row in record["train_curve"]:
-        log_metrics({k: row[k] for k in ("train_loss", "lr", "compute")}, step=row["step"])
+    final_step = record["train_curve"][-1]["step"] if record["train_curve"] else None
+    for row in record["train_curve"]:   # the last step's train_loss and compute come with the final values
+        keys = ("lr",) if row["step"] == final_step else ("train_loss", "lr", "compute")
+        log_metrics({k: row[k] for k in keys}, step=row["step"])
     for row in curve:
         log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["step"], prefix="val_")
     log_metrics({k: record[k] for k in ("train_seconds", "wall_seconds")})
@@ -211,6 +213,14 @@ def init_ray(address: str | None) -> None:
     import os
 
     import ray
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray reads the mode into its config when it is imported: refresh it, as Ray itself does
+        # when it turns token authentication on (else this process would not send the token)
+        ray._raylet.Config.initialize("")
+    if address is None:
+        # a local instance has no preemptible nodes to watch; Ray Train's watcher actor would only
+        # print a core_worker error line about its restart arguments at every run
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=None, log_to_driver=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,13 +75,24 @@ class MultiScaleQuantizer(nn.Module):
     def latent_size(self) -> int:
         return self.patch_nums[-1]
 
+    def phi_index(self, k: int) -> int:
+        """Which of the ``n`` phi convs serves scale index ``k`` (0-based), as the official code
+        picks it: the conv whose tick is nearest to the scale's position ``k / (K-1)`` in [0, 1],
+        ticks evenly spaced over ``[1/(3n), 1 - 1/(3n)]`` when ``n == 4`` and ``[1/(2n), 1 - 1/(2n)]``
+        otherwise, the first on a tie (as float64 computes it). One conv per scale is the identity
+        map; 4 convs over the paper's 10 scales give [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]."""
+        n, K = len(self.phis), self.num_scales
+        if n <= 1 or K == 1:
+            return 0
+        margin = 1 / (3 * n) if n == 4 else 1 / (2 * n)
+        ticks = np.linspace(margin, 1 - margin, n)
+        return int(np.argmin(np.abs(ticks - k / (K - 1))))
+
     def phi(self, k: int, z_BChw: torch.Tensor) -> torch.Tensor:
         """Apply the phi conv that serves scale index ``k`` (0-based)."""
         if len(self.phis) == 0:
             return z_BChw
-        K = self.num_scales
-        j = 0 if K == 1 else round(k * (len(self.phis) - 1) / (K - 1))
-        return self.phis[j](z_BChw)
+        return self.phis[self.phi_index(k)](z_BChw)
 
     def _up(self, z_BChw: torch.Tensor) -> torch.Tensor:
         H = self.latent_size

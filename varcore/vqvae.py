@@ -18,6 +18,9 @@ from .errors import check_patch_nums, require
 from .quant import CodebookUsage, MultiScaleQuantizer
 
 
+DOWNSAMPLE_PADS = ("symmetric", "bottom_right")
+
+
 @dataclass(frozen=True)
 class VQVAEConfig:
     image_size: int = 32
@@ -26,6 +29,9 @@ class VQVAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 2)           # one entry per resolution; downsample = 2**(len-1)
     num_res_blocks: int = 1
     mid_attn: bool = True                          # self-attention in the bottleneck
+    level_attn: bool = False                       # also after every res block of the lowest resolution
+    downsample_pad: str = "symmetric"              # "symmetric": pad 1 all round; "bottom_right": pad
+                                                   # (0, 1, 0, 1) then an unpadded conv (official VQ-VAE)
     dropout: float = 0.0
     Cvae: int = 32                                 # latent / codebook channels
     vocab_size: int = 512
@@ -47,6 +53,8 @@ class VQVAEConfig:
         require(self.vocab_size >= 2, "vocab_size", f"must be >= 2, got {self.vocab_size}")
         require(self.Cvae >= 1, "Cvae", f"must be >= 1, got {self.Cvae}")
         require(self.num_res_blocks >= 1, "num_res_blocks", f"must be >= 1, got {self.num_res_blocks}")
+        require(self.downsample_pad in DOWNSAMPLE_PADS, "downsample_pad",
+                f"must be one of {DOWNSAMPLE_PADS}, got {self.downsample_pad!r}")
 
     @property
     def downsample(self) -> int:
@@ -87,6 +95,20 @@ class AttnBlock(nn.Module):
         return x_BChw + self.proj(o)
 
 
+class Downsample(nn.Conv2d):
+    """Stride-2 3x3 conv. ``bottom_right``: zero-pad one row and column at the bottom and right
+    only, then convolve unpadded (the official VQ-VAE's downsampling); ``symmetric``: pad 1."""
+
+    def __init__(self, c: int, pad: str):
+        super().__init__(c, c, 3, stride=2, padding=0 if pad == "bottom_right" else 1)
+        self.pad = pad
+
+    def forward(self, x_BChw):
+        if self.pad == "bottom_right":
+            x_BChw = F.pad(x_BChw, (0, 1, 0, 1))
+        return super().forward(x_BChw)
+
+
 def _mid(c: int, attn: bool, dropout: float) -> nn.Sequential:
     return nn.Sequential(ResBlock(c, c, dropout), AttnBlock(c) if attn else nn.Identity(),
                          ResBlock(c, c, dropout))
@@ -102,8 +124,10 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResBlock(cin, c, cfg.dropout))
                 cin = c
+                if cfg.level_attn and i == len(chs) - 1:
+                    layers.append(AttnBlock(c))
             if i < len(chs) - 1:
-                layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                layers.append(Downsample(c, cfg.downsample_pad))
         layers += [_mid(cin, cfg.mid_attn, cfg.dropout), _norm(cin), nn.SiLU(),
                    nn.Conv2d(cin, cfg.Cvae, 3, padding=1)]
         self.net = nn.Sequential(*layers)
@@ -131,6 +155,8 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 layers.append(ResBlock(cin, c, cfg.dropout))
                 cin = c
+                if cfg.level_attn and i == 0:
+                    layers.append(AttnBlock(c))
             if i < len(chs) - 1:
                 layers.append(Upsample(c))
         layers += [_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.in_channels, 3, padding=1)]

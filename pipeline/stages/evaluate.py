@@ -115,7 +115,8 @@ def run(p: EvaluateParams, paths: Paths) -> dict:
               "samples_per_seed": len(labels), "reference_images": len(reference),
               "sampling": dataclasses.asdict(p.sampling), "seeds": list(p.seeds), "feature_network": net.describe(),
               "model_sha256": sha256_file(paths.model), "tokenizer_sha256": sha256_file(paths.tokenizer),
-              "class_names": meta.get("class_names", [])}
+              "class_names": meta.get("class_names", []),
+              **{k: meta[k] for k in ("imported_from", "source_sha256") if k in meta}}   # a released model
     write_json(paths.metrics, metrics)
     write_json(paths.record, record)
     for s in per_seed:

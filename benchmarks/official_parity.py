@@ -13,7 +13,8 @@ them with ``profiles/paper.yaml`` and compares, one JSON line per check:
 - ``vae``: the tokens of random images (all K scales, exact), the decoder's images from the same
   ``f_hat`` and the images decoded from the tokens (max |diff| <= 1e-5);
 - ``teacher_forcing``: the transformer's inputs built from the tokens and the logits of the
-  teacher-forced forward pass (max |diff| <= 1e-5, relative to the logits' scale when > 1);
+  teacher-forced forward pass (max |diff| <= 1e-5, relative to the logits' scale when > 1; the
+  official forward drops 10% of the labels even in eval mode, so its drop rate is set to 0);
 - ``sampling``: the sampled tokens of every scale (exact) and the images with CFG 1.5 and top-k 1
   (official ``autoregressive_infer_cfg(g_seed=...)`` against ``varcore.sample_tokens``).
 """
@@ -105,6 +106,9 @@ def check_vae(off, vq, img: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
 def check_teacher_forcing(off_vae, off_var, vq, var, off_idx, label_B) -> dict:
     x_off = off_vae.quantize.idxBl_to_var_input(off_idx)
     x_ours = vq.quantizer.idx_to_var_input(vq.quantizer.split_tokens(torch.cat(off_idx, 1)))
+    # the official forward is its training forward: it replaces each label by the unconditional
+    # class with probability cond_drop_rate even in eval mode; compare without that dropout
+    off_var.cond_drop_rate = 0.0
     logits_off = off_var(label_B, x_off)
     logits_ours = var(label_B, x_off)
     d_in, d_logits = max_diff(x_off, x_ours), max_diff(logits_off, logits_ours)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError
+from .errors import ArtifactError, OutputError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -118,6 +118,14 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from e
+
+
+def read_manifest(path: str | Path, stage: str) -> dict[str, Any]:
+    """A stage's JSON manifest; absent or unreadable: :class:`ArtifactError` naming it and the stage to rerun."""
+    try:
+        return read_json(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ArtifactError(f"{path}: {e} (run `dvc repro {stage}`)") from e
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

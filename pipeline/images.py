@@ -17,7 +17,7 @@ import torch
 from varcore.errors import require
 
 from .errors import ArtifactError
-from .files import atomic_path, read_json, sha256_file
+from .files import atomic_path, read_manifest, sha256_file
 
 IMAGES_MANIFEST = "manifest.json"
 
@@ -39,11 +39,7 @@ class DataParams:
 
 
 def read_images_manifest(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / IMAGES_MANIFEST
-    try:
-        return read_json(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ArtifactError(f"{path}: {e} (run `dvc repro data`)") from e
+    return read_manifest(Path(data_dir) / IMAGES_MANIFEST, "data")
 
 
 def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

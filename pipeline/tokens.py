@@ -19,7 +19,7 @@ from varcore.scales import ScaleLayout
 from varcore.vqvae import VQVAEConfig
 
 from .errors import ArtifactError
-from .files import atomic_path, read_json, sha256_file
+from .files import atomic_path, read_manifest, sha256_file
 
 TOKENS_MANIFEST = "manifest.json"
 
@@ -57,11 +57,7 @@ def manifest_header(vq_cfg: VQVAEConfig, tokenizer_path: str | Path, class_names
 
 
 def read_tokens_manifest(tokens_dir: str | Path) -> dict[str, Any]:
-    path = Path(tokens_dir) / TOKENS_MANIFEST
-    try:
-        return read_json(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ArtifactError(f"{path}: {e} (run `dvc repro encode_tokens`)") from e
+    return read_manifest(Path(tokens_dir) / TOKENS_MANIFEST, "encode_tokens")
 
 
 def check_manifest(manifest: dict[str, Any], spec: TokenSpec, where: str) -> None:

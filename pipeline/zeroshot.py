@@ -48,16 +48,21 @@ class ArgumentError(InputError):
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
-def read_image(path: Path) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` RGB; square images only (the model is square)."""
+def open_picture(path: Path, flag: str, mode: str) -> np.ndarray:
+    """The picture at ``path`` as uint8 in PIL ``mode`` ("RGB": ``(H, W, 3)``, "L": ``(H, W)``)."""
     from PIL import Image, UnidentifiedImageError
     if not path.is_file():
-        raise ArgumentError(f"--image {path}: not found")
+        raise ArgumentError(f"{flag} {path}: not found")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert(mode))
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ArgumentError(f"--image {path}: cannot read it as an image ({e})") from e
+        raise ArgumentError(f"{flag} {path}: cannot read it as an image ({e})") from e
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` RGB; square images only (the model is square)."""
+    arr = open_picture(path, "--image", "RGB")
     if arr.shape[0] != arr.shape[1]:
         raise ArgumentError(f"--image {path}: {arr.shape[1]}x{arr.shape[0]} is not square")
     return arr
@@ -65,14 +70,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_mask(path: Path, size: int) -> np.ndarray:
     """bool ``(size, size)``, True where the PNG is white; refuses other sizes, grey levels and empty masks."""
-    from PIL import Image, UnidentifiedImageError
-    if not path.is_file():
-        raise ArgumentError(f"--mask {path}: not found")
-    try:
-        with Image.open(path) as im:
-            m = np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ArgumentError(f"--mask {path}: cannot read it as an image ({e})") from e
+    m = open_picture(path, "--mask", "L")
     if m.shape != (size, size):
         raise ArgumentError(f"--mask {path}: {m.shape[1]}x{m.shape[0]}, the image is {size}x{size}")
     values = set(np.unique(m).tolist())

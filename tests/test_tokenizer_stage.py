@@ -37,18 +37,21 @@ def test_hinge_losses_and_adaptive_weight():
     assert adaptive_gan_weight(rec, gan, w).item() == pytest.approx(2.0, rel=1e-3)
 
 
+class Crash(Exception):
+    pass
+
+
+def crash_at_5(step):
+    """An ``on_step`` hook: the run dies at step 5."""
+    if step == 5:
+        raise Crash
+
+
 def test_resume_after_crash_gives_identical_weights(tmp_path):
     imgs = _images()
     p = _params(checkpoint_every=2)                 # 3 steps/epoch, GAN from epoch 1
     ref = Trainer(p, "fp")
     ref.fit(imgs, tmp_path / "ref.pt")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step):
-        if step == 5:
-            raise Crash
 
     crashed = Trainer(p, "fp")
     with pytest.raises(Crash):
@@ -74,13 +77,6 @@ def test_corrupt_latest_state_falls_back_to_the_one_before(tmp_path, caplog):
     p = _params(checkpoint_every=2)
     ref = Trainer(p, "fp")
     ref.fit(imgs, tmp_path / "ref.pt")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step):
-        if step == 5:
-            raise Crash
 
     with pytest.raises(Crash):
         Trainer(p, "fp").fit(imgs, tmp_path / "state.pt", on_step=crash_at_5)

@@ -14,8 +14,11 @@ from varcore import PAPER_PATCH_NUMS, VQVAEConfig
 
 H100_BF16_DENSE_FLOPS = 989.4e12   # H100 SXM dense bf16 tensor-core peak (datasheet), MFU denominator
 
+# the official VQ-VAE's layout (profiles/paper.yaml): attention after every res block of the 16x16
+# level, bottom-right padded downsampling, 4 phi shared over the 10 scales
 PAPER_VQ = VQVAEConfig(image_size=256, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, Cvae=32,
-                       vocab_size=4096, patch_nums=PAPER_PATCH_NUMS)
+                       vocab_size=4096, patch_nums=PAPER_PATCH_NUMS, level_attn=True,
+                       downsample_pad="bottom_right", num_phi=4)
 
 
 def env() -> dict:

@@ -143,12 +143,22 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-aln", action="store_true", help="the d36 layout (one shared AdaLN projection)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--import-only", type=Path, metavar="DIR",
+                    help="only write the imported files of the (first) depth to DIR (for benchmarks/sample.py --model)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     VAR = official_var_class(args.official_root.resolve(), torch.device("cpu"))
     off_vae = official_vae(args.official_root)
     img = torch.rand(args.batch, 3, 256, 256, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
     label_B = torch.arange(args.batch) * 7 % 1000
+    if args.import_only:
+        depth = (args.depth or [2])[0]
+        args.import_only.mkdir(parents=True, exist_ok=True)
+        torch.save(off_vae.state_dict(), args.import_only / "vae.pth")
+        torch.save(official_var(VAR, off_vae, depth, args.shared_aln).state_dict(), args.import_only / "var.pth")
+        emit({"bench": "official_import", **import_official(args.import_only / "vae.pth", args.import_only / "var.pth",
+                                                            args.import_only, read_params(PROFILE), str(PROFILE))})
+        return 0
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

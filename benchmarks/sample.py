@@ -7,6 +7,7 @@ and the static engine from the same generator seed and reports whether the token
 
     PYTHONPATH=. python benchmarks/sample.py --case 16:64 --case 16:1 --check-tokens
     PYTHONPATH=. python benchmarks/sample.py --case 16:64 --engine plain
+    PYTHONPATH=. python benchmarks/sample.py --case 16:64 --model imported/var-d16.pt --tokenizer imported/tokenizer.pt
 
 A case is ``depth:batch``; CFG 1.5, top-k 900, top-p 0.96 by default (the paper's).
 """
@@ -26,6 +27,8 @@ from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa
 import varcore.sample as sample_mod  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402
 from varcore.fast.static_sampler import release_static_engine  # noqa: E402
+from pipeline.tokenizer.checkpoint import load_tokenizer  # noqa: E402
+from pipeline.training.checkpoint import load_var  # noqa: E402
 
 
 def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> dict:
@@ -93,6 +96,9 @@ def main(argv=None):
     ap.add_argument("--no-cudnn-autotune", action="store_true", help="varcore.sample.CUDNN_AUTOTUNE = False")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch")
     ap.add_argument("--check-tokens", action="store_true")
+    ap.add_argument("--model", type=Path, help="time this VAR file (e.g. an imported official one) instead of "
+                                               "random weights; its depth must be the case's")
+    ap.add_argument("--tokenizer", type=Path, help="with --model: the tokenizer file to decode with")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +107,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     sample_mod.CUDNN_AUTOTUNE = not args.no_cudnn_autotune
     torch.manual_seed(0)
-    vqvae = VQVAE(PAPER_VQ).to(device).eval()
+    vqvae = (load_tokenizer(args.tokenizer) if args.tokenizer else VQVAE(PAPER_VQ)).to(device).eval()
     var, depth = None, None
     for case in args.case:
         d, batch = (int(p) for p in case.split(":"))
@@ -110,7 +116,10 @@ def main(argv=None):
                 release_static_engine(var)
             var = depth = None
             gc.collect()
-            var, depth = VAR(VARConfig(depth=d)).to(device).eval(), d
+            var = load_var(args.model)[0] if args.model else VAR(VARConfig(depth=d))
+            if var.cfg.depth != d:
+                raise SystemExit(f"--model {args.model}: depth {var.cfg.depth}, the case asks for {d}")
+            var, depth = var.to(device).eval(), d
         try:
             emit(run_case(var, vqvae, batch, args, device))
         except Exception as e:  # a failed case must not hide the others' figures

@@ -29,7 +29,6 @@ from varcore.vqvae import VQVAE, AttnBlock, Downsample, ResBlock, Upsample
 from .errors import ArtifactError, ParamsError
 from .files import sha256_file
 from .params import read_params
-from .stage import run_cli, setup_logging
 from .tokenizer.checkpoint import save_tokenizer
 from .tokenizer.config import load_tokenizer_model
 from .training.checkpoint import save_var
@@ -224,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default=DEFAULT_PARAMS, help="the profile whose tokenizer layout the files have")
     ap.add_argument("--depth", type=int, default=None, help="check that the VAR file has this depth")
     args = ap.parse_args(argv)
+    from .stage import run_cli, setup_logging   # (MLflow comes with it: not needed by the import itself)
     setup_logging()
 
     def run() -> dict[str, Any]:

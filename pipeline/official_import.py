@@ -15,6 +15,7 @@ with both shapes. Both files are read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -64,12 +65,11 @@ def _stack_prefixes(net: nn.Sequential, stack: str, num_levels: int) -> Iterator
     groups it as ``conv_in``, ``down[level]`` / ``up[level]`` with ``block[j]``, ``attn[j]`` and
     ``downsample`` / ``upsample``, ``mid`` and ``norm_out``, ``conv_out``."""
     encoder = stack == "encoder"
-    level, block, seen_mid = (0 if encoder else num_levels - 1), 0, False
+    level, block = (0 if encoder else num_levels - 1), 0
     group = "down" if encoder else "up"
     for i, m in enumerate(net):
         vc = f"{stack}.net.{i}"
         if isinstance(m, nn.Sequential):          # the bottleneck: res, attn (or identity), res
-            seen_mid = True
             for j, name in enumerate(("block_1", "attn_1", "block_2")):
                 yield f"{vc}.{j}", f"{stack}.mid.{name}", m[j]
         elif isinstance(m, ResBlock):
@@ -82,8 +82,8 @@ def _stack_prefixes(net: nn.Sequential, stack: str, num_levels: int) -> Iterator
             level, block = level + (1 if encoder else -1), 0
         elif isinstance(m, nn.GroupNorm):
             yield vc, f"{stack}.norm_out", m
-        elif isinstance(m, nn.Conv2d):
-            yield vc, f"{stack}.{'conv_out' if (i > 0 and (seen_mid or not encoder)) else 'conv_in'}", m
+        elif isinstance(m, nn.Conv2d):            # the stack's first and last layers
+            yield vc, f"{stack}.{'conv_in' if i == 0 else 'conv_out'}", m
 
 
 def _leaf_names(m: nn.Module) -> dict[str, str]:
@@ -182,36 +182,35 @@ def var_layout(sd: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
 
 def import_official(vae: Path, var: Path | None, out: Path, params: dict[str, Any], params_file: str,
                     depth: int | None = None) -> dict[str, Any]:
-    """Write ``out/tokenizer.pt`` (and ``out/var-d{D}.pt``); returns what was written."""
-    tok_cfg = load_tokenizer_model(params, params_file)
-    vqvae = VQVAE(tok_cfg)
+    """Write ``out/tokenizer.pt`` (and ``out/var-d{D}.pt``) once both files passed every check;
+    returns what was written."""
+    vqvae = VQVAE(load_tokenizer_model(params, params_file))
     key_map = vae_key_map(vqvae)
     vqvae.load_state_dict(convert(read_state_dict(vae, "VQ-VAE"), lambda k: vae_key(key_map, k), vqvae, vae,
                                   "VQ-VAE"))
+    model = None
+    if var is not None:
+        sd = read_state_dict(var, "VAR")
+        layout = var_layout(sd, var)
+        if depth is not None and depth != layout["depth"]:
+            raise ArtifactError(f"{var}: holds {layout['depth']} blocks, not --depth {depth}")
+        cfg = load_train_var_config(params, params_file, layout["depth"]).var_config(layout["num_classes"])
+        if cfg.shared_aln != layout["shared_aln"]:   # the released d36 shares its AdaLN, the others do not
+            cfg = dataclasses.replace(cfg, shared_aln=layout["shared_aln"])
+        model = VAR(cfg)
+        model.load_state_dict(convert(sd, var_key, model, var, f"depth-{cfg.depth} VAR"))
     out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.pt"
     save_tokenizer(tok_path, vqvae, {"imported_from": vae.name, "source_sha256": sha256_file(vae)})
+    log.info("%s -> %s (%s)", vae, tok_path, vqvae.cfg)
     written = {"tokenizer": str(tok_path)}
-    log.info("%s -> %s (%s)", vae, tok_path, tok_cfg)
-    if var is None:
-        return written
-    sd = read_state_dict(var, "VAR")
-    layout = var_layout(sd, var)
-    if depth is not None and depth != layout["depth"]:
-        raise ArtifactError(f"{var}: holds {layout['depth']} blocks, not --depth {depth}")
-    config = load_train_var_config(params, params_file, layout["depth"])
-    cfg = config.var_config(layout["num_classes"])
-    if cfg.shared_aln != layout["shared_aln"]:   # the released d36 shares its AdaLN, the others do not
-        import dataclasses
-        cfg = dataclasses.replace(cfg, shared_aln=layout["shared_aln"])
-    model = VAR(cfg)
-    model.load_state_dict(convert(sd, var_key, model, var, f"depth-{cfg.depth} VAR"))
-    var_path = out / f"var-d{cfg.depth}.pt"
-    save_var(var_path, model, extra={"tokenizer_sha256": sha256_file(tok_path), "imported_from": var.name,
-                                     "source_sha256": sha256_file(var)})
-    log.info("%s -> %s (depth %d, %d classes, shared AdaLN %s)", var, var_path, cfg.depth, cfg.num_classes,
-             cfg.shared_aln)
-    written["var"] = str(var_path)
+    if model is not None:
+        var_path = out / f"var-d{model.cfg.depth}.pt"
+        save_var(var_path, model, extra={"tokenizer_sha256": sha256_file(tok_path), "imported_from": var.name,
+                                         "source_sha256": sha256_file(var)})
+        log.info("%s -> %s (depth %d, %d classes, shared AdaLN %s)", var, var_path, model.cfg.depth,
+                 model.cfg.num_classes, model.cfg.shared_aln)
+        written["var"] = str(var_path)
     return written
 
 

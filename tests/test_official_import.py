@@ -252,6 +252,7 @@ def test_mismatches_name_the_key_and_both_shapes(tmp_path, imported):
     sd = torch.load(tmp / "var_d2.pth", weights_only=True)
     with pytest.raises(ArtifactError, match=r"var_d2.pth: holds 2 blocks, not --depth 3"):
         import_official(tmp / "vae.pth", tmp / "var_d2.pth", tmp_path / "a", params(), "params.yaml", depth=3)
+    assert not (tmp_path / "a").exists()   # a bad VAR file: not even the tokenizer is written
     other_v = copy.copy(sd)   # a vocabulary of 128: the head has 128 rows
     other_v["head.weight"], other_v["head.bias"] = torch.zeros(128, var.cfg.C), torch.zeros(128)
     torch.save(other_v, tmp_path / "v128.pth")

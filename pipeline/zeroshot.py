@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -258,10 +257,11 @@ def run(args: argparse.Namespace) -> Path:
     return args.out
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> None:
+    """The console script (returns None: its wrapper passes the return value to ``sys.exit``)."""
     args = parser().parse_args(argv)
     setup_logging()
-    return run_cli(f"varscale {args.command}", lambda: run(args))
+    run_cli(f"varscale {args.command}", lambda: run(args))
 
 
 if __name__ == "__main__":

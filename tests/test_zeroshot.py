@@ -37,8 +37,9 @@ def files(tmp_path):
 
 
 def run(tmp, *args):
-    return main([args[0], "--model", str(tmp / "var-d2.pt"), "--tokenizer", str(tmp / "tokenizer.pt"),
-                 *SETTINGS, *args[1:]])
+    """The command as its console script calls it: ``sys.exit(main())`` must mean success."""
+    assert main([args[0], "--model", str(tmp / "var-d2.pt"), "--tokenizer", str(tmp / "tokenizer.pt"),
+                 *SETTINGS, *args[1:]]) is None
 
 
 def png(path) -> tuple[np.ndarray, dict]:

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varcore.sample import SamplingConfig, generate, inpaint, outpaint
+from varcore.sample import SamplingConfig, inpaint, outpaint
 
 from .errors import ArtifactError, InputError
 from .evaluation.config import SamplingParams
+from .evaluation.samples import autocast, sample_images
 from .files import sha256_file
 from .images import grid, save_png, to_uint8_images
 from .params import load, read_params, resolve_device
@@ -140,16 +141,16 @@ def load_models(args: argparse.Namespace, device: torch.device):
     return var, vq, meta, Path(model)
 
 
-def sampling_of(args: argparse.Namespace) -> SamplingConfig:
+def sampling_of(args: argparse.Namespace) -> SamplingParams:
+    """The flags over ``evaluate.sampling`` of ``--params`` (the settings the evaluation samples with)."""
     base = SamplingParams()
     if args.params.is_file():
         params = read_params(args.params)
         if "evaluate" in params:
             base = load(SamplingParams, params, "evaluate.sampling", str(args.params))
-    values = {k: getattr(args, k) if getattr(args, k) is not None else getattr(base, k)
-              for k in ("cfg", "top_k", "top_p")}
     try:
-        return SamplingConfig(**values, engine=base.engine)
+        return dataclasses.replace(base, **{k: getattr(args, k) for k in ("cfg", "top_k", "top_p")
+                                            if getattr(args, k) is not None})
     except ValueError as e:
         raise ArgumentError(f"sampling flags: {e}") from e
 
@@ -179,18 +180,19 @@ def mask_to_model_size(m_HW: np.ndarray, size: int) -> torch.Tensor:
 
 
 # ---- commands ----------------------------------------------------------------------------------------
-def cmd_generate(args, var, vq, meta, sampling, gen, device) -> tuple[np.ndarray, dict[str, str]]:
+def cmd_generate(args, var, vq, meta, sampling, device) -> tuple[np.ndarray, dict[str, str]]:
     names = list(meta.get("class_names") or [])
     classes = ([class_id(c.strip(), names, var.cfg.num_classes, "--classes") for c in args.classes.split(",")]
                if args.classes else list(range(var.cfg.num_classes)))
-    labels = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
-    img = generate(var, vq, labels, sampling, gen)
-    rows = to_uint8_images(img).view(len(classes), args.per_class, *img.shape[1:])
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    # batch by batch from one seeded generator, as the evaluate stage samples
+    img = sample_images(var, vq, labels, sampling, args.seed, args.batch_size, desc="generate")
+    rows = img.view(len(classes), args.per_class, *img.shape[1:])
     return grid(list(rows)), {"varscale.classes": ",".join(map(str, classes)),
                               "varscale.per_class": str(args.per_class)}
 
 
-def cmd_zero_shot(args, var, vq, meta, sampling, gen, device) -> tuple[np.ndarray, dict[str, str]]:
+def cmd_zero_shot(args, var, vq, meta, sampling, device) -> tuple[np.ndarray, dict[str, str]]:
     if args.command == "edit" and (args.box is None or args.mask is not None):
         raise ArgumentError("edit takes --box top,left,bottom,right (the region to redraw)")
     if args.command == "edit" and args.label is None:
@@ -207,7 +209,9 @@ def cmd_zero_shot(args, var, vq, meta, sampling, gen, device) -> tuple[np.ndarra
     label_B = torch.tensor([label], device=device)
     # edit is in-painting of the box under the new class (varcore.sample.edit_class on a pixel box)
     task = outpaint if args.command == "outpaint" else inpaint
-    out, _, _ = task(var, vq, x, region_1SS, label_B, sampling, gen)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast(device):
+        out, _, _ = task(var, vq, x, region_1SS, label_B, SamplingConfig(**dataclasses.asdict(sampling)), gen)
     result = to_input_size(out, size)[0].permute(1, 2, 0).numpy()
     return result, {"varscale.image": str(args.image), "varscale.region": args.box or str(args.mask),
                     "varscale.class": str(label)}
@@ -234,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--classes", help="comma-separated names or ids (default: all)")
             p.add_argument("--per-class", type=int, default=4)
+            p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
         else:
             p.add_argument("--image", type=Path, required=True)
             p.add_argument("--box", help="top,left,bottom,right in pixels of the input (end-exclusive)")
@@ -246,10 +251,9 @@ def run(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     sampling = sampling_of(args)
     var, vq, meta, model = load_models(args, device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
     body = cmd_generate if args.command == "generate" else cmd_zero_shot
     with torch.no_grad():
-        picture, text = body(args, var, vq, meta, sampling, gen, device)
+        picture, text = body(args, var, vq, meta, sampling, device)
     text = {"varscale.command": args.command, "varscale.model": str(model), "varscale.seed": str(args.seed),
             "varscale.sampling": str(dataclasses.asdict(sampling)), **text}
     save_png(args.out, picture, text)

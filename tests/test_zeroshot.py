@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline.files import sha256_file
-from pipeline.images import to_uint8_images
+from pipeline.evaluation.config import SamplingParams
+from pipeline.evaluation.samples import sample_images
+from pipeline.images import grid, to_uint8_images
 from pipeline.tokenizer.checkpoint import save_tokenizer
 from pipeline.training.checkpoint import save_var
 from pipeline.zeroshot import main
@@ -57,6 +59,10 @@ def test_generate_writes_a_class_grid_with_its_settings(files):
     run(tmp, "generate", "--classes", "Trouser,3", "--per-class", "3", "--seed", "5", "--out", str(tmp / "h.png"))
     run(tmp, "generate", "--classes", "Trouser,3", "--per-class", "3", "--seed", "6", "--out", str(tmp / "i.png"))
     assert np.array_equal(png(tmp / "h.png")[0], arr) and not np.array_equal(png(tmp / "i.png")[0], arr)
+    # the images the evaluate stage would draw with these labels, seed and settings
+    _, vq, var = files
+    want = sample_images(var, vq, torch.tensor([1, 3]).repeat_interleave(3), SamplingParams(1.5, 20, 0.9), 5, 64)
+    assert np.array_equal(arr, grid(list(want.view(2, 3, 3, 16, 16))))
 
 
 def test_inpaint_is_varcore_inpainting_and_mask_equals_box(files):

@@ -6,6 +6,7 @@ with `pytest -m load` (outside the 15-minute CI budget; its result is in benchma
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -107,8 +108,11 @@ def test_ray_job_submit_sweep_loses_nothing(cluster, tmp_path, n_lrs):
         d = c.data.tags["varscale.depth"]
         assert {a.path for a in client.list_artifacts(c.info.run_id)} >= {f"train-d{d}.json", f"run-d{d}.json"}
     for d in (1, 2):
-        for lr in lrs:
-            assert (tmp_path / "sweeps" / "ci" / f"d{d}-lr={lr}" / f"train-d{d}.json").is_file()
+        for lr in lrs:   # each trial's own files, its override applied
+            trial = tmp_path / "sweeps" / "ci" / f"d{d}-lr={lr}"
+            m = json.loads((trial / f"train-d{d}.json").read_text())
+            record = json.loads((trial / f"run-d{d}.json").read_text())
+            assert m["depth"] == d and m["steps"] == 3 and record["lr_peak"] == pytest.approx(lr * 8 / 256)
     # checkpoints: at most num_to_keep per trial, so the bytes stay bounded whatever the steps
     runs = sorted(p for p in (tmp_path / "sweeps" / "ci" / "ray").glob("var-d*") if p.is_dir())   # not the .lock files
     assert len(runs) == n_trials

@@ -23,7 +23,7 @@ from ..evaluation.runs import DepthRun, RunFiles, read_runs
 from ..files import write_json
 from ..params import load
 from ..stage import stage_main
-from ..tracking import log_artifact
+from ..tracking import flatten, log_artifact
 from ..training.config import TrainParams
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,13 @@ def compact(summary: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: FitConfig, paths: Paths) -> dict:
     runs = read_runs(cfg.depths, RunFiles(paths.train, paths.train_records, paths.eval, paths.eval_records))
     summary, detail = fit_runs(runs, cfg)
-    write_json(paths.metrics, compact(summary))
+    metrics = compact(summary)
+    write_json(paths.metrics, metrics)
     write_json(paths.detail, detail)
     log_artifact(paths.detail)
     for flag in summary.get("flags", []):
         log.warning("flag: %s", flag)
-    return {k: v for k, v in compact(summary).items() if not isinstance(v, dict)} | {
-        f"{k}.{m}": v[m] for k, v in compact(summary).items() if isinstance(v, dict) for m in v}
+    return flatten(metrics)   # L_mean_vs_N.alpha, ...: MLflow metrics are flat
 
 
 main = stage_main("fit", Paths, load_config, run, summary_keys=("n_depths", "n_flags", "L_mean_vs_N.alpha",

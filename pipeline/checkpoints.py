@@ -38,9 +38,9 @@ def write_checkpoint(path: str | Path, fmt: str, config: Any, state_dict: dict[s
                       "weights_sha256": weights_sha256(sd), **(extra or {})})
 
 
-def read_checkpoint(path: str | Path, fmt: str, what: str, stage: str,
+def read_checkpoint(path: str | Path, fmt: str | tuple[str, ...], what: str, stage: str,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict of format ``fmt`` (data only: ``weights_only=True``)."""
+    """Load a checkpoint dict of format ``fmt`` (or one of several; data only: ``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} checkpoint not found (run `dvc repro {stage}`)")
@@ -48,8 +48,9 @@ def read_checkpoint(path: str | Path, fmt: str, what: str, stage: str,
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated, corrupt or code-carrying files
         raise ArtifactError(f"{path}: cannot read {what} checkpoint: {str(e).splitlines()[0]}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise ArtifactError(f"{path}: not a varscale {what} checkpoint (format {fmt})")
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
+        raise ArtifactError(f"{path}: not a varscale {what} checkpoint (format {' or '.join(formats)})")
     digest = ckpt.get("weights_sha256")    # absent in files written before it was recorded
     if digest is not None and weights_sha256(ckpt.get("state_dict", {})) != digest:
         raise ArtifactError(f"{path}: the weights do not match their recorded sha256 (corrupt file; "

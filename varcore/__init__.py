@@ -2,7 +2,7 @@
 
 Importable without ray, mlflow or dvc; runs on torch >= 2.11. The model as the paper states
 it lives in the top-level modules (``scales``, ``quant``, ``vqvae``, ``disc``, ``var``, ``sample``,
-``flops``); speed paths that compute the same functions live in ``varcore.fast`` and are
+``flops``), and the raster-scan next-token baseline built from its blocks (``ar``); speed paths that compute the same functions live in ``varcore.fast`` and are
 applied to built models from outside (``varcore.fast.apply_plan``).
 
 Names are imported on first use (PEP 562), so ``import varcore.vqvae`` loads only what the
@@ -18,7 +18,7 @@ _EXPORTS = {
     "PAPER_PATCH_NUMS": "scales", "ScaleLayout": "scales", "block_causal_mask": "scales",
     "MultiScaleQuantizer": "quant", "flatten_tokens": "quant",
     "VQVAE": "vqvae", "VQVAEConfig": "vqvae",
-    "VAR": "var", "VARConfig": "var",
+    "VAR": "var", "VARConfig": "var", "ARConfig": "ar", "RasterAR": "ar",
     "SamplingConfig": "sample", "generate": "sample", "sample_tokens": "sample", "inpaint": "sample",
     "outpaint": "sample", "edit_class": "sample",
     "count_params": "flops", "count_main_params": "flops", "main_N": "flops", "paper_N": "flops",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,9 @@ class VARConfig:
     # precise, more memory traffic). Without autocast it is float32 either way; sampling keeps
     # float32, as the official code samples.
     residual_dtype: str = "autocast"
+    # the order tokens are predicted in: scale by scale here; "raster" is the next-token baseline
+    # (varcore.ar.ARConfig), whose blocks are these but whose attention is token-causal
+    token_order: ClassVar[str] = "next_scale"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
@@ -89,7 +93,12 @@ class VARConfig:
 
     @property
     def first_l(self) -> int:
+        """Positions fed by the class start token: the first scale's tokens."""
         return self.layout.first_l
+
+    def attention_pairs(self) -> int:
+        """Query-key pairs the attention mask allows (block-causal: sum_k n_k S_k)."""
+        return self.layout.attention_pairs()
 
     def check_tokenizer(self, vocab_size: int, Cvae: int, patch_nums: tuple[int, ...]) -> None:
         """Raise :class:`ConfigError` naming the field where the tokenizer does not fit."""
@@ -301,6 +310,18 @@ class VAR(nn.Module):
         self.head = AdaLNHead(C, cfg.vocab_size, cfg.norm_eps)
         self.register_buffer("lvl_L", cfg.layout.scale_ids(), persistent=False)
         self.init_weights()
+
+    def dense_attention(self) -> nn.Module:
+        """The plain attention core of this model's mask (what an execution plan falls back to)."""
+        return BlockCausalAttention(self.cfg.patch_nums)
+
+    @staticmethod
+    def teacher_inputs(quantizer, tokens_BL: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing input ``(B, L - first_l, Cvae)`` from ground-truth tokens ``(B, L)``:
+        each scale's input is the partial ``f_hat`` of the scales before it (``quantizer``: the
+        tokenizer's :class:`varcore.quant.MultiScaleQuantizer`)."""
+        with torch.no_grad():
+            return quantizer.idx_to_var_input(quantizer.split_tokens(tokens_BL))
 
     @torch.no_grad()
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02):

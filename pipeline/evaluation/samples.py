@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from varcore import ar
 from varcore.sample import SamplingConfig, generate
 from varcore.var import VAR
 from varcore.vqvae import VQVAE
@@ -43,14 +44,16 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def sample_images(var: VAR, vq: VQVAE, labels: torch.Tensor, sampling: SamplingParams, seed: int, batch_size: int,
                   desc: str = "sample") -> torch.Tensor:
-    """uint8 ``(N, 3, H, W)`` images of ``labels``, drawn batch by batch from one seeded generator."""
+    """uint8 ``(N, 3, H, W)`` images of ``labels``, drawn batch by batch from one seeded generator
+    (scale by scale for a VAR, token by token for the raster baseline :class:`varcore.ar.RasterAR`)."""
     device = next(var.parameters()).device
+    draw = ar.generate if isinstance(var, ar.RasterAR) else generate
     cfg = SamplingConfig(cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p, engine=sampling.engine)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for i in tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch", mininterval=2):
         with autocast(device):
-            img = generate(var, vq, labels[i:i + batch_size].to(device), cfg, gen)
+            img = draw(var, vq, labels[i:i + batch_size].to(device), cfg, gen)
         out.append(to_uint8_images(img))
     return torch.cat(out)
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from varcore.ar import sequential_calls
 
 from ..errors import ArtifactError
 from ..evaluation.config import EvaluateParams
@@ -86,10 +89,14 @@ def score_seeds(p: EvaluateParams, var, vq, net: FeatureNetwork, reference, devi
     labels = balanced_labels(var.cfg.num_classes, p.samples_per_class)
     per_seed, first = [], None
     for seed in p.seeds:
+        t0 = time.perf_counter()
         images = sample_images(var, vq, labels, p.sampling, seed, p.batch_size, desc=f"d{depth} seed {seed}")
+        seconds = time.perf_counter() - t0
         check_images(images, len(labels), vq.cfg.image_size, f"samples of d{depth}, seed {seed}")
         per_seed.append({"seed": seed, **score(UInt8Images(images), reference, net, device, p.kid_subset_size,
                                                p.feature_batch_size)})
+        # a timing, not a result: to MLflow only, so that reruns leave identical records
+        log_metrics({"sample_ms_per_image": 1000.0 * seconds / len(labels)}, step=seed)
         log.info("d%d seed %d: FID %.3f IS %.3f precision %.3f recall %.3f", depth, seed, per_seed[-1]["fid"],
                  per_seed[-1]["is_mean"], per_seed[-1]["precision"], per_seed[-1]["recall"])
         first = images if first is None else first
@@ -114,6 +121,7 @@ def run(p: EvaluateParams, paths: Paths) -> dict:
     record = {**{k: v for k, v in means.items() if k not in metrics}, "per_seed": per_seed,
               "samples_per_seed": len(labels), "reference_images": len(reference),
               "sampling": dataclasses.asdict(p.sampling), "seeds": list(p.seeds), "feature_network": net.describe(),
+              "token_order": var.cfg.token_order, "sequential_calls": sequential_calls(var.cfg),
               "model_sha256": sha256_file(paths.model), "tokenizer_sha256": sha256_file(paths.tokenizer),
               "class_names": meta.get("class_names", []),
               **{k: meta[k] for k in ("imported_from", "source_sha256") if k in meta}}   # a released model

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from varcore.ar import ARConfig
 from varcore.errors import require
 from varcore.fast.plan import ExecutionPlan
 from varcore.var import VARConfig
@@ -27,6 +28,7 @@ from ..errors import ParamsError
 from ..params import PARAMS_FILE, load, load_section
 from ..tokenizer.config import load_tokenizer_model
 
+ORDERS = ("next_scale", "raster")
 FIXED_VAR_KEYS = ("depth", "vocab_size", "Cvae", "patch_nums", "num_classes")
 LR_REFERENCE_BATCH = 256  # the paper quotes lr per 256 images
 
@@ -34,10 +36,14 @@ LR_REFERENCE_BATCH = 256  # the paper quotes lr per 256 images
 @dataclass(frozen=True)
 class VarParams:
     model: dict[str, Any] = field(default_factory=dict)   # VARConfig overrides, e.g. shared_aln
+    # next_scale: VAR; raster: the next-token baseline over a single-scale tokenizer's one token
+    # map (varcore.ar, the ablation pipeline in ablation/), with the same blocks and recipe
+    order: Literal["next_scale", "raster"] = "next_scale"
 
     def __post_init__(self):
         fixed = sorted(set(self.model) & set(FIXED_VAR_KEYS))
         require(not fixed, "model", f"{fixed} are set by train.depths and the tokenizer, not here")
+        require(self.order in ORDERS, "order", f"must be one of {list(ORDERS)}, got {self.order!r}")
 
 
 @dataclass(frozen=True)
@@ -148,11 +154,13 @@ class TrainVarConfig:
     file: str = PARAMS_FILE
 
     def var_config(self, num_classes: int) -> VARConfig:
-        """The transformer of this depth: the tokenizer fixes V, Cvae and the scales, the data the classes."""
+        """The transformer of this depth: the tokenizer fixes V, Cvae and the scales, the data the
+        classes, ``var.order`` the kind (an :class:`varcore.ar.ARConfig` for ``raster``)."""
         tok = self.tokenizer
         fields = dict(self.var.model, depth=self.depth, vocab_size=tok.vocab_size, Cvae=tok.Cvae,
                       patch_nums=list(tok.patch_nums), num_classes=num_classes)
-        return load_section(VARConfig, fields, f"{self.file}:var.model")
+        cls = ARConfig if self.var.order == "raster" else VARConfig
+        return load_section(cls, fields, f"{self.file}:var.model")
 
     def recipe(self) -> "TrainVarConfig":
         """What identifies one depth's run: without the depth list, the cluster address and the

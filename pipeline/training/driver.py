@@ -20,6 +20,7 @@ import numpy as np
 from varcore.errors import ConfigError
 from varcore.flops import count_main_params, count_params, main_N, var_flops
 from varcore.quant import MultiScaleQuantizer
+from varcore.ar import build
 from varcore.var import VAR, VARConfig
 
 from .. import machine
@@ -86,7 +87,8 @@ def load_inputs(config: TrainVarConfig, paths: TrainPaths) -> TrainInputs:
 def run_name(config: TrainVarConfig, inputs: TrainInputs) -> str:
     """Ray run name: same recipe and data -> same name -> Ray resumes its latest checkpoint.
     The depth list, the cluster address and the execution plan are not part of it."""
-    return f"var-d{config.depth}-{config_hash(inputs.cfg, config.recipe().train, inputs.tokenizer_sha256)}"
+    kind = "ar" if config.var.order == "raster" else "var"
+    return f"{kind}-d{config.depth}-{config_hash(inputs.cfg, config.recipe().train, inputs.tokenizer_sha256)}"
 
 
 def fit(config: TrainVarConfig, inputs: TrainInputs, *, name: str | None = None, callbacks: list | None = None,
@@ -123,7 +125,7 @@ def summarize_run(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str
     N, tokens, compute C, train loss, test loss L and error Err), the counts behind them (for the
     run record) and the trained model."""
     cfg, st, tp = inputs.cfg, payload["state"], config.train
-    model = VAR(cfg)
+    model = build(cfg)
     model.load_state_dict(payload["model"])
     if not st["curve"]:
         raise RuntimeError("the final checkpoint has no validation point")

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from varcore.fast.plan import ExecutionPlan, apply_plan
 from varcore.quant import MultiScaleQuantizer
 from varcore.step import TrainStep, adamw
-from varcore.var import VAR, AdaLNBlock, VARConfig
+from varcore.ar import build, model_class
+from varcore.var import AdaLNBlock, VARConfig
 
 from .config import TrainParams
 from .metrics import TokenStats, summarize, token_stats, train_compute
@@ -49,10 +50,10 @@ class RunSpec:
 
 
 # ---- model, optimizer, checkpoint --------------------------------------------------------------
-def teacher_forcing(quant: MultiScaleQuantizer, tokens_BL: torch.Tensor) -> torch.Tensor:
-    """Transformer input for scales 2..K from the ground-truth tokens (no gradient)."""
-    with torch.no_grad():
-        return quant.idx_to_var_input(quant.split_tokens(tokens_BL))
+def teacher_forcing(cfg: VARConfig, quant: MultiScaleQuantizer, tokens_BL: torch.Tensor) -> torch.Tensor:
+    """The transformer's input from the ground-truth tokens (no gradient): scales 2..K for VAR,
+    tokens 0..L-2 for the raster baseline."""
+    return model_class(cfg).teacher_inputs(quant, tokens_BL)
 
 
 def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.AdamW:
@@ -101,7 +102,7 @@ def evaluate(model: nn.Module, quant: MultiScaleQuantizer, tokens_NL: np.ndarray
         tok = torch.from_numpy(tokens_NL[i:j].astype(np.int64)).to(device)
         lab = torch.from_numpy(labels_N[i:j].astype(np.int64)).to(device)
         with autocast or contextlib.nullcontext():
-            logits = model(lab, teacher_forcing(quant, tok))
+            logits = model(lab, teacher_forcing(cfg, quant, tok))
         stats = stats + token_stats(logits, tok, scale_L, K)
     model.train(was_training)
     return summarize(TokenStats.from_tensor(all_reduce_sum(stats.as_tensor(), device)))
@@ -169,7 +170,7 @@ class WorkerRun:
         plan = self.spec.execution.resolve(self.cfg, self.device, training=True, amp=self.amp, world=self.world,
                                            fsdp=fsdp)
         torch.manual_seed(self.tp.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        model = apply_plan(VAR(self.cfg).to(self.device), plan)
+        model = apply_plan(build(self.cfg).to(self.device), plan)
         model = ray.train.torch.prepare_model(model, parallel_strategy="fsdp" if fsdp else "ddp",
                                               parallel_strategy_kwargs=_fsdp_kwargs() if fsdp else None)
         return model, make_optimizer(model, self.tp), plan
@@ -209,7 +210,7 @@ class WorkerRun:
                           self.world)
         tok = _to_device(self.train_tok[rows].astype(np.int64), self.device)
         lab = _to_device(self.train_lab[rows].astype(np.int64), self.device)
-        x = teacher_forcing(self.quant, tok)
+        x = teacher_forcing(self.cfg, self.quant, tok)
         self.lr = lr_at(step, self.spec.total_steps, tp.peak_lr, tp.warmup_frac, tp.decay, tp.min_lr_frac)
         torch.manual_seed(step_seed(tp.seed, step, self.rank))
         loss, self.grad_norm = self.train_step(lab, x, tok, self.lr)

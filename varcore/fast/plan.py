@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import require
-from ..var import VAR, BlockCausalAttention, VARConfig
+from ..var import VAR, VARConfig
 from . import cublaslt, flex
 from .attention import FlexBlockCausal, ScaleSplitAttention, check_backends
 from .compile import checkpoint_forward, compile_forward, restore_forward
@@ -89,6 +89,8 @@ class ExecutionPlan:
         cuda, one_gpu = device.type == "cuda", device.type == "cuda" and world == 1 and not fsdp
         compile_on = cuda if self.compile == "auto" else bool(self.compile)
         attention = self.attention
+        if attention == "auto" and cfg.token_order != "next_scale":
+            attention = "dense"   # the raster baseline's token-causal SDPA (flash kernels on GPU)
         if attention == "auto":
             flex_ok = flex.flex_attention is not None and cfg.attn_drop_rate == 0 and compile_on
             attention = "dense" if not cuda else "flex" if flex_ok else "per_scale"
@@ -108,6 +110,9 @@ class ExecutionPlan:
     def check(self, cfg: VARConfig) -> None:
         """The choices that a model config rules out."""
         K = len(cfg.patch_nums)
+        require(self.attention == "dense" or cfg.token_order == "next_scale", "attention",
+                f"{self.attention} is a block-causal kernel; the {cfg.token_order} baseline runs dense "
+                "(token-causal SDPA)")
         require(self.attn_prefix_scales <= K, "attn_prefix_scales",
                 f"must be in [1, {K}] (number of scales), got {self.attn_prefix_scales}")
         require(not (self.attention == "flex" and cfg.attn_drop_rate > 0), "attention",
@@ -127,8 +132,8 @@ def _switch(value, applies: bool, key: str, why: str) -> bool:
 def reset_plan(model: VAR) -> VAR:
     """The plain path again: dense attention, plain FFNs, eager forwards."""
     for block in model.blocks:
-        if not isinstance(block.attn.core, BlockCausalAttention):
-            block.attn.core = BlockCausalAttention(model.cfg.patch_nums).to(model.pos_1LC.device)
+        if type(block.attn.core) is not type(model.dense_attention()):
+            block.attn.core = model.dense_attention().to(model.pos_1LC.device)
         if isinstance(block.ffn, FusedFFN):
             block.ffn = block.ffn.plain()
         restore_forward(block)
@@ -137,12 +142,13 @@ def reset_plan(model: VAR) -> VAR:
     return model
 
 
-def _attention_core(plan: ExecutionPlan, cfg: VARConfig, device: torch.device) -> nn.Module:
+def _attention_core(plan: ExecutionPlan, model: VAR, device: torch.device) -> nn.Module:
+    cfg = model.cfg
     if plan.attention == "flex":
         return FlexBlockCausal(cfg.patch_nums, device)
     if plan.attention == "per_scale":
         return ScaleSplitAttention(cfg.patch_nums, plan.attn_prefix_scales, plan.attn_backends).to(device)
-    return BlockCausalAttention(cfg.patch_nums).to(device)
+    return model.dense_attention().to(device)
 
 
 def apply_plan(model: VAR, plan: ExecutionPlan) -> VAR:
@@ -153,7 +159,7 @@ def apply_plan(model: VAR, plan: ExecutionPlan) -> VAR:
     plan.check(model.cfg)
     reset_plan(model)
     device = model.pos_1LC.device
-    core = _attention_core(plan, model.cfg, device)
+    core = _attention_core(plan, model, device)
     for i, block in enumerate(model.blocks):
         block.attn.core = core   # no parameters: one kernel module serves every block
         if plan.mlp == "fused":

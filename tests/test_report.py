@@ -25,6 +25,13 @@ EVAL_EXTRA = {"sampling": {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "engine": "a
                                   "val_accuracy": 0.91}, "tokenizer_sha256": "cd" * 32}
 
 
+ZEROSHOT = {"depth": 4, "images": 1000, "reference_images": 6000, "hole_fraction": 0.4167, "lpips": False,
+            "holes": [[0.25, 0.25, 0.75, 0.75], [0.5, 0.0, 1.0, 1.0]], "rows": ["original", "masked", "VAR in-painted"],
+            "methods": {m: {"mse_hole": mse, "fid": fid, "kid_mean": 0.001, "precision": 0.7, "recall": 0.6}
+                        for m, mse, fid in (("var_inpaint", 0.031, 2.5), ("uncond_fill", 0.09, 9.0),
+                                            ("class_fill", 0.07, 6.0), ("original", 0.0, 0.4))}}
+
+
 def fixture(tmp_path, depths=(1, 2, 3, 4)):
     files = write_runs(tmp_path, depths)
     for d in depths:
@@ -32,6 +39,8 @@ def fixture(tmp_path, depths=(1, 2, 3, 4)):
         write_json(files.eval_records / f"d{d}.json", record)
         save_png(files.eval / f"samples-d{d}.png", np.full((20, 30, 3), 40 * d, np.uint8))
     write_json(tmp_path / "reference.json", {**REFERENCE, "feature_network": EVAL_EXTRA["feature_network"]})
+    write_json(tmp_path / "zeroshot.json", ZEROSHOT)
+    save_png(tmp_path / "zeroshot.png", np.full((7 * 8, 8 * 8, 3), 90, np.uint8))
     write_json(tmp_path / "images" / "manifest.json", {"source": "fashion_mnist", "image_size": 32,
                                                        "classes": [str(i) for i in range(10)],
                                                        "splits": {"train": {"count": 63000}, "val": {"count": 7000}}})
@@ -39,7 +48,8 @@ def fixture(tmp_path, depths=(1, 2, 3, 4)):
             fit.Paths(files.train, files.train_records, files.eval, files.eval_records, tmp_path / "scaling.json",
                       tmp_path / "fit.json"))
     return report.Paths(files.train, files.train_records, files.eval, files.eval_records, tmp_path / "fit.json",
-                        tmp_path / "reference.json", tmp_path / "images", tmp_path / "reports")
+                        tmp_path / "reference.json", tmp_path / "zeroshot.json", tmp_path / "zeroshot.png",
+                        tmp_path / "images", tmp_path / "reports")
 
 
 def test_report_renders_tables_fits_figures_and_provenance(tmp_path):
@@ -51,7 +61,9 @@ def test_report_renders_tables_fits_figures_and_provenance(tmp_path):
                    "FID vs N", "paper alpha", "| -0.2 |", "real train images vs val (floor)",
                    "tokenizer round trip of val (rFID)", "CFG 1.5, top-k 900, top-p 0.96",
                    "val accuracy 91.0%", "## Provenance", "git commit", "torch-fidelity",
-                   "figures/scaling_vs_N.png", "figures/samples-d4.png"):
+                   "figures/scaling_vs_N.png", "figures/samples-d4.png", "## Zero-shot in-painting",
+                   "| VAR in-painting (zero-shot) | 0.03100 | 2.500 |", "| original, no hole (floor) | 0.00000 | 0.400 |",
+                   "LPIPS is off", "figures/zeroshot.png", "ablation/report.md"):
         assert needle in text, needle
     frame = pd.read_csv(paths.out / "runs.csv")
     assert list(frame["depth"]) == [1, 2, 3, 4] and frame["L_mean"].is_monotonic_decreasing
@@ -73,7 +85,7 @@ def test_report_lists_the_runs_when_the_fit_refuses(tmp_path):
     assert "| 2 | 590k | 100k |" in text
 
 
-@pytest.mark.parametrize("missing", ["fit.json", "reference.json"])
+@pytest.mark.parametrize("missing", ["fit.json", "reference.json", "zeroshot.json"])
 def test_report_names_a_missing_input(tmp_path, missing):
     from pipeline.errors import InputError
     paths = fixture(tmp_path)

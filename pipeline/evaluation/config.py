@@ -95,3 +95,44 @@ class FitParams:
         require(0 < self.min_abs_r <= 1, "min_abs_r", f"must be in (0, 1], got {self.min_abs_r}")
         require(self.max_residual > 0, "max_residual", f"must be > 0, got {self.max_residual}")
         require(self.max_loo_swing > 0, "max_loo_swing", f"must be > 0, got {self.max_loo_swing}")
+
+
+Box = tuple[float, float, float, float]
+
+
+def _check_box(key: str, box) -> None:
+    require(len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1, key,
+            f"must be [top, left, bottom, right] as fractions of the image side with top < bottom and "
+            f"left < right, got {list(box)}")
+
+
+@dataclass(frozen=True)
+class ZeroShotParams:
+    """Section ``zeroshot``: in-painting measured on held-out val images at the largest depth
+    (stage ``zeroshot``), against filling the hole with an unconditional or a class-conditional
+    sample of the same model; sampled with ``evaluate.sampling``."""
+
+    depth: int = 4                           # the VAR measured (one of train.depths)
+    images: int = 1000                       # the LAST this many val images get holes; the rest is FID's reference
+    holes: tuple[Box, ...] = ((0.25, 0.25, 0.75, 0.75), (0.5, 0.0, 1.0, 1.0), (0.0, 0.5, 1.0, 1.0))
+    outpaint_keep: Box = (0.25, 0.25, 0.75, 0.75)   # the grid's out-painting: keep this, generate around it
+    edit_box: Box = (0.0, 0.0, 0.5, 1.0)     # the grid's editing: redraw this under the next class
+    seed: int = 0
+    batch_size: int = 250
+    lpips_weights: str | None = None         # torchvision VGG16 weights: LPIPS of the filled images (null: off)
+    grid_images: int = 8                     # columns of the picture
+    device: str = "auto"
+    num_threads: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "holes", tuple(tuple(h) for h in self.holes))
+        check_device(self.device)
+        require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        require(self.images >= 2, "images", f"must be >= 2, got {self.images}")
+        require(len(self.holes) >= 1, "holes", "must list at least one [top, left, bottom, right] box")
+        for i, h in enumerate(self.holes):
+            _check_box(f"holes[{i}]", h)
+        _check_box("outpaint_keep", self.outpaint_keep)
+        _check_box("edit_box", self.edit_box)
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.grid_images >= 1, "grid_images", f"must be >= 1, got {self.grid_images}")

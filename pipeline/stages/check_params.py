@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParamsError
-from ..evaluation.config import ClassifierParams, EvaluateParams, FitParams
+from ..evaluation.config import ClassifierParams, EvaluateParams, FitParams, ZeroShotParams
 from ..files import write_json
 from ..images import DataParams
 from ..params import load
@@ -23,7 +23,8 @@ from ..stage import stage_main
 from ..tokenizer.config import EncodeParams, load_tokenizer_params
 from ..training.config import TrainParams, load_train_var_config
 
-SECTIONS = ("data", "tokenizer", "encode_tokens", "var", "train", "classifier", "evaluate", "fit", "execution")
+SECTIONS = ("data", "tokenizer", "encode_tokens", "var", "train", "classifier", "evaluate", "zeroshot", "fit",
+            "execution")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ def load_config(params: dict[str, Any], file: str, paths: Paths) -> dict[str, An
         load_train_var_config(params, file, depth)
     load(ClassifierParams, params, "classifier", file)
     load(EvaluateParams, params, "evaluate", file)
+    zeroshot = load(ZeroShotParams, params, "zeroshot", file)
+    if zeroshot.depth not in train.depths:
+        raise ParamsError(f"{file}:zeroshot.depth: {zeroshot.depth} is not one of train.depths {list(train.depths)}")
     load(FitParams, params, "fit", file)
     return params
 

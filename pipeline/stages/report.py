@@ -40,6 +40,8 @@ class Paths:
     eval_records: Path   # runs/eval
     fit: Path            # runs/fit.json
     reference: Path      # runs/reference.json
+    zeroshot: Path       # runs/zeroshot.json (the in-painting measurement)
+    zeroshot_grid: Path  # metrics/zeroshot.png
     images: Path       # data/images (its manifest describes the data)
     out: Path          # reports
 
@@ -85,14 +87,16 @@ def run(cfg: ReportConfig, paths: Paths) -> dict:
     scaling_vs_N(rows, fits, figures / "scaling_vs_N.png")
     scaling_vs_C(fit.get("frontiers", {}), fits, figures / "scaling_vs_C.png")
     fidelity_vs_N(rows, fits, figures / "fidelity_vs_N.png")
-    for d in cfg.depths:
-        with atomic_path(figures / f"samples-d{d}.png") as tmp:
-            shutil.copyfile(paths.eval / f"samples-d{d}.png", tmp)
+    pictures = {f"samples-d{d}.png": paths.eval / f"samples-d{d}.png" for d in cfg.depths}
+    for name, src in {**pictures, "zeroshot.png": paths.zeroshot_grid}.items():
+        with atomic_path(figures / name) as tmp:
+            shutil.copyfile(src, tmp)
     with atomic_path(paths.out / "runs.csv") as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     ev = runs[0].eval
     text = markdown({"title": "VAR scaling laws", "data": _data_line(paths, cfg.depths, runs), "frame": frame,
                      "fit": fit, "reference": reference, "eval": ev, "depths": cfg.depths,
+                     "zeroshot": read_json(paths.zeroshot),
                      "provenance": _provenance(cfg, paths, ev, runs)})
     with atomic_path(paths.out / "scaling.md") as tmp:
         tmp.write_text(text)

@@ -15,7 +15,9 @@ from pipeline.params import load_section
 from tests.conftest import randomize_
 from varcore import VAR, VARConfig, VQVAE
 
-from .test_evaluation import classifier  # noqa: F401  (the module-scoped feature network fixture)
+from . import test_evaluation
+
+classifier = test_evaluation.classifier   # the module-scoped feature network fixture
 
 
 def test_holes_cycle_and_boxes_round_to_pixels():
@@ -84,7 +86,7 @@ def test_every_method_keeps_the_pixels_outside_the_hole(tiny_models):
 
 
 @pytest.mark.slow
-def test_zeroshot_stage_writes_the_table_record_and_picture(classifier, tmp_path, tiny_models):  # noqa: F811
+def test_zeroshot_stage_writes_the_table_record_and_picture(classifier, tmp_path, tiny_models):
     from pipeline.stages import data, zeroshot
     from pipeline.tokenizer.checkpoint import save_tokenizer
     from pipeline.training.checkpoint import save_var

@@ -278,3 +278,40 @@ def test_killed_stage_resumes_from_its_last_checkpoint(one_worker_run, artifacts
     assert got["steps"] == ref["steps"] == STEPS
     for k in ("L_mean", "L_last", "Err_mean", "train_loss"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5), k
+
+
+def test_raster_ar_baseline_trains_under_the_same_stage(ray_local, tmp_path):
+    """var.order: raster trains varcore.ar.RasterAR over a single-scale tokenizer's map with the same
+    stage, worker and recipe: L = h^2 tokens per image, compute from its token-causal FLOPs, a
+    model file of its own kind, and a test loss the saved model reproduces."""
+    import dataclasses
+
+    from varcore.ar import RasterAR
+    vq_cfg = dataclasses.replace(TINY_VQ, patch_nums=(4,))
+    tok, tokens = write_synthetic_artifacts(tmp_path / "art", vq_cfg, n_train=64, n_val=32, num_classes=4)
+    p = params_for(tmp_path)
+    p["tokenizer"]["model"]["patch_nums"] = [4]
+    p["var"]["order"] = "raster"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mp.chdir(tmp_path)
+    try:
+        m = train_var.main(["--params", "params.yaml", "--depth", "1", "--tokenizer", str(tok), "--tokens", str(tokens),
+                            "--model-out", "ar-d1.pt", "--metrics-out", "train-d1.json",
+                            "--curve-out", "curve-d1.json", "--run-out", "run-d1.json"])
+    finally:
+        mp.undo()
+    model, meta = load_var(tmp_path / "ar-d1.pt")
+    assert type(model) is RasterAR and meta["format"] == "varscale.ar.v1"
+    assert m["tokens"] == STEPS * 8 * 16 and m["N"] == main_N(model.cfg)
+    assert m["compute"] == pytest.approx(var_flops(model.cfg).train_per_token * m["tokens"])
+    record = json.loads((tmp_path / "run-d1.json").read_text())
+    assert record["ray_run"].startswith("ar-d1-") and record["execution_plan"]["attention"] == "dense"
+    curve = json.loads((tmp_path / "curve-d1.json").read_text())
+    assert curve[-1]["L_mean"] < curve[0]["L_mean"] < np.log(64)   # it learns
+    assert curve[-1]["L_last"] == curve[-1]["L_mean"]               # one "scale": the whole map
+    config = load_train_var_config(p, "params.yaml", 1)
+    inputs = inputs_for(config, tok, tokens)
+    ev = evaluate(model, inputs.quantizer, *inputs.val, model.cfg, 16, 0, 1, torch.device("cpu"))
+    assert ev["L_mean"] == pytest.approx(m["L_mean"], rel=1e-5)

@@ -63,7 +63,7 @@ def test_report_renders_tables_fits_figures_and_provenance(tmp_path):
                    "val accuracy 91.0%", "## Provenance", "git commit", "torch-fidelity",
                    "figures/scaling_vs_N.png", "figures/samples-d4.png", "## Zero-shot in-painting",
                    "| VAR in-painting (zero-shot) | 0.03100 | 2.500 |", "| original, no hole (floor) | 0.00000 | 0.400 |",
-                   "LPIPS is off", "figures/zeroshot.png", "ablation/report.md"):
+                   "LPIPS is off", "figures/zeroshot.png", "[ablation.md](ablation.md)"):
         assert needle in text, needle
     frame = pd.read_csv(paths.out / "runs.csv")
     assert list(frame["depth"]) == [1, 2, 3, 4] and frame["L_mean"].is_monotonic_decreasing

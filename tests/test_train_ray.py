@@ -83,17 +83,21 @@ def one_worker_run(ray_local, artifacts, tmp_path_factory):
     """The reference: the stage's command end to end (1 worker), with MLflow in a temp store."""
     root, tok, tokens = artifacts
     out = tmp_path_factory.mktemp("train_out")
-    (out / "params.yaml").write_text(yaml.safe_dump(params_for(root)))
+    return out, run_stage(out, params_for(root), tok, tokens, "var-d1.pt", "train-d1-curve.json")
+
+
+def run_stage(out: Path, params: dict, tok: Path, tokens: Path, model: str, curve: str) -> dict:
+    """The train_var stage's command for depth 1 in ``out`` (params, outputs, a temp MLflow store there)."""
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     mp.chdir(out)   # MLflow puts artifacts of a new store under ./mlruns
     try:
-        m = train_var.main(["--params", "params.yaml", "--depth", "1", "--tokenizer", str(tok), "--tokens", str(tokens),
-                            "--model-out", "var-d1.pt", "--metrics-out", "train-d1.json",
-                            "--curve-out", "train-d1-curve.json", "--run-out", "run-d1.json"])
+        return train_var.main(["--params", "params.yaml", "--depth", "1", "--tokenizer", str(tok), "--tokens",
+                               str(tokens), "--model-out", model, "--metrics-out", "train-d1.json",
+                               "--curve-out", curve, "--run-out", "run-d1.json"])
     finally:
         mp.undo()
-    return out, m
 
 
 def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
@@ -292,16 +296,7 @@ def test_raster_ar_baseline_trains_under_the_same_stage(ray_local, tmp_path):
     p = params_for(tmp_path)
     p["tokenizer"]["model"]["patch_nums"] = [4]
     p["var"]["order"] = "raster"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mp.chdir(tmp_path)
-    try:
-        m = train_var.main(["--params", "params.yaml", "--depth", "1", "--tokenizer", str(tok), "--tokens", str(tokens),
-                            "--model-out", "ar-d1.pt", "--metrics-out", "train-d1.json",
-                            "--curve-out", "curve-d1.json", "--run-out", "run-d1.json"])
-    finally:
-        mp.undo()
+    m = run_stage(tmp_path, p, tok, tokens, "ar-d1.pt", "curve-d1.json")
     model, meta = load_var(tmp_path / "ar-d1.pt")
     assert type(model) is RasterAR and meta["format"] == "varscale.ar.v1"
     assert m["tokens"] == STEPS * 8 * 16 and m["N"] == main_N(model.cfg)

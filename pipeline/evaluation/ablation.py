@@ -76,6 +76,7 @@ def table(ar: Side, var: Side, ar_model: VAR, var_model: VAR, timings: dict[str,
             "images_seen": side.train_record.get("images_seen"), "steps": side.train["steps"],
             "tokens_per_image": model.cfg.L, "patch_nums": list(model.cfg.patch_nums),
             "L_mean": side.train["L_mean"], "tokenizer_val_psnr": side.tokenizer.get("val_psnr"),
+            "tokenizer_codes_used": side.tokenizer.get("codebook_used_any_scale"),
             **{k: side.eval[k] for k in ("fid", "is_mean", "precision", "recall")},
             "sequential_calls": sequential_calls(model.cfg),
             "timing": timings[key],
@@ -107,6 +108,8 @@ def markdown(t: dict[str, Any], device: str, machine: str, grids: dict[str, str]
         ("tokenizer", f"1 scale {a['patch_nums']}, {a['tokens_per_image']} tokens",
          f"{len(v['patch_nums'])} scales {v['patch_nums']}, {v['tokens_per_image']} tokens"),
         ("tokenizer val PSNR (dB)", _fmt(a["tokenizer_val_psnr"], ".2f"), _fmt(v["tokenizer_val_psnr"], ".2f")),
+        ("tokenizer codes used (share of V)", _fmt(a["tokenizer_codes_used"], ".3f"),
+         _fmt(v["tokenizer_codes_used"], ".3f")),
         ("depth / width", f"{a['depth']} / {a['width']}", f"{v['depth']} / {v['width']}"),
         ("parameters N (eq. 8)", _fmt(a["N"]), _fmt(v["N"])),
         ("parameters, all", _fmt(a["params_total"]), _fmt(v["params_total"])),
@@ -137,7 +140,8 @@ def markdown(t: dict[str, Any], device: str, machine: str, grids: dict[str, str]
               "not comparable; FID, IS, precision and recall are, since both are scored against the same val "
               "split with the same feature network.", "",
               "Paper, for scale (ImageNet 256x256, abstract): the VQGAN-style AR baseline has FID 18.65 and IS "
-              "80.4; VAR improves them with about 20x faster inference.", ""]
+              "80.4; VAR improves them with about 20x faster inference. The scaling-law report: "
+              "[scaling.md](scaling.md).", ""]
     lines += ["## Flags", ""] + ([f"- {f}" for f in t["flags"]] or ["- none"]) + [""]
-    lines += ["## Samples (one row per class)", ""] + [f"{name}: ![{name}]({path})" for name, path in grids.items()]
+    lines += ["## Samples (one row per class)", ""] + [f"- {name}: ![{name}]({path})" for name, path in grids.items()]
     return "\n".join(lines) + "\n"

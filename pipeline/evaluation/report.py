@@ -94,7 +94,7 @@ def zeroshot_section(z: dict[str, Any]) -> list[str]:
             table(header, rows), "",
             "Rows of the picture: " + "; ".join(z["rows"]) + ".", "", "![zero-shot tasks](figures/zeroshot.png)", "",
             "The raster-scan AR baseline against VAR (paper Table 3, rows 1-2) is a pipeline of its own: "
-            "`dvc repro ablation/dvc.yaml` writes `ablation/report.md`.", ""]
+            "`dvc repro ablation/dvc.yaml` writes [ablation.md](ablation.md) beside this report.", ""]
 
 
 def versions() -> str:

@@ -343,3 +343,41 @@ def test_check_params_output_is_constant_across_valid_changes(tmp_path):
         check_params.run(check_params.load_config(params, "params.yaml", None), check_params.Paths(out))
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and json.loads(outs[0]) == {"checked": list(check_params.SECTIONS)}
+
+
+def _free_bytes(n):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    return lambda path: usage(10 * n, 9 * n, n)
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_ray_copies_it(tmp_path, monkeypatch):
+    """Ray copies each checkpoint into its storage itself; the worker checks the space first, so a
+    full disk stops the run with the folder and both sizes named, the earlier checkpoints intact."""
+    import shutil
+    from pipeline.training.state import SPACE_MARGIN, check_space
+    (tmp_path / "step-000000100").mkdir()
+    (tmp_path / "step-000000100" / "state.pt").write_bytes(b"good")
+    monkeypatch.setattr(shutil, "disk_usage", _free_bytes(3 << 20))
+    check_space(tmp_path / "run", (3 << 20) - SPACE_MARGIN, "checkpoint step-000000200")   # just fits
+    with pytest.raises(OutputError, match=rf"{tmp_path / 'run'}: disk too full to write checkpoint step-000000200 "
+                                          r"\(needs 4\.0 MiB, 3\.0 MiB free\)"):
+        check_space(tmp_path / "run", 3 << 20, "checkpoint step-000000200")
+    assert (tmp_path / "step-000000100" / "state.pt").read_bytes() == b"good"
+
+
+def test_a_run_whose_checkpoints_cannot_fit_stops_before_any_work(tmp_path, monkeypatch):
+    """The driver checks room for one checkpoint (12 bytes per parameter) before Ray starts."""
+    import shutil
+    from pipeline.training.config import load_train_var_config
+    from pipeline.training.driver import TrainPaths, fit, load_inputs
+    from tests.synthetic import write_synthetic_artifacts
+    from tests.test_train import TINY_VQ, tiny_params
+    ray = pytest.importorskip("ray")
+    tok, tokens = write_synthetic_artifacts(tmp_path / "art", TINY_VQ, n_train=32, n_val=16)
+    config = load_train_var_config(tiny_params(ray={"storage_path": str(tmp_path / "ray")}), "params.yaml", 1)
+    inputs = load_inputs(config, TrainPaths(tok, tokens, *(Path("unused") for _ in range(4))))
+    monkeypatch.setattr(shutil, "disk_usage", _free_bytes(1 << 20))
+    with pytest.raises(OutputError, match=r"ray/var-d1-[0-9a-f]{12}: disk too full to write the run's checkpoints"):
+        fit(config, inputs)
+    assert not ray.is_initialized() and not (tmp_path / "ray").exists()

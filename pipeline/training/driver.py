@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from varcore.errors import ConfigError
 from varcore.flops import count_main_params, count_params, main_N, var_flops
@@ -32,11 +33,12 @@ from ..tracking import log_artifact, log_metrics, log_params, set_tags
 from .checkpoint import save_var
 from .config import TrainVarConfig, config_hash
 from .metrics import train_compute
-from .state import read_state_file
+from .state import check_space, read_state_file
 from .worker import RunSpec, train_worker
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("L_last", "L_mean", "Err_last", "Err_mean")
+CHECKPOINT_BYTES_PER_PARAM = 12   # float32 weights and AdamW's two float32 moments
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,20 @@ def fit(config: TrainVarConfig, inputs: TrainInputs, *, name: str | None = None,
     tp, r = config.train, config.train.ray
     spec = RunSpec(inputs.cfg, tp, config.execution, tp.total_steps(len(inputs.train[0])))
     resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}), **r.resources_per_worker}
+    name = name or run_name(config, inputs)
+    storage = Path(r.storage_path).resolve() / name
+    # before any work: room for one checkpoint (weights + AdamW's two moments, float32)
+    with torch.device("meta"):   # counted without allocating: a d30 model is 2B parameters
+        params = count_params(build(inputs.cfg))
+    check_space(storage, CHECKPOINT_BYTES_PER_PARAM * params, "the run's checkpoints")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec, "quantizer": inputs.quantizer, "after_step": after_step,
-                           "train": ray.put(inputs.train), "val": ray.put(inputs.val)},
+                           "train": ray.put(inputs.train), "val": ray.put(inputs.val), "storage": str(storage)},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name or run_name(config, inputs), storage_path=str(Path(r.storage_path).resolve()),
+            name=name, storage_path=str(Path(r.storage_path).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.num_to_keep), callbacks=callbacks))
     log.info("d%d: %d steps of %d images on %d %s worker(s), run %s", config.depth, spec.total_steps,

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from ..errors import OutputError
 from ..files import DISK_FULL, disk_full_error, sha256_bytes, sha256_file, write_bytes
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,26 @@ def save_state(directory: Path, model: nn.Module, optim: torch.optim.Optimizer, 
             if e.errno not in DISK_FULL:
                 raise
             raise disk_full_error(path, len(buf.getvalue())) from e
+
+
+SPACE_MARGIN = 1 << 20   # bytes of slack beyond a checkpoint's own size
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+def check_space(storage: Path, needed: int, what: str) -> None:
+    """Refuse, before Ray copies anything, a checkpoint that the storage cannot hold: an
+    :class:`OutputError` naming the folder, the size needed and the space free. Ray would otherwise
+    fail inside its own copy, with a half-written checkpoint folder beside the good ones."""
+    import shutil
+    probe = next((p for p in (storage, *storage.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(probe).free
+    if free < needed + SPACE_MARGIN:
+        raise OutputError(f"{storage}: disk too full to write {what} (needs {(needed + SPACE_MARGIN) / 2**20:.1f} "
+                          f"MiB, {free / 2**20:.1f} MiB free); the checkpoints already there are unchanged: free "
+                          f"space and rerun (training resumes from the last of them)")
 
 
 def read_state_file(directory: str | Path) -> dict[str, Any]:

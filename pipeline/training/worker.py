@@ -34,7 +34,7 @@ from varcore.var import AdaLNBlock, VARConfig
 from .config import TrainParams
 from .metrics import TokenStats, summarize, token_stats, train_compute
 from .schedule import eval_steps, global_batch_indices, lr_at, rank_slice, step_seed
-from .state import TrainState, resume, save_state
+from .state import TrainState, check_space, directory_bytes, resume, save_state
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class WorkerRun:
 
         spec: RunSpec = config["spec"]
         self.spec, self.tp, self.cfg = spec, spec.train, spec.var_cfg
+        self.storage = Path(config["storage"]) if config.get("storage") else None   # the run's folder
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if self.tp.num_threads:
@@ -255,13 +256,17 @@ class WorkerRun:
         st.train_seconds, self._mark = st.train_seconds + now - self._mark, now
         with tempfile.TemporaryDirectory() as tmp:
             save_state(Path(tmp), self.model, self.optim, st)
+            name = f"step-{st.step:09d}{self.dir_suffix}"
+            if self.rank == 0 and self.storage is not None:
+                check_space(self.storage, directory_bytes(Path(tmp)), f"checkpoint {name}")
             ckpt = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
-            ray.train.report(point, checkpoint=ckpt, checkpoint_dir_name=f"step-{st.step:09d}{self.dir_suffix}")
+            ray.train.report(point, checkpoint=ckpt, checkpoint_dir_name=name)
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point of ``TorchTrainer(train_loop_per_worker=...)``. ``config``: ``spec``
-    (:class:`RunSpec`), ``quantizer`` (the tokenizer's quantiser, for teacher forcing),
+    (:class:`RunSpec`), ``quantizer`` (the tokenizer's quantiser, for teacher forcing), ``storage``
+    (the run's checkpoint folder, checked for space before each checkpoint),
     ``train``/``val``: object refs (or tuples) of ``(tokens uint16 (N, L), labels (N,))``, and
     optionally ``after_step``: callables run after every step."""
     WorkerRun(config).loop(tuple(config.get("after_step", ())))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from varcore.sample import SamplingConfig, edit_class, generate, inpaint, outpaint
+from varcore.sample import SamplingConfig, box_mask, edit_class, generate, inpaint, outpaint
 from varcore.var import VAR
 from varcore.vqvae import VQVAE
 
@@ -42,12 +42,8 @@ def box_pixels(box: Box, size: int) -> tuple[int, int, int, int]:
 
 
 def box_masks(boxes: list[Box], size: int) -> torch.Tensor:
-    """bool ``(N, size, size)``, True inside box i for image i."""
-    m = torch.zeros(len(boxes), size, size, dtype=torch.bool)
-    for i, b in enumerate(boxes):
-        t, l, b_, r = box_pixels(b, size)
-        m[i, t:b_, l:r] = True
-    return m
+    """bool ``(N, size, size)``, True inside box i for image i (:func:`varcore.sample.box_mask` per box)."""
+    return torch.cat([box_mask(1, size, box_pixels(b, size)) for b in boxes])
 
 
 def hole_masks(n: int, size: int, holes: tuple[Box, ...]) -> torch.Tensor:

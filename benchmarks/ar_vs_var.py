@@ -26,15 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from bench_utils import DEFAULT_VQ, PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
 from varcore import VAR, VARConfig, VQVAE, VQVAEConfig, SamplingConfig, sample_tokens  # noqa: E402
 from varcore import ar  # noqa: E402
 from varcore.fast.static_sampler import release_static_engine  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402
-
-DEFAULT_VQ = VQVAEConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attn=False, Cvae=16,
-                         vocab_size=512, patch_nums=(1, 2, 3, 4, 6, 8))
-
 
 def models(shapes: str, depth: int, device: torch.device):
     """(VAR, its VQ-VAE, AR, its single-scale VQ-VAE), random weights, eval mode."""

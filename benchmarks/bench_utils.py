@@ -19,6 +19,10 @@ H100_BF16_DENSE_FLOPS = 989.4e12   # H100 SXM dense bf16 tensor-core peak (datas
 PAPER_VQ = VQVAEConfig(image_size=256, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, Cvae=32,
                        vocab_size=4096, patch_nums=PAPER_PATCH_NUMS, level_attn=True,
                        downsample_pad="bottom_right", num_phi=4)
+# the default profile's tokenizer (params.yaml): 32x32 images, 8x8 latent, V=512, 130 tokens
+DEFAULT_VQ = VQVAEConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, mid_attn=False, Cvae=16,
+                         vocab_size=512, patch_nums=(1, 2, 3, 4, 6, 8))
+
 
 
 def env() -> dict:

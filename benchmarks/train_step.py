@@ -33,7 +33,7 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import (H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
+from bench_utils import (DEFAULT_VQ, H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
                          gpu_gaps, top_kernels)
 import varcore.fast.flex as flex_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
@@ -106,7 +106,12 @@ def plan_step(model, opt, data, plan: ExecutionPlan, amp=torch.bfloat16, grad_cl
 
 
 def cfg_kw(args) -> dict:
-    return {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
+    """VARConfig overrides: the residual dtype, and the default profile's token shapes for ``--shapes default``."""
+    out = {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
+    if args.shapes == "default":   # what the pipeline's train stage sees on the default tokens (docs/gpu.md)
+        out.update(vocab_size=DEFAULT_VQ.vocab_size, Cvae=DEFAULT_VQ.Cvae, patch_nums=DEFAULT_VQ.patch_nums,
+                   num_classes=10)
+    return out
 
 
 def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> dict:
@@ -266,6 +271,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", default=[], help="depth:batch[:checkpointed_blocks]")
     ap.add_argument("--plain", action="store_true", help="dense mask, no compile, foreach AdamW (baseline)")
+    ap.add_argument("--shapes", choices=["paper", "default"], default="paper",
+                    help="token shapes: the paper's (256x256, 680 tokens, V=4096) or the default profile's "
+                         "(32x32, 130 tokens, V=512: the pipeline's GPU profile)")
     ap.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "flex", "per_scale"])
     ap.add_argument("--attn-prefix-scales", type=int, default=None, help="per_scale: scales in the masked call")
     ap.add_argument("--attn-backends", default="", help="per_scale: SDPA kernels, e.g. cudnn,efficient,math")

@@ -54,7 +54,10 @@ def setup_logging() -> None:
 def run_cli(name: str, body: Callable[[], Any]) -> Any:
     """Run ``body``; an :class:`InputError` exits with ``<name>: <message>`` and no traceback, and so
     does an MLflow failure (after the stage's bounded retries), naming the store."""
-    from mlflow.exceptions import MlflowException
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:     # a node without MLflow (VARSCALE_TRACKING=off or journal:<dir>)
+        MlflowException = ()   # noqa: N806 (catches nothing)
     try:
         return body()
     except InputError as e:
@@ -85,7 +88,7 @@ def stage_main(name: str, paths_cls: type, load_config: Callable, run: Callable,
             config = load_config(read_params(params_file), str(params_file), paths)   # before any work
             t0 = time.perf_counter()
             with stage_run(name, config, run_name=run_name(paths) if run_name else None,
-                           tags=tags(paths) if tags else None):
+                           tags=tags(paths) if tags else None, params_file=params_file):
                 metrics = run(config, paths)
                 log_metrics(metrics, step=metrics.get("steps"))   # final values, at the last step of a training
             log.info("%s done in %.0f s: %s", run_name(paths) if run_name else name, time.perf_counter() - t0,

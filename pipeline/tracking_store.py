@@ -8,8 +8,8 @@
 - **Portable artifacts.** A SQLite store records each experiment's artifact location, and
   MLflow makes local ones absolute, so a copied or moved checkout would keep writing into
   the original's ``mlruns/``. The local store's experiment uses the ``varscale-checkout:``
-  scheme instead (:class:`CheckoutArtifactRepository`, registered as an MLflow plugin in
-  ``pyproject.toml``): ``varscale-checkout:///mlruns/...`` is read relative to the folder of the
+  scheme instead (:class:`pipeline.tracking_artifacts.CheckoutArtifactRepository`, registered as
+  an MLflow plugin in ``pyproject.toml``): ``varscale-checkout:///mlruns/...`` is read relative to the folder of the
   SQLite file, so the store and its artifacts move together and no absolute path of the
   checkout is stored.
 - **No lost writes.** Concurrent writers of one SQLite file (a sweep's trials) wait on its
@@ -29,8 +29,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
-
-from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
 from .errors import InputError
 
@@ -126,16 +124,3 @@ def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 6, **kwargs: 
             log.warning("MLflow store busy (database is locked); retry %d of %d", i + 1, attempts - 1)
             time.sleep(0.5 * 2 ** i)
     raise AssertionError("unreachable")
-
-
-class CheckoutArtifactRepository(LocalArtifactRepository):
-    """``varscale-checkout:///mlruns/<experiment>/<run>/artifacts``: a folder relative to the SQLite
-    file of the tracking URI (the checkout), or to the working directory when that is not SQLite
-    (``mlflow ui`` started in the checkout)."""
-
-    def __init__(self, artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None):
-        import mlflow
-        relative = artifact_uri[len(SCHEME) + 1:].lstrip("/")
-        db_file = sqlite_file(tracking_uri or mlflow.get_tracking_uri())
-        root = db_file.parent if db_file is not None else Path(".")
-        super().__init__((root.resolve() / relative).as_uri(), tracking_uri, registry_uri)

@@ -122,6 +122,9 @@ def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
     assert curve[0]["compute"] * 2 == pytest.approx(curve[1]["compute"])
     assert curve[-1]["L_mean"] < curve[0]["L_mean"] < np.log(64)   # it learns
     assert [r["step"] for r in record["train_curve"]] == list(range(1, STEPS + 1))
+    # throughput of the steps between log points (here every step), the trainer's figure
+    rates = [r["tokens_per_s"] for r in record["train_curve"]]
+    assert all(r > 0 for r in rates) and record["tokens_per_s"] == round(float(np.median(rates)))
     # the saved model reproduces the recorded test loss
     root, tok, tokens = artifacts
     inputs = inputs_for(config_for(root), tok, tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +156,16 @@ def run_record(config: TrainVarConfig, inputs: TrainInputs, payload: dict[str, A
             "execution_plan": st.get("plan", {}), "tokenizer_sha256": inputs.tokenizer_sha256,
             "lr_peak": config.train.peak_lr, "ray_run": Path(ray_path).name,
             "train_seconds": round(st.get("train_seconds", 0.0), 1),   # all attempts, resumes included
+            "tokens_per_s": step_throughput(st["train_curve"]),
             "wall_seconds": round(wall_seconds, 1),                     # this invocation
             "machine": machine.describe(), "train_curve": st["train_curve"]}
+
+
+def step_throughput(train_curve: list[dict[str, Any]]) -> float | None:
+    """Median tokens/s of the training steps between log points (evaluations, checkpoints and the
+    first window's compilation left out by the median): the figure benchmarks/train_step.py measures."""
+    rates = [r["tokens_per_s"] for r in train_curve if "tokens_per_s" in r]
+    return round(statistics.median(rates)) if rates else None
 
 
 def log_run(curve: list[dict[str, Any]], record: dict[str, Any], paths: TrainPaths) -> None:
@@ -165,10 +174,11 @@ def log_run(curve: list[dict[str, Any]], record: dict[str, Any], paths: TrainPat
     final_step = record["train_curve"][-1]["step"] if record["train_curve"] else None
     for row in record["train_curve"]:   # the last step's train_loss and compute come with the final values
         keys = ("lr",) if row["step"] == final_step else ("train_loss", "lr", "compute")
+        keys += ("tokens_per_s",) if "tokens_per_s" in row else ()
         log_metrics({k: row[k] for k in keys}, step=row["step"])
     for row in curve:
         log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["step"], prefix="val_")
-    log_metrics({k: record[k] for k in ("train_seconds", "wall_seconds")})
+    log_metrics({k: record[k] for k in ("train_seconds", "wall_seconds", "tokens_per_s") if record[k] is not None})
     log_params({f"plan.{k}": v for k, v in record["execution_plan"].items()})
     for p in (paths.metrics_out, paths.run_out):
         log_artifact(p)

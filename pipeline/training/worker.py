@@ -188,6 +188,7 @@ class WorkerRun:
         bar = tqdm(total=self.spec.total_steps, initial=st.step, desc=f"train d{self.cfg.depth}", unit="step",
                    disable=self.rank != 0, mininterval=10)
         self._mark = time.perf_counter()
+        self._window = (self._mark, st.step)   # start of the current throughput window (time, step)
         # the train-loss sum stays on the device (the same float64 additions in the same order as
         # a host sum) and is read back only when a log point or checkpoint is due
         self.loss_acc = torch.tensor(st.loss_sum, dtype=torch.float64, device=self.device)
@@ -201,6 +202,7 @@ class WorkerRun:
                 self._evaluate(point)
             if step in self.evals or step % tp.checkpoint_every == 0 or step == self.spec.total_steps:
                 self._checkpoint(point)
+                self._window = (time.perf_counter(), step)   # throughput windows hold steps only
             for hook in after_step:
                 hook(step)
         bar.close()
@@ -223,12 +225,19 @@ class WorkerRun:
         return {"step": step, "tokens": tokens, "compute": self.flops_per_token * tokens}
 
     def _log_train_loss(self, point: dict[str, Any]) -> float:
-        """Mean train loss since the last log point, over all ranks; appended to the train curve."""
+        """Mean train loss since the last log point, over all ranks; appended to the train curve with
+        the steps' throughput since the window began (the last log point, evaluation or checkpoint:
+        training steps only; the first window holds the compilation and graph capture)."""
         st = self.state
-        st.loss_sum = float(self.loss_acc)
+        st.loss_sum = float(self.loss_acc)        # waits for the device: the window's time is the steps'
+        now, (t0, step0) = time.perf_counter(), self._window
+        steps = point["step"] - step0
+        rate = {"tokens_per_s": steps * self.tp.batch_size * self.cfg.L / (now - t0)} if steps > 0 else {}
+        self._window = (now, point["step"])
         s = all_reduce_sum(torch.tensor([st.loss_sum, st.loss_count], dtype=torch.float64), self.device)
         train_loss = float(s[0] / s[1])
-        st.train_curve.append({**point, "train_loss": train_loss, "lr": self.lr, "grad_norm": float(self.grad_norm)})
+        st.train_curve.append({**point, "train_loss": train_loss, "lr": self.lr, "grad_norm": float(self.grad_norm),
+                               **rate})
         st.loss_sum, st.loss_count = 0.0, 0
         self.loss_acc.zero_()
         if not math.isfinite(train_loss):

@@ -65,6 +65,9 @@ class RayParams:
         require(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
         require(self.num_to_keep >= 1, "num_to_keep", f"must be >= 1, got {self.num_to_keep}")
         require(bool(self.storage_path), "storage_path", "must be a non-empty path")
+        gpu = self.resources_per_worker.get("GPU")
+        require(gpu is None or (self.use_gpu and 0 < gpu <= 1), "resources_per_worker",
+                f"GPU {gpu} needs use_gpu: true and 0 < GPU <= 1 (a fraction lets several depths share one GPU)")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 (cd .gpu && sha256sum -c --quiet SHA256SUMS)
 [ -d data/tokens ] || tar -xJf .gpu/tokens.tar.xz
 [ -f data/images/val.npy ] || tar -xJf .gpu/val.tar.xz
-mkdir -p models logs/gpu && cp -n .gpu/models/*.pt models/
+mkdir -p models logs/gpu
+for f in .gpu/models/*.pt; do [ -f "models/${f##*/}" ] || cp "$f" models/; done
 python3 -m pipeline.stages.check_params --params "$params" --out runs/gpu/params-check.json
 
 depth() {   # train, evaluate and pack one depth
@@ -42,6 +43,8 @@ depth() {   # train, evaluate and pack one depth
 }
 
 if [ "${PARALLEL:-1}" -gt 1 ]; then   # one cluster for the depths running side by side
+  export RAY_AUTH_MODE=token   # as the stages ask for it (pipeline.training.driver.init_ray): a token first
+  python3 -m ray.scripts.scripts get-auth-token --generate >/dev/null
   python3 -m ray.scripts.scripts start --head --disable-usage-stats --include-dashboard=false >/dev/null
   trap 'python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true' EXIT
 fi

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import DEFAULT_VQ, PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
-from varcore import VAR, VARConfig, VQVAE, VQVAEConfig, SamplingConfig, sample_tokens  # noqa: E402
+from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
 from varcore import ar  # noqa: E402
 from varcore.fast.static_sampler import release_static_engine  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402

@@ -2,8 +2,9 @@
 
 A stage module ``pipeline.stages.<name>`` defines
 
-- ``Paths``: a frozen dataclass of its inputs and outputs; each field is a required command-line
-  option (``--tokens data/tokens``), so paths are written once, in ``dvc.yaml``'s ``cmd``;
+- ``Paths``: a frozen dataclass of its inputs and outputs; each field is a command-line option
+  (``--tokens data/tokens``), required unless the field has a default, so paths are written once,
+  in ``dvc.yaml``'s ``cmd``;
 - ``load_config(params, file, paths)``: its params sections, parsed once into one typed config;
 - ``run(config, paths) -> metrics``: the work (pure of argument parsing and of MLflow set-up),
 
@@ -41,7 +42,10 @@ def parse_paths(paths_cls: type, argv: list[str] | None, description: str) -> tu
     ap.add_argument("--params", type=Path, required=True, help="the params file (params.yaml)")
     hints = typing.get_type_hints(paths_cls)
     for f in dataclasses.fields(paths_cls):
-        ap.add_argument(_option(f.name), dest=f.name, type=hints[f.name], required=True)
+        optional = f.default is not dataclasses.MISSING      # e.g. ``compare: Path | None = None``
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        ap.add_argument(_option(f.name), dest=f.name, type=kind, required=not optional,
+                        default=f.default if optional else None)
     args = vars(ap.parse_args(argv))
     params_file = args.pop("params")
     return params_file, paths_cls(**args)

@@ -111,7 +111,7 @@ def missing_deps(dvc: dict, root: Path = ROOT) -> dict[str, list[str]]:
     return result
 
 
-DVC_FILES = ("dvc.yaml", "ablation/dvc.yaml")   # the ablation's stages run from the root (wdir: ..)
+DVC_FILES = ("dvc.yaml", "ablation/dvc.yaml", "gpu/dvc.yaml")   # ablation/ and gpu/ stages run from the root (wdir: ..)
 
 
 @pytest.mark.parametrize("file", DVC_FILES)

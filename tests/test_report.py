@@ -48,8 +48,8 @@ def fixture(tmp_path, depths=(1, 2, 3, 4)):
             fit.Paths(files.train, files.train_records, files.eval, files.eval_records, tmp_path / "scaling.json",
                       tmp_path / "fit.json"))
     return report.Paths(files.train, files.train_records, files.eval, files.eval_records, tmp_path / "fit.json",
-                        tmp_path / "reference.json", tmp_path / "zeroshot.json", tmp_path / "zeroshot.png",
-                        tmp_path / "images", tmp_path / "reports")
+                        tmp_path / "reference.json", tmp_path / "images", tmp_path / "reports",
+                        zeroshot=tmp_path / "zeroshot.json", zeroshot_grid=tmp_path / "zeroshot.png")
 
 
 def test_report_renders_tables_fits_figures_and_provenance(tmp_path):
@@ -92,3 +92,55 @@ def test_report_names_a_missing_input(tmp_path, missing):
     (tmp_path / missing).unlink()
     with pytest.raises((InputError, FileNotFoundError), match=missing):
         report.run(report.ReportConfig((1, 2, 3, 4), "params.yaml"), paths)
+
+
+def test_gpu_report_compares_profiles_lists_throughput_and_leaves_zeroshot_out(tmp_path):
+    """The GPU profile's report (gpu/dvc.yaml): no in-painting, another profile's exponents beside
+    the fitted ones, the notes under the title, each depth's tokens/s from its run record."""
+    import dataclasses
+    paths = fixture(tmp_path)
+    other = json.loads((tmp_path / "fit.json").read_text())
+    other["fits"]["L_mean_vs_N"].update(alpha=-0.0248, r=-0.998)
+    write_json(tmp_path / "cpu-fit.json", other)
+    (tmp_path / "notes.md").write_text("**What this run is.** Four depths on one GPU.\n")
+    for d, rate in ((1, 1_257_002.4), (3, 488_204.0)):   # depths 2 and 4 ran before the figure was recorded
+        rec = paths.train_records / f"d{d}.json"
+        write_json(rec, {**json.loads(rec.read_text()), "tokens_per_s": rate, "train_seconds": 150.2,
+                         "wall_seconds": 194.2, "machine": {"cpu": "x", "isa": "avx2", "accelerator": "NVIDIA H200 x1"}})
+    gpu = dataclasses.replace(paths, zeroshot=None, zeroshot_grid=None, compare=tmp_path / "cpu-fit.json",
+                              notes=tmp_path / "notes.md", out=tmp_path / "gpu")
+    report.run(report.ReportConfig((1, 2, 3, 4), "profiles/gpu.yaml"), gpu)
+    text = (gpu.out / "scaling.md").read_text()
+    assert text.startswith("# VAR scaling laws (profiles/gpu.yaml)\n")
+    assert "**What this run is.** Four depths on one GPU." in text
+    assert "Zero-shot" not in text and not (gpu.out / "figures" / "zeroshot.png").exists()
+    assert f"Compared: the fits of `{tmp_path / 'cpu-fit.json'}`." in text
+    assert "| paper alpha | paper r | compared alpha | compared r | flags |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| L_mean vs N |"))
+    assert row.split(" | ")[-3:-1] == ["-0.0248", "-0.998"]
+    assert "## Training throughput" in text
+    assert "| 1 | 1,257,002 | 150.2 | 194.2 | NVIDIA H200 x1 |" in text and "| 3 | 488,204 |" in text
+    assert "| 2 | " not in text.split("## Training throughput")[1].split("## Provenance")[0]
+
+
+def test_zeroshot_without_its_picture_is_named(tmp_path):
+    import dataclasses
+
+    from pipeline.errors import InputError
+    paths = dataclasses.replace(fixture(tmp_path), zeroshot_grid=None)
+    with pytest.raises(InputError, match="--zeroshot needs --zeroshot-grid"):
+        report.run(report.ReportConfig((1, 2, 3, 4), "params.yaml"), paths)
+
+
+def test_stage_options_with_a_default_are_optional():
+    from pathlib import Path
+
+    from pipeline.stage import parse_paths
+    base = ["--params", "p.yaml", "--train", "t", "--train-records", "tr", "--eval", "e", "--eval-records", "er",
+            "--fit", "f.json", "--reference", "r.json", "--images", "i", "--out", "o"]
+    _, plain = parse_paths(report.Paths, base, "report")
+    assert plain.compare is None and plain.zeroshot is None and plain.out == Path("o")
+    _, given = parse_paths(report.Paths, base + ["--compare", "runs/fit.json"], "report")
+    assert given.compare == Path("runs/fit.json")
+    with pytest.raises(SystemExit):     # a field without a default stays required
+        parse_paths(report.Paths, base[:-2], "report")

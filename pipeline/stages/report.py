@@ -6,6 +6,10 @@ and Fig. 6 and FID/IS against N from the fit's points; copies each depth's sampl
 writes the fitted exponents beside the paper's, every flag, and the provenance (git commit,
 params hash, data manifest, tokenizer and feature-network hashes, package versions). The report,
 its figures and the fit go to the MLflow parent run as artifacts.
+
+The same stage writes the GPU profile's report (``gpu/dvc.yaml``): there the in-painting section
+is left out (``--zeroshot`` not given), ``--compare`` puts another profile's exponents beside the
+fitted ones and ``--notes`` adds a paragraph on what the run was and what limits it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from ..evaluation.figures import fidelity_vs_N, scaling_vs_C, scaling_vs_N
 from ..evaluation.report import markdown, versions
 from ..evaluation.runs import RunFiles, read_runs, runs_frame
+from ..errors import InputError
 from ..files import atomic_path, read_json, sha256_file
 from ..images import IMAGES_MANIFEST, read_images_manifest
 from ..params import load
@@ -40,10 +45,12 @@ class Paths:
     eval_records: Path   # runs/eval
     fit: Path            # runs/fit.json
     reference: Path      # runs/reference.json
-    zeroshot: Path       # runs/zeroshot.json (the in-painting measurement)
-    zeroshot_grid: Path  # metrics/zeroshot.png
-    images: Path       # data/images (its manifest describes the data)
-    out: Path          # reports
+    images: Path         # data/images (its manifest describes the data)
+    out: Path            # reports
+    zeroshot: Path | None = None       # runs/zeroshot.json (the in-painting measurement)
+    zeroshot_grid: Path | None = None  # metrics/zeroshot.png
+    compare: Path | None = None        # another profile's runs/fit.json: its alpha and r beside these
+    notes: Path | None = None          # a markdown paragraph placed under the title
 
 
 def load_config(params: dict[str, Any], file: str, paths: Paths) -> ReportConfig:
@@ -77,6 +84,18 @@ def _data_line(paths: Paths, depths: tuple[int, ...], runs) -> str:
             f"depths {list(depths)}.")
 
 
+def throughput_rows(runs) -> list[list[Any]]:
+    """Per depth: the trainer's tokens/s between log points, the loop's and the stage's seconds, where."""
+    rows = []
+    for r in runs:
+        rate = r.train.get("tokens_per_s")
+        if rate is not None:
+            m = r.train.get("machine") or {}
+            rows.append([r.depth, f"{rate:,.0f}", r.train.get("train_seconds"), r.train.get("wall_seconds"),
+                         m.get("accelerator") or m.get("cpu", "-")])
+    return rows
+
+
 def run(cfg: ReportConfig, paths: Paths) -> dict:
     runs = read_runs(cfg.depths, RunFiles(paths.train, paths.train_records, paths.eval, paths.eval_records))
     fit, reference = read_json(paths.fit), read_json(paths.reference)
@@ -88,15 +107,24 @@ def run(cfg: ReportConfig, paths: Paths) -> dict:
     scaling_vs_C(fit.get("frontiers", {}), fits, figures / "scaling_vs_C.png")
     fidelity_vs_N(rows, fits, figures / "fidelity_vs_N.png")
     pictures = {f"samples-d{d}.png": paths.eval / f"samples-d{d}.png" for d in cfg.depths}
-    for name, src in {**pictures, "zeroshot.png": paths.zeroshot_grid}.items():
+    if paths.zeroshot is not None:
+        if paths.zeroshot_grid is None:
+            raise InputError("--zeroshot needs --zeroshot-grid (the in-painting picture)")
+        pictures["zeroshot.png"] = paths.zeroshot_grid
+    for name, src in pictures.items():
         with atomic_path(figures / name) as tmp:
             shutil.copyfile(src, tmp)
     with atomic_path(paths.out / "runs.csv") as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     ev = runs[0].eval
-    text = markdown({"title": "VAR scaling laws", "data": _data_line(paths, cfg.depths, runs), "frame": frame,
+    compare = None if paths.compare is None else {"source": str(paths.compare), **read_json(paths.compare)}
+    text = markdown({"title": "VAR scaling laws" + ("" if cfg.params_file == "params.yaml" else f" ({cfg.params_file})"),
+                     "data": _data_line(paths, cfg.depths, runs), "frame": frame,
                      "fit": fit, "reference": reference, "eval": ev, "depths": cfg.depths,
-                     "zeroshot": read_json(paths.zeroshot),
+                     "sources": f"`{paths.train.parent}/` and `{paths.train_records.parent}/`",
+                     "notes": None if paths.notes is None else paths.notes.read_text().strip(),
+                     "compare": compare, "throughput": throughput_rows(runs),
+                     "zeroshot": None if paths.zeroshot is None else read_json(paths.zeroshot),
                      "provenance": _provenance(cfg, paths, ev, runs)})
     with atomic_path(paths.out / "scaling.md") as tmp:
         tmp.write_text(text)

@@ -29,15 +29,14 @@ import torch
 
 from varcore.sample import SamplingConfig, inpaint, outpaint
 
-from .errors import ArtifactError, InputError
+from .errors import InputError
 from .evaluation.config import SamplingParams
 from .evaluation.samples import autocast, sample_images
-from .files import sha256_file
 from .images import grid, save_png, to_uint8_images
 from .params import load, read_params, resolve_device
 from .stage import run_cli, setup_logging
 from .tokenizer.checkpoint import load_tokenizer
-from .training.checkpoint import load_var
+from .training.checkpoint import check_fits, load_var
 
 log = logging.getLogger(__name__)
 UNCONDITIONAL = "none"
@@ -134,10 +133,7 @@ def load_models(args: argparse.Namespace, device: torch.device):
                             f"(train it with `dvc repro train_var@{args.depth or 'D'}`)")
     var, meta = load_var(model, map_location=device)
     vq = load_tokenizer(args.tokenizer, map_location=device)
-    trained_on = meta.get("tokenizer_sha256")
-    if trained_on is not None and trained_on != sha256_file(args.tokenizer):
-        raise ArtifactError(f"{model}: trained on the tokens of another tokenizer than {args.tokenizer}")
-    var.cfg.check_tokenizer(vq.cfg.vocab_size, vq.cfg.Cvae, vq.cfg.patch_nums)
+    check_fits(var, meta, vq, model, args.tokenizer)
     return var, vq, meta, Path(model)
 
 

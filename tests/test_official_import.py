@@ -222,10 +222,9 @@ def test_imported_var_is_the_same_function_and_fits_its_tokenizer(imported):
     label = torch.tensor([3, 7])
     with torch.no_grad():
         assert torch.equal(model(label, x), var(label, x))
-    from pipeline.stages.evaluate import Paths, _check_fit   # the evaluate stage accepts the pair
+    from pipeline.training.checkpoint import check_fits   # evaluate, zeroshot and varscale accept the pair
     out = tmp / "out"
-    _check_fit(model, meta, load_tokenizer(out / "tokenizer.pt"),
-               Paths(2, out / "var-d2.pt", out / "tokenizer.pt", *[tmp / n for n in ("c", "i", "m", "r", "g")]))
+    check_fits(model, meta, load_tokenizer(out / "tokenizer.pt"), out / "var-d2.pt", out / "tokenizer.pt", 2)
 
 
 def test_var_key_renames():

@@ -234,14 +234,15 @@ def test_truncated_checkpoint_names_the_file(var_file):
 
 
 def test_model_of_another_tokenizer_is_refused_before_sampling(var_file, tmp_path, tiny_vqvae):
-    from pipeline.stages.evaluate import Paths, _check_fit
     from pipeline.tokenizer.checkpoint import save_tokenizer
+    from pipeline.training.checkpoint import check_fits
     tok = tmp_path / "tokenizer.pt"
     save_tokenizer(tok, tiny_vqvae)
     model, meta = load_var(var_file)
-    paths = Paths(1, var_file, tok, *(tmp_path / n for n in ("c.pt", "img", "m.json", "r.json", "g.png")))
     with pytest.raises(ArtifactError, match=rf"{var_file}: trained on the tokens of another tokenizer"):
-        _check_fit(model, meta, tiny_vqvae, paths)
+        check_fits(model, meta, tiny_vqvae, var_file, tok, 1)
+    with pytest.raises(ArtifactError, match=rf"{var_file}: holds a depth-{model.cfg.depth} model, not depth 7"):
+        check_fits(model, {**meta, "tokenizer_sha256": None}, tiny_vqvae, var_file, tok, 7)
 
 
 def test_truncated_image_split_is_named_before_any_work(tmp_path):

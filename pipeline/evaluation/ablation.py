@@ -22,6 +22,7 @@ from varcore.var import VAR
 from varcore.vqvae import VQVAE
 
 from .config import SamplingParams
+from .report import fmt
 from .samples import balanced_labels, sample_images
 
 TIMING_BATCHES = (1, 64)
@@ -94,12 +95,6 @@ def table(ar: Side, var: Side, ar_model: VAR, var_model: VAR, timings: dict[str,
     return out
 
 
-def _fmt(v: Any, spec: str = ".4g") -> str:
-    if v is None:
-        return "n/a"
-    return format(v, spec) if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-
-
 def markdown(t: dict[str, Any], device: str, machine: str, grids: dict[str, str]) -> str:
     """The report page: the table, the ratios, the flags, the sample grids."""
     a, v = t["sides"]["ar"], t["sides"]["var"]
@@ -107,24 +102,26 @@ def markdown(t: dict[str, Any], device: str, machine: str, grids: dict[str, str]
         ("order", "raster, one token per call", "coarse to fine, one scale per call"),
         ("tokenizer", f"1 scale {a['patch_nums']}, {a['tokens_per_image']} tokens",
          f"{len(v['patch_nums'])} scales {v['patch_nums']}, {v['tokens_per_image']} tokens"),
-        ("tokenizer val PSNR (dB)", _fmt(a["tokenizer_val_psnr"], ".2f"), _fmt(v["tokenizer_val_psnr"], ".2f")),
-        ("tokenizer codes used (share of V)", _fmt(a["tokenizer_codes_used"], ".3f"),
-         _fmt(v["tokenizer_codes_used"], ".3f")),
+        ("tokenizer val PSNR (dB)", fmt(a["tokenizer_val_psnr"], spec=".2f"),
+         fmt(v["tokenizer_val_psnr"], spec=".2f")),
+        ("tokenizer codes used (share of V)", fmt(a["tokenizer_codes_used"], spec=".3f"),
+         fmt(v["tokenizer_codes_used"], spec=".3f")),
         ("depth / width", f"{a['depth']} / {a['width']}", f"{v['depth']} / {v['width']}"),
-        ("parameters N (eq. 8)", _fmt(a["N"]), _fmt(v["N"])),
-        ("parameters, all", _fmt(a["params_total"]), _fmt(v["params_total"])),
-        ("training compute C (FLOPs)", _fmt(a["compute"], ".4g"), _fmt(v["compute"], ".4g")),
-        ("training steps / images seen", f"{a['steps']} / {_fmt(a['images_seen'])}",
-         f"{v['steps']} / {_fmt(v['images_seen'])}"),
-        ("FID (lower is better)", _fmt(a["fid"], ".2f"), _fmt(v["fid"], ".2f")),
-        ("IS", _fmt(a["is_mean"], ".2f"), _fmt(v["is_mean"], ".2f")),
-        ("precision", _fmt(a["precision"], ".3f"), _fmt(v["precision"], ".3f")),
-        ("recall", _fmt(a["recall"], ".3f"), _fmt(v["recall"], ".3f")),
-        ("sequential transformer calls / image", _fmt(a["sequential_calls"]), _fmt(v["sequential_calls"])),
+        ("parameters N (eq. 8)", fmt(a["N"], spec=","), fmt(v["N"], spec=",")),
+        ("parameters, all", fmt(a["params_total"], spec=","), fmt(v["params_total"], spec=",")),
+        ("training compute C (FLOPs)", fmt(a["compute"], spec=".4g"), fmt(v["compute"], spec=".4g")),
+        ("training steps / images seen", f"{a['steps']} / {fmt(a['images_seen'], spec=',')}",
+         f"{v['steps']} / {fmt(v['images_seen'], spec=',')}"),
+        ("FID (lower is better)", fmt(a["fid"], spec=".2f"), fmt(v["fid"], spec=".2f")),
+        ("IS", fmt(a["is_mean"], spec=".2f"), fmt(v["is_mean"], spec=".2f")),
+        ("precision", fmt(a["precision"], spec=".3f"), fmt(v["precision"], spec=".3f")),
+        ("recall", fmt(a["recall"], spec=".3f"), fmt(v["recall"], spec=".3f")),
+        ("sequential transformer calls / image", fmt(a["sequential_calls"], spec=","),
+         fmt(v["sequential_calls"], spec=",")),
     ]
     for ta, tv in zip(a["timing"], v["timing"]):
-        rows.append((f"time / image at batch {ta['batch']} (ms)", _fmt(ta["ms_per_image"], ".3g"),
-                     _fmt(tv["ms_per_image"], ".3g")))
+        rows.append((f"time / image at batch {ta['batch']} (ms)", fmt(ta["ms_per_image"], spec=".3g"),
+                     fmt(tv["ms_per_image"], spec=".3g")))
     lines = ["# Raster-scan AR vs next-scale VAR (paper Table 3, rows 1-2, in miniature)", "",
              "Same blocks, width rule, class conditioning, recipe, feature network and sampling settings; "
              "the AR baseline reads a single-scale tokenizer's token map in raster order (`varcore.ar`). "

@@ -9,9 +9,13 @@ from typing import Any
 from .. import machine
 
 
-def fmt(v: Any, digits: int = 4) -> str:
+def fmt(v: Any, digits: int = 4, spec: str | None = None) -> str:
+    """A table cell: "-" for a missing value; numbers in ``spec`` when given (".2f", ","), else ints
+    with thousands separators (3 significant digits from a million) and floats to ``digits``."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if spec is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format(v, spec)
     if isinstance(v, int):
         return f"{v:,}" if abs(v) < 1e6 else f"{v:.3g}"
     if isinstance(v, float):

@@ -22,7 +22,6 @@ import torch
 
 from varcore.ar import sequential_calls
 
-from ..errors import ArtifactError
 from ..evaluation.config import EvaluateParams
 from ..evaluation.fidelity import FeatureNetwork, UInt8Images, check_images, feature_network, score
 from ..evaluation.samples import balanced_labels, class_grid, sample_images
@@ -32,7 +31,7 @@ from ..params import load, resolve_device
 from ..stage import stage_main
 from ..tokenizer.checkpoint import load_tokenizer
 from ..tracking import log_artifact, log_metrics
-from ..training.checkpoint import load_var
+from ..training.checkpoint import check_fits, load_var
 
 log = logging.getLogger(__name__)
 SUMMARY = ("fid", "is_mean", "kid_mean", "precision", "recall")   # the numbers metrics/eval/dD.json holds
@@ -70,20 +69,6 @@ def summarize_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _check_fit(var, meta: dict[str, Any], vq, paths: Paths) -> None:
-    """The model is this depth's and was trained on tokens of this tokenizer."""
-    trained_on, tok_sha = meta.get("tokenizer_sha256"), sha256_file(paths.tokenizer)
-    if trained_on is not None and trained_on != tok_sha:
-        raise ArtifactError(f"{paths.model}: trained on the tokens of another tokenizer (sha256 {trained_on[:12]}) "
-                            f"than {paths.tokenizer} ({tok_sha[:12]}); rerun `dvc repro train_var@{paths.depth}`")
-    try:
-        var.cfg.check_tokenizer(vq.cfg.vocab_size, vq.cfg.Cvae, vq.cfg.patch_nums)
-    except ValueError as e:
-        raise ArtifactError(f"{paths.model}: does not fit {paths.tokenizer}: {e}") from e
-    if var.cfg.depth != paths.depth:
-        raise ArtifactError(f"{paths.model}: holds a depth-{var.cfg.depth} model, not depth {paths.depth}")
-
-
 def score_seeds(p: EvaluateParams, var, vq, net: FeatureNetwork, reference, device, depth: int
                 ) -> tuple[list[dict[str, float]], torch.Tensor, torch.Tensor]:
     labels = balanced_labels(var.cfg.num_classes, p.samples_per_class)
@@ -109,7 +94,7 @@ def run(p: EvaluateParams, paths: Paths) -> dict:
     device = resolve_device(p.device)
     var, meta = load_var(paths.model)
     vq = load_tokenizer(paths.tokenizer)
-    _check_fit(var, meta, vq, paths)
+    check_fits(var, meta, vq, paths.model, paths.tokenizer, paths.depth)
     net = feature_network(p.feature_network, paths.classifier, p.inception_weights)
     reference = reference_set(p, paths.images)
     per_seed, first, labels = score_seeds(p, var.to(device), vq.to(device), net, reference, device, paths.depth)

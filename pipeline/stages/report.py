@@ -118,7 +118,8 @@ def run(cfg: ReportConfig, paths: Paths) -> dict:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     ev = runs[0].eval
     compare = None if paths.compare is None else {"source": str(paths.compare), **read_json(paths.compare)}
-    text = markdown({"title": "VAR scaling laws" + ("" if cfg.params_file == "params.yaml" else f" ({cfg.params_file})"),
+    profile = "" if cfg.params_file == "params.yaml" else f" ({cfg.params_file})"
+    text = markdown({"title": "VAR scaling laws" + profile,
                      "data": _data_line(paths, cfg.depths, runs), "frame": frame,
                      "fit": fit, "reference": reference, "eval": ev, "depths": cfg.depths,
                      "sources": f"`{paths.train.parent}/` and `{paths.train_records.parent}/`",

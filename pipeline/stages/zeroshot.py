@@ -28,7 +28,7 @@ from ..params import load, resolve_device
 from ..stage import stage_main
 from ..tokenizer.checkpoint import load_tokenizer
 from ..tracking import log_artifact
-from ..training.checkpoint import load_var
+from ..training.checkpoint import check_fits, load_var
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ def run(cfg: ZeroShotConfig, paths: Paths) -> dict:
     lpips_net = _lpips(z.lpips_weights, device)   # before any sampling: a bad weights path fails at once
     var, meta = load_var(paths.model)
     vq = load_tokenizer(paths.tokenizer)
-    if meta.get("tokenizer_sha256") not in (None, sha256_file(paths.tokenizer)):
-        raise ArtifactError(f"{paths.model}: trained on the tokens of another tokenizer than {paths.tokenizer}")
+    check_fits(var, meta, vq, paths.model, paths.tokenizer)
     var, vq = var.to(device), vq.to(device)
     images, labels = load_split(paths.images, "val")
     if z.images >= len(images) - 1:

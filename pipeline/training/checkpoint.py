@@ -14,6 +14,8 @@ from varcore.ar import ARConfig, RasterAR, build
 from varcore.var import VAR, VARConfig
 
 from ..checkpoints import config_from, load_weights, read_checkpoint, write_checkpoint
+from ..errors import ArtifactError
+from ..files import sha256_file
 
 VAR_FORMAT = "varscale.var.v1"
 AR_FORMAT = "varscale.ar.v1"
@@ -42,3 +44,22 @@ def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> tupl
     load_weights(path, model, ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.eval(), meta
+
+
+def check_fits(var: VAR, meta: dict[str, Any], vq, model: str | Path, tokenizer: str | Path,
+               depth: int | None = None) -> None:
+    """Raise :class:`ArtifactError` naming both files unless the model was trained on this tokenizer's
+    tokens (the sha256 its checkpoint recorded, when it did), its vocabulary, latent width and scales
+    fit the tokenizer, and (``depth`` given) it is that depth's model. Every command that samples
+    with a model and a tokenizer checks this before any work."""
+    trained_on, tok_sha = meta.get("tokenizer_sha256"), sha256_file(tokenizer)
+    if trained_on is not None and trained_on != tok_sha:
+        again = f"rerun `dvc repro train_var@{depth}`" if depth is not None else "train it on this tokenizer's tokens"
+        raise ArtifactError(f"{model}: trained on the tokens of another tokenizer (sha256 {trained_on[:12]}) "
+                            f"than {tokenizer} ({tok_sha[:12]}); {again}")
+    try:
+        var.cfg.check_tokenizer(vq.cfg.vocab_size, vq.cfg.Cvae, vq.cfg.patch_nums)
+    except ValueError as e:
+        raise ArtifactError(f"{model}: does not fit {tokenizer}: {e}") from e
+    if depth is not None and var.cfg.depth != depth:
+        raise ArtifactError(f"{model}: holds a depth-{var.cfg.depth} model, not depth {depth}")

@@ -45,14 +45,19 @@ def test_journal_mode_runs_a_stage_without_mlflow_and_records_its_run(tmp_path):
     assert all(r["time"] >= start["time"] for r in records)
 
 
-def test_off_mode_logs_nothing_and_a_bad_mode_is_named(tmp_path):
-    res = _check_params(tmp_path, "off")
-    assert res.returncode == 0, res.stderr
-    assert (tmp_path / "check.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.json"]
-    bad = _check_params(tmp_path, "wandb")
-    assert bad.returncode != 0 and "VARSCALE_TRACKING='wandb': not one of mlflow, off, journal:<dir>" in bad.stderr
-    assert "Traceback" not in bad.stderr
+def test_off_mode_logs_nothing_and_a_bad_mode_is_named(tmp_path, monkeypatch):
+    from pipeline.stages import check_params
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VARSCALE_TRACKING", "off")
+    check_params.main(["--params", str(REPO / "params.yaml"), "--out", "check.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.json"]      # no store, no journal
+    monkeypatch.setenv("VARSCALE_TRACKING", "wandb")
+    with pytest.raises(SystemExit, match=r"VARSCALE_TRACKING='wandb': not one of mlflow, off, journal:<dir>"):
+        check_params.main(["--params", str(REPO / "params.yaml"), "--out", "check2.json"])
+    assert not (tmp_path / "check2.json").exists()
+    monkeypatch.setenv("VARSCALE_TRACKING", "journal:")
+    with pytest.raises(InputError, match="names no folder"):
+        tracking.tracking_mode()
 
 
 def _journal_a_run(folder: Path, artifact: Path, fail: bool = False) -> None:

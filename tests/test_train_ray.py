@@ -139,6 +139,10 @@ def test_stage_outputs_metrics_model_and_mlflow(one_worker_run, artifacts):
     history = client.get_metric_history(runs[0].info.run_id, "train_loss")   # one point per step
     assert sorted(h.step for h in history) == list(range(1, STEPS + 1))
     assert [h.value for h in history if h.step == STEPS] == [saved["train_loss"]]   # the final value, once
+    # metrics/train/dD.json and runs/train/dD.json share a name: each keeps its own folder
+    arts = {a.path: [f.path for f in client.list_artifacts(runs[0].info.run_id, a.path)]
+            for a in client.list_artifacts(runs[0].info.run_id)}
+    assert arts == {"metrics": ["metrics/train-d1.json"], "record": ["record/run-d1.json"]}
 
 
 def test_two_workers_follow_the_one_worker_trajectory(one_worker_run, artifacts):

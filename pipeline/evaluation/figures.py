@@ -29,6 +29,12 @@ def _plain_y(ax) -> None:
 
 
 def _save(fig, path: Path) -> None:
+    """Write the PNG atomically; log x axes keep their decade labels only (minor labels such as
+    2x10^7, 4x10^7 run into each other when N spans one or two decades)."""
+    from matplotlib.ticker import NullFormatter
+    for ax in fig.axes:
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
 

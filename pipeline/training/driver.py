@@ -180,8 +180,8 @@ def log_run(curve: list[dict[str, Any]], record: dict[str, Any], paths: TrainPat
         log_metrics({k: row[k] for k in METRIC_KEYS}, step=row["step"], prefix="val_")
     log_metrics({k: record[k] for k in ("train_seconds", "wall_seconds", "tokens_per_s") if record[k] is not None})
     log_params({f"plan.{k}": v for k, v in record["execution_plan"].items()})
-    for p in (paths.metrics_out, paths.run_out):
-        log_artifact(p)
+    log_artifact(paths.metrics_out, "metrics")   # metrics/train/dD.json and runs/train/dD.json share a name
+    log_artifact(paths.run_out, "record")
     set_tags({"varscale.model_path": str(paths.model_out)})
 
 

@@ -106,7 +106,8 @@ def test_ray_job_submit_sweep_loses_nothing(cluster, tmp_path, n_lrs):
         assert c.info.status == "FINISHED" and c.data.metrics["L_mean"] > 0 and c.data.metrics["steps"] == 3
         assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "train_loss")) == [1, 2, 3]
         d = c.data.tags["varscale.depth"]
-        assert {a.path for a in client.list_artifacts(c.info.run_id)} >= {f"train-d{d}.json", f"run-d{d}.json"}
+        assert [a.path for a in client.list_artifacts(c.info.run_id, "metrics")] == [f"metrics/train-d{d}.json"]
+        assert [a.path for a in client.list_artifacts(c.info.run_id, "record")] == [f"record/run-d{d}.json"]
     for d in (1, 2):
         for lr in lrs:   # each trial's own files, its override applied
             trial = tmp_path / "sweeps" / "ci" / f"d{d}-lr={lr}"

@@ -177,24 +177,6 @@ def test_worker_failure_restarts_from_the_last_checkpoint(one_worker_run, artifa
     np.testing.assert_allclose(v, curves(ref)[1], rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_crashed_run_resumes_when_rerun(one_worker_run, artifacts, tmp_path):
-    """With no retries left the run fails; running it again (same name and storage, as a DVC
-    re-run does) resumes from its latest checkpoint instead of starting over."""
-    root, tok, tokens = artifacts
-    p = params_for(root)
-    p["train"]["ray"]["max_failures"] = 0
-    config = load_train_var_config(p, "params.yaml", 1)
-    inputs = inputs_for(config, tok, tokens)
-    marker = tmp_path / "failed-once"
-    with pytest.raises(ray.train.TrainingFailedError, match="injected failure after step 6"):
-        fit(config, inputs, name="crash", after_step=(fail_once_after(6, marker),))
-    saved = sorted(p.name for p in (root / "ray" / "crash").glob("step-*"))
-    assert saved == ["step-000000004", "step-000000005"]   # checkpoint_every=4, eval at 5
-    second = fit(config, inputs, name="crash")
-    assert_ends_as_the_uninterrupted_run(second, one_worker_run)
-
-
 def assert_ends_as_the_uninterrupted_run(result, one_worker_run) -> None:
     """The resumed run reached the last step with the uninterrupted run's loss curves."""
     with result.checkpoint.as_directory() as d:
@@ -214,10 +196,11 @@ def record_first_step(path: Path):
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(one_worker_run, artifacts, tmp_path):
-    """The run dies after step 6 with checkpoints at steps 4 and 5; a bit of step 5's state is
-    flipped. The rerun warns, resumes from step 4 (its first step is 5) and ends as the
-    uninterrupted run did."""
+def test_crashed_run_resumes_when_rerun_past_a_corrupt_latest_checkpoint(one_worker_run, artifacts, tmp_path):
+    """With no retries left the run dies after step 6, with checkpoints at steps 4 and 5; running
+    it again (same name and storage, as a DVC re-run does) resumes from a checkpoint instead of
+    starting over. A bit of step 5's state is flipped first, so the rerun warns, falls back to step 4
+    (its first step is 5) and ends as the uninterrupted run did."""
     root, tok, tokens = artifacts
     p = params_for(root)
     p["train"]["ray"]["max_failures"] = 0
@@ -225,6 +208,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(one_worker_run, 
     inputs = inputs_for(config, tok, tokens)
     with pytest.raises(ray.train.TrainingFailedError, match="injected failure after step 6"):
         fit(config, inputs, name="corrupt", after_step=(fail_once_after(6, tmp_path / "failed"),))
+    saved = sorted(p.name for p in (root / "ray" / "corrupt").glob("step-*"))
+    assert saved == ["step-000000004", "step-000000005"]   # checkpoint_every=4, eval at 5
     latest = root / "ray" / "corrupt" / "step-000000005" / "state.pt"
     data = bytearray(latest.read_bytes())
     data[len(data) // 2] ^= 0x01

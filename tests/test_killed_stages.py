@@ -1,0 +1,269 @@
+"""kill -9 of each stage that test_dvc_pipeline.py and test_train_ray.py do not kill (check_params and
+every stage after train_var: train_classifier, evaluate_reference, evaluate@D, zeroshot, fit,
+report), at a random point of its run and just before one of its output renames: every output is
+its old version or the new one, whole; the rerun finishes and its outputs equal an uninterrupted
+run's byte for byte (CPU, same machine: these stages are deterministic and write no timings).
+
+Each stage runs its command from dvc.yaml (`python -m pipeline.stages.<stage>` with the same
+options) in a checkout-shaped folder with tiny inputs: a 16x16 image folder, a random tokenizer,
+random VARs of depths 1-3 and synthetic train_var metrics. To spare every run the seconds of
+importing torch, MLflow and matplotlib, each run is a process forked from one that imported them
+and the stage modules once (multiprocessing's forkserver); it calls the module's ``main(argv)``,
+which is what ``python -m`` runs. These stages start no process of their own, so killing that
+process kills the stage. Tracking is off (``VARSCALE_TRACKING=off``); what a killed run leaves in
+MLflow is test_tracking_journal.py's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing
+import os
+import random
+import shlex
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.files import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEPTHS = (1, 2, 3)
+EVAL_DEPTH = 1            # evaluate@D is one command for every depth: one is killed
+HERE = ("check_params", "train_classifier", "evaluate_reference", "evaluate", "zeroshot", "fit", "report")
+ELSEWHERE = ("data", "train_tokenizer", "encode_tokens", "train_var")   # test_dvc_pipeline.py, test_train_ray.py
+TINY = {
+    "train": {"depths": list(DEPTHS)},
+    "classifier": {"width": 8, "epochs": 2, "batch_size": 16},
+    "evaluate": {"samples_per_class": 6, "seeds": [0, 1], "batch_size": 9, "kid_subset_size": 10,
+                 "sampling": {"cfg": 1.5, "top_k": 20, "top_p": 0.9, "engine": "auto"}, "grid_columns": 4},
+    "zeroshot": {"depth": 2, "images": 12, "batch_size": 6, "grid_images": 4},
+}
+pytestmark = pytest.mark.slow
+
+
+# ---- the stages as dvc.yaml runs them -----------------------------------------------------------
+def stage_command(name: str, params: dict) -> tuple[str, list[str], list[str]]:
+    """(module, options, declared outputs) of ``name`` in dvc.yaml (``evaluate@2``: foreach item 2)."""
+    stage, _, item = name.partition("@")
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    spec = spec.get("do", spec)
+
+    def sub(s: str) -> str:
+        return s.replace("${item}", item).replace("${zeroshot.depth}", str(params["zeroshot"]["depth"]))
+    cmd = shlex.split(sub(spec["cmd"]))
+    assert cmd[:2] == ["python", "-m"], cmd
+    outs = [sub(o if isinstance(o, str) else next(iter(o))) for key in ("outs", "metrics", "plots")
+            for o in spec.get(key, [])]
+    return cmd[2], cmd[3:], outs
+
+
+def _stage_process(work: str, module: str, argv: list[str], log: str, events: str, kill_at: int | None) -> None:
+    """A stage's process (a forked child): ``main(argv)`` of ``module`` in ``work``. ``events`` gets
+    ``start``, each rename of a whole temp file onto an output (``pipeline.files.atomic_path``) and
+    ``end``; with ``kill_at`` = k the process SIGKILLs itself just before the k-th (0-based) rename:
+    the moment that output's temp file is complete and the output still the old one."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(work)
+    os.environ.update(VARSCALE_TRACKING="off", VARSCALE_GIT_COMMIT="0" * 40)
+    replace, renamed = os.replace, []
+
+    def event(line: str) -> None:
+        with open(events, "a") as f:
+            f.write(line + "\n")
+
+    def replace_output(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(f".{Path(dst).name}.") and str(src).endswith(".tmp"):
+            if len(renamed) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            renamed.append(os.path.relpath(os.path.abspath(dst), work))
+            event(f"rename {renamed[-1]}")
+        return replace(src, dst, *args, **kwargs)
+    os.replace = replace_output
+    t0 = time.monotonic()
+    event("start")
+    importlib.import_module(module).main(argv)
+    event(f"end {time.monotonic() - t0}")
+
+
+class Stages:
+    """Runs stage commands in processes forked from one that imported the stage modules and what they
+    import lazily (MLflow's exceptions, torch-fidelity, matplotlib) once."""
+
+    PRELOAD = ["mlflow.exceptions", "torch_fidelity", "matplotlib.pyplot", "pandas"]
+
+    def __init__(self, logs: Path):
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload([__name__, *(f"pipeline.stages.{s}" for s in HERE), *self.PRELOAD])
+        self.logs = logs
+        logs.mkdir(parents=True, exist_ok=True)
+        self.n = 0
+
+    def start(self, work: Path, name: str, kill_at: int | None = None):
+        module, argv, _ = stage_command(name, yaml.safe_load((work / "params.yaml").read_text()))
+        self.n += 1
+        log, events = self.logs / f"{self.n:02d}-{name}.log", self.logs / f"{self.n:02d}-{name}.events"
+        log.touch()
+        events.touch()
+        proc = self.ctx.Process(target=_stage_process, args=(str(work), module, argv, str(log), str(events), kill_at))
+        proc.start()
+        return proc, log, events
+
+    def run(self, work: Path, name: str, kill_at: int | None = None) -> dict:
+        """One run of ``name``: its exit code, the outputs it renamed into place (in order), the
+        seconds of its ``main`` (None if it did not end) and its log."""
+        proc, log, events = self.start(work, name, kill_at)
+        proc.join(timeout=300)
+        lines = events.read_text().splitlines()
+        end = [float(e.split()[1]) for e in lines if e.startswith("end ")]
+        return {"code": proc.exitcode, "renamed": [e.split()[1] for e in lines if e.startswith("rename ")],
+                "seconds": end[0] if end else None, "log": log.read_text()[-3000:]}
+
+    def kill_at_random_time(self, work: Path, name: str, seconds: float, rng: random.Random) -> float:
+        """SIGKILL a run of ``name`` a random 0..``seconds`` after its ``main`` started; returns the delay."""
+        for _ in range(3):
+            delay = rng.uniform(0, seconds)
+            proc, log, events = self.start(work, name)
+            deadline = time.monotonic() + 60
+            while not events.read_text():
+                assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.001)
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=60)
+            if proc.exitcode == -signal.SIGKILL:
+                return delay
+            assert proc.exitcode == 0, log.read_text()[-3000:]     # it ended first: draw again
+        raise AssertionError(f"{name} ended before each of 3 kills")
+
+
+# ---- tiny inputs and the uninterrupted runs -------------------------------------------------------
+def tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by path."""
+    return {str(f.relative_to(root)): sha256_file(f) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def _inputs(work: Path, tmp: Path) -> None:
+    """params.yaml, data/images, models/tokenizer.pt, models/var-dD.pt and train_var's metrics."""
+    import torch
+
+    from pipeline.images import DataParams
+    from pipeline.stages import data
+    from pipeline.tokenizer.checkpoint import save_tokenizer
+    from pipeline.training.checkpoint import save_var
+    from tests.conftest import randomize_
+    from tests.helpers import write_image_folder
+    from tests.test_fit import write_runs
+    from varcore import VAR, VARConfig, VQVAE, VQVAEConfig
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for sec, val in TINY.items():
+        params[sec] = {**params[sec], **val}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
+    root = write_image_folder(tmp / "imgs", classes=3, per_class=20, size=16)
+    data.run(DataParams(source="image_folder", root=str(root), image_size=16, val_fraction=0.5),
+             data.Paths(work / "data" / "images", tmp / "data.json"))
+    vq_cfg = VQVAEConfig(image_size=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, Cvae=8, vocab_size=64,
+                         patch_nums=(1, 2, 3, 4))
+    torch.manual_seed(0)
+    save_tokenizer(work / "models" / "tokenizer.pt", VQVAE(vq_cfg))
+    tok_sha = sha256_file(work / "models" / "tokenizer.pt")
+    runs = write_runs(tmp / "train", DEPTHS, evals=False)
+    shutil.copytree(runs.train, work / "metrics" / "train")
+    (work / "runs" / "train").mkdir(parents=True)
+    for d in DEPTHS:
+        var = randomize_(VAR(VARConfig(depth=d, vocab_size=64, Cvae=8, patch_nums=vq_cfg.patch_nums, num_classes=3)))
+        save_var(work / "models" / f"var-d{d}.pt", var, ["class0", "class1", "class2"], {"tokenizer_sha256": tok_sha})
+        record = json.loads((runs.train_records / f"d{d}.json").read_text())
+        record["model_sha256"] = sha256_file(work / "models" / f"var-d{d}.pt")    # what fit checks evaluate@D against
+        (work / "runs" / "train" / f"d{d}.json").write_text(json.dumps(record))
+
+
+ORDER = ("check_params", "train_classifier", "evaluate_reference", *(f"evaluate@{d}" for d in DEPTHS), "zeroshot", "fit", "report")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Each later stage run once, uninterrupted, in dvc.yaml's order: (Stages, the folder, per stage
+    its declared outputs, their files' sha256, the seconds of its ``main`` and the outputs it renamed
+    into place)."""
+    tmp = tmp_path_factory.mktemp("killed_stages")
+    work = tmp / "ref"
+    work.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VARSCALE_TRACKING", "off")     # the data stage, called here, logs nothing
+        _inputs(work, tmp)
+    stages = Stages(tmp / "logs")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    runs = {}
+    for name in ORDER:
+        run = stages.run(work, name)
+        assert run["code"] == 0, f"{name}:\n{run['log']}"
+        outs = stage_command(name, params)[2]
+        run["files"] = {k: v for k, v in tree(work).items() if any(k == o or k.startswith(o + "/") for o in outs)}
+        runs[name] = {**run, "outs": outs}
+    return stages, work, runs
+
+
+def test_every_stage_has_a_kill_test_and_writes_its_outputs_by_rename(reference):
+    """Every stage of dvc.yaml is killed here or in test_dvc_pipeline.py / test_train_ray.py, and each
+    stage here writes each of its output files by renaming a whole temp file onto it
+    (``pipeline.files.atomic_path``): a reader sees the old file or the new one, never a part."""
+    _, _, runs = reference
+    assert set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == set(ELSEWHERE) | set(HERE)
+    for name, run in runs.items():
+        assert run["files"] and sorted(run["renamed"]) == sorted(run["files"]), name
+
+
+# ---- the kills ------------------------------------------------------------------------------------
+def _strays(work: Path, ref: Path) -> dict[str, bool]:
+    """Files in ``work`` that the uninterrupted run does not have: whether DVC ignores each (.dvcignore)."""
+    from dvc.fs import LocalFileSystem
+    from dvc.ignore import DvcIgnoreFilter
+    ignore = DvcIgnoreFilter(LocalFileSystem(), str(work))
+    return {k: ignore.is_ignored_file(str(work / k)) for k in sorted(set(tree(work)) - set(tree(ref)))}
+
+
+def _assert_old_or_new(work: Path, old: dict[str, str], new: dict[str, str], when: str) -> None:
+    """Each output file is whole: its old version or the uninterrupted run's."""
+    now = {k: sha256_file(work / k) if (work / k).is_file() else None for k in new}
+    assert {k: v for k, v in now.items() if v not in (old[k], new[k])} == {}, when
+
+
+@pytest.mark.parametrize("name", [n for n in ORDER if n.partition("@")[2] in ("", str(EVAL_DEPTH))])
+def test_killed_stage_loses_nothing(reference, name, tmp_path):
+    """kill -9 of the stage a random time into its run, then again just before a random one of its
+    output renames (the worst moment: a whole temp file beside the old output); after each kill
+    every output is its old version or the new one, whole. The rerun as `dvc repro` runs it (the
+    declared outputs deleted first) ends with the uninterrupted run's outputs byte for byte, leaves
+    everything else as it was, and what the kills left behind are temp files DVC ignores."""
+    stages, ref, runs = reference
+    want = runs[name]["files"]
+    work = tmp_path / "work"
+    shutil.copytree(ref, work)
+    for k in want:        # an earlier run's outputs, as a run by hand finds them (dvc repro deletes them)
+        (work / k).write_bytes(f"old {k}\n".encode())
+    old = {k: sha256_file(work / k) for k in want}
+    rng = random.Random(name)
+    delay = stages.kill_at_random_time(work, name, runs[name]["seconds"], rng)
+    _assert_old_or_new(work, old, want, f"killed {delay:.3f} s into main")
+    k = rng.randrange(len(runs[name]["renamed"]))
+    killed = stages.run(work, name, kill_at=k)
+    assert killed["code"] == -signal.SIGKILL and killed["renamed"] == runs[name]["renamed"][:k], killed["log"]
+    _assert_old_or_new(work, old, want, f"killed before renaming {runs[name]['renamed'][k]}")
+    stray = _strays(work, ref)
+    assert stray and all(stray.values()), stray      # at least the k-th output's temp file, which DVC ignores
+
+    for out in runs[name]["outs"]:        # the rerun: dvc repro deletes the declared outputs, runs the command
+        shutil.rmtree(work / out) if (work / out).is_dir() else (work / out).unlink(missing_ok=True)
+    rerun = stages.run(work, name)
+    assert rerun["code"] == 0, rerun["log"]
+    assert {k: v for k, v in tree(work).items() if k not in stray} == tree(ref)
+    assert set(_strays(work, ref)) <= set(stray)

@@ -111,15 +111,40 @@ def top_kernels(fn, device: torch.device, steps: int = 2, top: int = 25) -> list
         if t > 0 and e.count > 0:
             rows.append({"kernel": e.key[:90], "ms": round(t / 1e3 / steps, 3), "calls": e.count // steps})
     rows.sort(key=lambda r: -r["ms"])
-    return KernelList(rows[:top], total_ms=round(sum(r["ms"] for r in rows), 3))
+    return KernelList(rows[:top], total_ms=round(sum(r["ms"] for r in rows), 3), categories=kernel_categories(rows))
 
 
 class KernelList(list):
-    """Top kernels, with ``total_ms``: the device time of all kernels per call (idle time excluded)."""
+    """Top kernels, with ``total_ms``: the device time of all kernels per call (idle time excluded),
+    and ``categories``: that time split by what the kernels do (:func:`kernel_categories`)."""
 
-    def __init__(self, rows, total_ms: float):
+    def __init__(self, rows, total_ms: float, categories: dict | None = None):
         super().__init__(rows)
-        self.total_ms = total_ms
+        self.total_ms, self.categories = total_ms, categories or {}
+
+
+# Kernel name patterns per category, tried in order (a convolution's implicit GEMM is a convolution,
+# flex attention's Triton template is attention, not element-wise work, and so is cuDNN's SDPA).
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "flex", "sdpa", "tem_fused")),   # cuDNN's SDPA says "fprop" too
+    ("convolution", ("fprop", "dgrad", "wgrad", "convolution", "conv2d", "implicit_gemm", "implicit_convolve")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "cublas", "matmul", "splitk")),
+    ("optimizer", ("adam", "master_weight")),
+    ("sort_topk", ("sort", "radix", "topk", "bitonic")),
+    ("sampling", ("multinomial", "scan", "cumsum", "exponential", "distribution")),
+    ("memcpy_memset", ("memcpy", "memset", "copy_kernel")),
+)
+
+
+def kernel_categories(rows: list[dict]) -> dict:
+    """Device ms per category (:data:`KERNEL_CATEGORIES`; the rest is ``elementwise_other``: fused
+    Triton kernels, norms, reductions, casts), from :func:`top_kernels`' rows, largest first."""
+    out: dict[str, float] = {}
+    for r in rows:
+        name = r["kernel"].lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "elementwise_other")
+        out[cat] = out.get(cat, 0.0) + r["ms"]
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def gpu_gaps(fn, device: torch.device, top: int = 15, min_us: float = 10.0) -> dict:

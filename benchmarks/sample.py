@@ -64,7 +64,9 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
            "peak_gib": peak_gib(device), **env()}
     if args.profile:
-        emit({"bench": "sample_profile", "depth": var.cfg.depth, "batch": batch, "top": top_kernels(generate, device, 1)})
+        top = top_kernels(generate, device, 1, top=args.profile_top)
+        emit({"bench": "sample_profile", "depth": var.cfg.depth, "batch": batch, "kernel_ms_total": top.total_ms,
+              "categories": top.categories, "top": list(top)})
     if args.check_tokens:
         rec.update(same_tokens(var, vqvae, label_B, sampling, device))
     return rec
@@ -95,6 +97,7 @@ def main(argv=None):
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also set cudnn.benchmark globally")
     ap.add_argument("--no-cudnn-autotune", action="store_true", help="varcore.sample.CUDNN_AUTOTUNE = False")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch")
+    ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--check-tokens", action="store_true")
     ap.add_argument("--model", type=Path, help="time this VAR file (e.g. an imported official one) instead of "
                                                "random weights; its depth must be the case's")

@@ -10,6 +10,9 @@
 #   official  the official code's training step and sampler (OFFICIAL_ROOT: a FoundationVision/VAR checkout)
 #   versus    official then ours in one call: training d16/64 and d24/32, sampling d16/64 and d24/64, and
 #             the ratios (benchmarks/ratios.py); the comparison benchmarks/RESULTS.md reports
+#   depths    versus at every paper depth, one call per depth (official then ours, then the ratios):
+#             training d16 and d20 at batch 64, d24 and d30 at 32; sampling at B=64. DEPTHS="16 20 24 30"
+#   latency   our sampler at B=1 (one image, CFG on, decode included) at d16 and d30
 #   numerics  bf16 fast path against the fp32 plain path over 30 steps, CUDA-graph replays against
 #             eager steps, a checkpointed and resumed run against a straight one
 #
@@ -38,8 +41,13 @@ for suite in "$@"; do
               run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-16:64 24:32}")
               run benchmarks/sample.py $(cases --case "${SAMPLE_CASES:-16:64 24:64}")
               python3 benchmarks/ratios.py < "$OUT_LINES" ;;
+    depths)   for d in ${DEPTHS:-16 20 24 30}; do
+                b=$([ "$d" -le 20 ] && echo 64 || echo 32)
+                TRAIN_CASES="$d:$b" SAMPLE_CASES="$d:64" bash "$0" versus
+              done ;;
+    latency)  run benchmarks/sample.py --case 16:1 --case 30:1 ;;
     numerics) run benchmarks/train_step.py --numerics --graph-check --resume-check ;;
-    *) echo "unknown suite $suite (train, sample, official, versus, numerics)" >&2; exit 2 ;;
+    *) echo "unknown suite $suite (train, sample, official, versus, depths, latency, numerics)" >&2; exit 2 ;;
   esac
 done
 rm -f "$OUT_LINES"

@@ -138,7 +138,7 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
     if args.profile:
         top = top_kernels(step, device, top=args.profile_top)
         emit({"bench": "train_profile", "depth": depth, "batch": batch, "kernel_ms_total": top.total_ms,
-              "top": list(top)})
+              "categories": top.categories, "top": list(top)})
     if args.gaps:
         emit({"bench": "train_gaps", "depth": depth, "batch": batch, **gpu_gaps(step, device)})
     s = summary(times)

@@ -57,3 +57,23 @@ def test_ratios_pair_official_and_ours_by_case():
         {"ratio": "sample_time", "depth": 16, "batch": 64, "tag": None, "official_ms_per_image": 8.0,
          "ours_ms_per_image": 3.0, "ours_over_official": 0.375},
     ]
+
+
+def test_kernel_categories_split_the_device_time():
+    """Names as the profiler reports them on Hopper: cuDNN's SDPA says "fprop" but is attention,
+    an implicit-GEMM convolution is a convolution, cuBLAS's nvjet kernels are matmuls; whatever
+    matches nothing (inductor's fused kernels) is element-wise work, and nothing is lost."""
+    from bench_utils import kernel_categories
+    rows = [{"kernel": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "ms": 2.0},
+            {"kernel": "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc", "ms": 3.0},
+            {"kernel": "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "ms": 5.0},
+            {"kernel": "triton_tem_fused_flex_attention_backward_transpose_view_9", "ms": 1.0},
+            {"kernel": "void at::native::radixSortKVInPlace<2, -1, 128, 32, float, long>", "ms": 0.5},
+            {"kernel": "void at::native::sampleMultinomialOnce<float, 4>", "ms": 0.25},
+            {"kernel": "triton_poi_fused_gelu_view_1", "ms": 0.75},
+            {"kernel": "triton_red_fused__to_copy__unsafe_index_add_arange_upsample_nearest2d", "ms": 0.125},
+            {"kernel": "_adamw_kernel", "ms": 1.5}]
+    cats = kernel_categories(rows)
+    assert cats == {"matmul": 5.0, "attention": 3.0, "convolution": 3.0, "optimizer": 1.5,
+                    "elementwise_other": 0.875, "sort_topk": 0.5, "sampling": 0.25}
+    assert list(cats)[0] == "matmul" and sum(cats.values()) == sum(r["ms"] for r in rows)

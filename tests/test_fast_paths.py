@@ -279,6 +279,41 @@ def test_static_engine_same_tokens_as_plain(tiny_var, tiny_vqvae, amp):
     release_static_engine(tiny_var)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kv_cache_rows_copy_bit_exactly(dtype):
+    """The engine's KV-cache appends move 8-byte words: the same bits as copy_, into a slice of
+    the (B, L, H, hd) cache from a (B, l, H, hd) view with a strided batch (v out of qkv), and a
+    plain copy where words cannot express the layout (odd last dimension)."""
+    from varcore.fast.static_sampler import copy_rows_
+    qkv = torch.randn(3, 5, 3, 4, 8).to(dtype)            # (B, l, 3, H, hd), as the projection writes it
+    v = qkv.unbind(2)[2]
+    cache = torch.zeros(3, 12, 4, 8, dtype=dtype)
+    copy_rows_(cache[:, 4:9], v)
+    assert torch.equal(cache[:, 4:9], v) and not cache[:, :4].any() and not cache[:, 9:].any()
+    odd, src = torch.zeros(2, 6, 3, dtype=dtype), torch.randn(2, 2, 3).to(dtype)
+    copy_rows_(odd[:, 1:3], src)
+    assert torch.equal(odd[:, 1:3], src)
+
+
+def test_compiled_engine_runs_the_fused_ffn(tiny_var, tiny_var_cfg, aot_eager):
+    """The compiled engine's blocks carry the fused FFN (GELU in the matmul epilogue on CUDA; the
+    plain FFN's ops on the CPU, so its logits equal the plain loop's); the exact engine keeps the
+    plain FFN."""
+    from varcore.fast.fused_mlp import FusedFFN
+    from varcore.fast.static_sampler import StaticScales
+    cfg, label = tiny_var_cfg, torch.tensor([0, 3])
+    compiled = StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False, compiled=True)
+    exact = StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False, compiled=False)
+    assert all(isinstance(b.ffn, FusedFFN) for b in compiled.model.blocks)
+    assert not any(isinstance(b.ffn, FusedFFN) for b in exact.model.blocks)
+    cond = tiny_var.cond(label)
+    with torch.no_grad():
+        caches, x = tiny_var.new_kv_caches(), tiny_var.sos(cond)
+        ref = tiny_var.forward_scale(x, cond, 0, caches)
+        compiled.begin(tiny_var, cond)
+        assert torch.allclose(compiled.scale(0, x), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_static_engine_follows_weight_updates(tiny_var, tiny_vqvae):
     label = torch.tensor([0, 1])
     _sample(tiny_var, tiny_vqvae, label, "static", 3)

@@ -118,10 +118,12 @@ def _gemm_semantics(epilogue, a, transa, b, transb, d, bias=None, aux=None, algo
     opB = B.T if transb == cublaslt.OP_T else B
     assert opA.shape[1] == opB.shape[0] and d.shape == (opB.shape[1], opA.shape[0])
     D = opA @ opB                                               # (m, n)
-    if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
+    if epilogue in (cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_GELU_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
         D = D + bias[:, None]                                   # bias: one per row of D
     if epilogue == cublaslt.EPILOGUE_GELU_AUX_BIAS:
         aux.copy_(D.T)                                          # GELU input, laid out like D
+    if epilogue in (cublaslt.EPILOGUE_GELU_BIAS, cublaslt.EPILOGUE_GELU_AUX_BIAS):
+        assert (aux is None) == (epilogue == cublaslt.EPILOGUE_GELU_BIAS)
         D = F.gelu(D, approximate="tanh")
     if epilogue == cublaslt.EPILOGUE_DGELU:
         D = torch.ops.aten.gelu_backward(D, aux.T, approximate="tanh")
@@ -142,6 +144,7 @@ def test_cublaslt_wrappers_compute_the_ffn_math(monkeypatch):
     assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(g, F.gelu(h_ref, approximate="tanh"), atol=1e-5)
     dh = cublaslt.matmul_dgelu(dy, w2, h)
     assert torch.allclose(dh, torch.ops.aten.gelu_backward(dy @ w2, h, approximate="tanh"), atol=1e-5)
+    assert torch.allclose(cublaslt.linear_gelu(x, w1, b1), g, atol=1e-5)   # inference: no GELU input kept
 
 
 def test_cublaslt_gemm_rejects_mismatched_shapes(monkeypatch):
@@ -171,3 +174,27 @@ def test_cublaslt_failure_falls_back_to_torch_ops(monkeypatch, caplog):
     assert torch.allclose(dh, torch.ops.aten.gelu_backward(x @ w2, h, approximate="tanh"))
     assert sum("linear_gelu_aux failed" in r.message for r in caplog.records) == 1
     assert any("matmul_dgelu failed" in r.message for r in caplog.records)
+
+
+def test_fused_ffn_without_gradients_is_the_plain_ffn(monkeypatch):
+    """Without gradients (evaluation, sampling) the fused FFN runs one epilogue matmul that keeps
+    no GELU input. Driven through the op's torch fallback (the CPU's), it computes exactly the
+    plain FFN's ops (fc1, tanh GELU, fc2), so the outputs are equal, not close; under bf16
+    autocast it casts as autocast does. Where the epilogue cannot run, the plain FFN runs."""
+    import varcore.fast.fused_mlp as fm
+    torch.manual_seed(4)
+    ffn = FFN(16, 64, 0.0).eval()
+    fused = FusedFFN.of(ffn).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(fused(x), ffn(x))                   # CPU: not usable, the plain FFN
+        monkeypatch.setattr(fm, "fused_usable", lambda t: True)
+        monkeypatch.setattr(fm, "_use_cublaslt", lambda t: False)   # the op's torch fallback
+        assert torch.equal(fused(x), ffn(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_ref = fused(x), ffn(x)
+        assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+        compiled = torch.compile(fused, backend="aot_eager", dynamic=True)   # the fake op's shapes
+        for L in (3, 7):
+            xl = torch.randn(2, L, 16)
+            assert torch.equal(compiled(xl), ffn(xl))

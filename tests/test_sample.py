@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from varcore import ConfigError, SamplingConfig, edit_class, generate, inpaint, outpaint, sample_tokens
-from varcore.sample import Teacher, box_mask, filter_logits, guidance, scale_keep_masks
+from varcore.sample import (TOP_K_TIE_SLACK, Teacher, box_mask, filter_logits, guidance, ranked_candidates,
+                            sample_logits, scale_keep_masks)
 
 
 def _gen(seed):
@@ -54,6 +55,44 @@ def test_top_k_and_top_p_filtering():
     perm = torch.tensor([2, 0, 3, 1])
     kept = torch.isfinite(filter_logits(logits[:, perm], 0, 0.8))
     assert kept.tolist() == [[False, True, False, True]]
+
+
+FILTERS = [(900, 0.96), (50, 0.5), (0, 0.8), (50, 1.0), (0, 1.0), (1, 0.96)]
+
+
+@pytest.mark.parametrize("top_k, top_p", FILTERS)
+def test_ranked_candidates_are_the_filtered_sets(top_k, top_p):
+    """The tokens left with non-zero weight are exactly filter_logits' (continuous logits: no
+    ties), with its probabilities once normalised, up to float32 rounding (softmax sums over ~k
+    instead of V terms, and one more division: a few ulp)."""
+    logits = torch.randn(256, 4096, generator=_gen(0)) * 3
+    ref = filter_logits(logits, top_k, top_p).softmax(-1)
+    probs_Nn, idx_Nn = ranked_candidates(logits, top_k, top_p)
+    probs_NV = probs_Nn if idx_Nn is None else torch.zeros_like(ref).scatter(-1, idx_Nn, probs_Nn)
+    assert torch.equal(probs_NV > 0, ref > 0)
+    assert torch.allclose(probs_NV / probs_NV.sum(-1, keepdim=True), ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("top_k, top_p", FILTERS)
+def test_sample_logits_draws_what_multinomial_draws(top_k, top_p):
+    """The exponential race over the ranked candidates, with one Exp(1) draw per vocabulary entry,
+    picks the token torch.multinomial picks from filter_logits' distribution for the same
+    generator state (continuous logits); it is how multinomial draws one sample."""
+    logits = torch.randn(512, 1, 4096, generator=_gen(1)) * 3
+    ref = torch.multinomial(filter_logits(logits[:, 0], top_k, top_p).softmax(-1), 1, generator=_gen(2))
+    assert torch.equal(sample_logits(logits, top_k, top_p, _gen(2)), ref)
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    """bf16 logits tie: every logit equal to the k-th largest stays a candidate, as in the
+    official filter (up to TOP_K_TIE_SLACK extra)."""
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.5]])
+    probs, idx = ranked_candidates(logits, top_k=2, top_p=1.0)
+    kept = set(idx[probs > 0].tolist())
+    assert kept == {0, 1, 2, 3} and torch.isfinite(filter_logits(logits, 2, 1.0)).sum() == 4
+    wide = torch.cat([torch.tensor([[5.0]]), torch.full((1, 40), 1.0), torch.zeros(1, 40)], 1)
+    probs, idx = ranked_candidates(wide, top_k=2, top_p=1.0)
+    assert int((probs > 0).sum()) == 2 + TOP_K_TIE_SLACK   # 41 tied with the 2nd: the slack bounds what is kept
 
 
 def test_samples_obey_top_k(tiny_var, tiny_vqvae):

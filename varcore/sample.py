@@ -91,12 +91,57 @@ def filter_logits(logits_NV: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     return logits_NV.masked_fill(drop, float("-inf"))
 
 
+# Logits ranked past the k-th by top-k sampling: the official filter keeps every logit equal to
+# the k-th largest, and bf16 logits tie often (about six per bf16 step near the 900th of 4096),
+# so the ranking takes this many more and drops those below the k-th value.
+TOP_K_TIE_SLACK = 32
+
+
+def ranked_candidates(logits_NV: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens that top-k and top-p leave, as weights over a ranked list: ``(probs_Nn, idx_Nn)``
+    with ``idx_Nn`` the vocabulary index of each column (None: all ``V`` columns in vocabulary
+    order); the weights are proportional to the filtered distribution (the softmax before the
+    nucleus cut, not renormalised: the draw does not need it) and zero where a filter cut the token.
+
+    The same sets as :func:`filter_logits`, computed without sorting the whole vocabulary when
+    top-k is on: one ``topk`` ranks the ``k`` (+ ties) candidates, and the nucleus is the
+    shortest run of them from the top whose mass reaches ``top_p`` (a token is kept while the
+    mass ranked strictly above it is below ``top_p``, which is :func:`filter_logits`' rule read
+    from the other end: it drops from the bottom while the mass at or below is at most ``1 - top_p``).
+    Ties with the k-th logit are kept, as there, up to :data:`TOP_K_TIE_SLACK` of them.
+    """
+    V = logits_NV.shape[-1]
+    if 0 < top_k < V:
+        vals_Nn, idx_Nn = logits_NV.topk(min(V, top_k + TOP_K_TIE_SLACK), dim=-1)   # sorted, descending
+        vals_Nn = vals_Nn.masked_fill(vals_Nn < vals_Nn[:, top_k - 1:top_k], float("-inf"))
+    elif top_p < 1.0:
+        vals_Nn, idx_Nn = logits_NV.sort(dim=-1, descending=True)
+    else:
+        return logits_NV.softmax(dim=-1), None
+    probs_Nn = vals_Nn.softmax(dim=-1)
+    if top_p < 1.0:
+        above_Nn = probs_Nn.cumsum(dim=-1) - probs_Nn   # mass ranked above each candidate
+        probs_Nn = probs_Nn.masked_fill(above_Nn >= top_p, 0.0)
+    return probs_Nn, idx_Nn
+
+
 def sample_logits(logits_BlV: torch.Tensor, top_k: int, top_p: float,
                   generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per position: ``(B, l)``."""
+    """Draw one token per position: ``(B, l)``.
+
+    The draw is the exponential race: ``argmax_i p_i / q_i`` with ``q_i ~ Exp(1)`` picks ``i``
+    with probability ``p_i`` (what ``torch.multinomial`` does for one sample, after two checks
+    that wait for the GPU). One ``q`` is drawn per vocabulary entry, in vocabulary order, so a
+    generator state gives the tokens ``multinomial`` gives over :func:`filter_logits`' output,
+    while the race itself runs over the ranked candidates alone.
+    """
     B, l, V = logits_BlV.shape
-    probs = filter_logits(logits_BlV.float().reshape(-1, V), top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).view(B, l)
+    logits_NV = logits_BlV.float().reshape(-1, V)
+    probs_Nn, idx_Nn = ranked_candidates(logits_NV, top_k, top_p)
+    q_NV = torch.empty_like(logits_NV).exponential_(generator=generator)
+    q_Nn = q_NV if idx_Nn is None else q_NV.gather(-1, idx_Nn)
+    pick_N1 = (probs_Nn / q_Nn).argmax(dim=-1, keepdim=True)
+    return (pick_N1 if idx_Nn is None else idx_Nn.gather(-1, pick_N1)).view(B, l)
 
 
 def guidance(k: int, K: int, cfg: float) -> float:

@@ -152,10 +152,15 @@ class KVCache:
         end = self.len + k_BHlc.shape[2]
         if end > self.L:
             raise ValueError(f"KV cache holds {self.L} tokens, appending would reach {end}")
-        self.k_BLHc[:, self.len:end] = k_BHlc.transpose(1, 2)
-        self.v_BLHc[:, self.len:end] = v_BHlc.transpose(1, 2)
+        self.write(self.k_BLHc[:, self.len:end], k_BHlc.transpose(1, 2))
+        self.write(self.v_BLHc[:, self.len:end], v_BHlc.transpose(1, 2))
         self.len = end
         return self.k_BLHc[:, :end].transpose(1, 2), self.v_BLHc[:, :end].transpose(1, 2)
+
+    @staticmethod
+    def write(dst_BlHc: torch.Tensor, src_BlHc: torch.Tensor) -> None:
+        """Copy one scale's keys or values into their slots (a fast path may move them otherwise)."""
+        dst_BlHc.copy_(src_BlHc)
 
     def attend(self, q_BHlc, k_BHlc, v_BHlc, scale: float | None) -> torch.Tensor:
         """Append this scale's keys/values, then attend over every cached token: no mask, since

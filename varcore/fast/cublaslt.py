@@ -38,6 +38,7 @@ _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1
 _PREF_MIN_ALIGNMENT = {"A": 5, "B": 6, "C": 7, "D": 8}
 EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
+EPILOGUE_GELU_BIAS = 36        # D = gelu(AB + bias)
 EPILOGUE_GELU_AUX_BIAS = 164   # D = gelu(AB + bias), aux = AB + bias
 EPILOGUE_DGELU = 192           # D = AB * gelu'(aux)
 EPILOGUE_DGELU_BGRAD = 208     # D = AB * gelu'(aux), bias = sum of D over n
@@ -235,6 +236,15 @@ def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -
     h_NM = torch.empty_like(g_NM)
     gemm(EPILOGUE_GELU_AUX_BIAS, w_MK, OP_T, x_NK, OP_N, g_NM, b_M, h_NM)
     return g_NM, h_NM
+
+
+def linear_gelu(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> torch.Tensor:
+    """``gelu(x W^T + b)`` (tanh GELU) from one matmul, without keeping the GELU input
+    (inference: nothing needs it)."""
+    x_NK, w_MK, b_M = x_NK.contiguous(), w_MK.contiguous(), b_M.contiguous()
+    g_NM = x_NK.new_empty(x_NK.shape[0], w_MK.shape[0])
+    gemm(EPILOGUE_GELU_BIAS, w_MK, OP_T, x_NK, OP_N, g_NM, b_M)
+    return g_NM
 
 
 def matmul_dgelu(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> torch.Tensor:

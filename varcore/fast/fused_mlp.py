@@ -7,7 +7,8 @@ element-wise GELU passes over the ``(tokens, 4C)`` activations, forward and back
 (two passes over the largest activations of the block). Both the GELU's input and
 output are kept for the backward, as inductor already did for the plain FFN (same peak memory).
 
-The two matmuls are custom ops, so ``torch.compile`` keeps them as calls in its graphs;
+Without gradients (evaluation, sampling) the first matmul writes only the GELU output.
+The matmuls are custom ops, so ``torch.compile`` keeps them as calls in its graphs;
 where cuBLASLt is not there (the CPU) they compute the same thing with plain torch ops,
 which is how the CPU tests check the gradients this module writes out.
 """
@@ -59,6 +60,22 @@ def _(x_NK, w_MK, b_M):
     return out, torch.empty_like(out)
 
 
+@torch.library.custom_op("varcore::linear_gelu", mutates_args=())
+def linear_gelu(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> torch.Tensor:
+    """``gelu(x W^T + b)`` (inference: the GELU input is not kept)."""
+    if _use_cublaslt(x_NK):
+        try:
+            return cublaslt.linear_gelu(x_NK, w_MK, b_M)
+        except cublaslt.CublasLtError as e:
+            _warn_fallback("linear_gelu", f"{tuple(x_NK.shape)} x {tuple(w_MK.shape)}", str(e))
+    return F.gelu(F.linear(x_NK, w_MK, b_M), approximate="tanh")
+
+
+@linear_gelu.register_fake
+def _(x_NK, w_MK, b_M):
+    return x_NK.new_empty(x_NK.shape[0], w_MK.shape[0])
+
+
 @torch.library.custom_op("varcore::matmul_dgelu", mutates_args=())
 def matmul_dgelu(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> torch.Tensor:
     """``dh = (dy W) * gelu'(h)``."""
@@ -104,6 +121,16 @@ def gelu_mlp(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) ->
     return y_NC.view(*x_BLC.shape[:-1], y_NC.shape[-1])
 
 
+def gelu_mlp_inference(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
+    """The same FFN without gradients: the GELU in the first matmul's epilogue and nothing kept
+    for a backward (one pass over the ``(tokens, 4C)`` activations instead of three)."""
+    dt = fused_dtype(x_BLC)
+    x_NC = x_BLC.reshape(-1, x_BLC.shape[-1]).to(dt)
+    g_NH = linear_gelu(x_NC, fc1.weight.to(dt), fc1.bias.to(dt))
+    y_NC = F.linear(g_NH, fc2.weight.to(dt), fc2.bias.to(dt))
+    return y_NC.view(*x_BLC.shape[:-1], y_NC.shape[-1])
+
+
 def fused_usable(x: torch.Tensor) -> bool:
     """Whether :func:`gelu_mlp` runs the epilogue matmuls for ``x`` (CUDA, bf16/fp16, cuBLASLt)."""
     return _cublaslt_runs(x, fused_dtype(x))
@@ -117,9 +144,10 @@ def _with_layers(cls: type, ffn: FFN) -> FFN:
 
 
 class FusedFFN(FFN):
-    """:class:`varcore.var.FFN` with the GELU inside its matmuls' epilogues when gradients are
-    on; without them the plain FFN runs, since the fused forward's second output (the GELU
-    input) serves only the backward. Same parameters and state-dict keys as the FFN."""
+    """:class:`varcore.var.FFN` with the GELU inside its matmuls' epilogues. With gradients on,
+    the first matmul also keeps the GELU input for the backward; without them (evaluation,
+    sampling) it does not, and where the epilogue cannot run (the CPU, fp32) the plain FFN runs.
+    Same parameters and state-dict keys as the FFN."""
 
     @classmethod
     def of(cls, ffn: FFN) -> "FusedFFN":
@@ -132,5 +160,7 @@ class FusedFFN(FFN):
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
-            return super().forward(x_BLC)
+            if not fused_usable(x_BLC):
+                return super().forward(x_BLC)
+            return self.drop(gelu_mlp_inference(x_BLC, self.fc1, self.fc2))
         return self.drop(gelu_mlp(x_BLC, self.fc1, self.fc2))

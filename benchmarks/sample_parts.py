@@ -1,0 +1,89 @@
+"""The parts of a sampling batch timed on their own, with the variants worth comparing.
+
+``--filter``: drawing the tokens of all K scales from float logits at the paper's shapes
+(B images, CFG halves mixed, top-k then top-p, one draw per token): the sampler's
+``sample_logits`` against the draw it replaced (a sort of all V, ``torch.multinomial``). ``--decode``: the VQ-VAE decoder on B latents, by chunk
+size and compile. One JSON line per arm: median ms per batch.
+
+    PYTHONPATH=. python benchmarks/sample_parts.py --filter --decode --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import PAPER_VQ, emit, env, summary, time_ms  # noqa: E402
+from varcore import PAPER_PATCH_NUMS, VQVAE  # noqa: E402
+from varcore.sample import decode_images, filter_logits, guidance, sample_logits  # noqa: E402
+
+
+def filter_multinomial(logits_BlV: torch.Tensor, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """The draw before round 10: filter_logits over all V (one sort), softmax, torch.multinomial."""
+    B, l, V = logits_BlV.shape
+    probs = filter_logits(logits_BlV.float().reshape(-1, V), top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).view(B, l)
+
+
+def filter_arms(args, device) -> None:
+    V, B, K = args.vocab, args.batch, len(PAPER_PATCH_NUMS)
+    gen = torch.Generator(device=device).manual_seed(0)
+    # bf16-rounded logits, as the head computes them under autocast (ties at the k-th value occur)
+    logits = [(torch.randn(2 * B, p * p, V, device=device) * 3).bfloat16().float() for p in PAPER_PATCH_NUMS]
+
+    def run(draw):
+        def f():
+            for k, lg in enumerate(logits):
+                t = guidance(k, K, 1.5)
+                draw((1 + t) * lg[:B] - t * lg[B:], args.top_k, args.top_p, gen)
+        return f
+
+    arms = {"sample_logits": sample_logits, "filter_multinomial": filter_multinomial,
+            "cfg_mix_only": lambda x, *a: x}
+    for name, draw in arms.items():
+        s = summary(time_ms(run(draw), device, 2, args.iters))
+        emit({"bench": "sample_filter", "arm": name, "batch": B, "vocab": V, "top_k": args.top_k,
+              "top_p": args.top_p, **s, **env()})
+
+
+def decode_arms(args, device) -> None:
+    vqvae = VQVAE(PAPER_VQ).to(device).eval()
+    f_hat = torch.randn(args.batch, PAPER_VQ.Cvae, 16, 16, device=device)
+    for chunk, compiled in dict.fromkeys((min(c, args.batch), comp) for c, comp in
+                                         ((16, True), (32, True), (64, True), (16, False), (64, False))):
+
+        def f():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                decode_images(vqvae, f_hat, chunk, compiled=compiled)
+        try:
+            s = summary(time_ms(f, device, 2, args.iters))
+        except Exception as e:   # an arm that fails must not hide the others
+            s = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        emit({"bench": "sample_decode", "chunk": chunk, "compiled": compiled, "batch": args.batch, **s, **env()})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--filter", action="store_true")
+    ap.add_argument("--decode", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--top-k", type=int, default=900)
+    ap.add_argument("--top-p", type=float, default=0.96)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if args.filter:
+        filter_arms(args, device)
+    if args.decode:
+        decode_arms(args, device)
+
+
+if __name__ == "__main__":
+    main()

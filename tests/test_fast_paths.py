@@ -295,13 +295,13 @@ def test_kv_cache_rows_copy_bit_exactly(dtype):
     assert torch.equal(odd[:, 1:3], src)
 
 
-def test_compiled_engine_runs_the_fused_ffn(tiny_var, tiny_var_cfg, aot_eager):
+def test_compiled_engine_runs_the_fused_ffn(tiny_var, aot_eager):
     """The compiled engine's blocks carry the fused FFN (GELU in the matmul epilogue on CUDA; the
     plain FFN's ops on the CPU, so its logits equal the plain loop's); the exact engine keeps the
     plain FFN."""
     from varcore.fast.fused_mlp import FusedFFN
     from varcore.fast.static_sampler import StaticScales
-    cfg, label = tiny_var_cfg, torch.tensor([0, 3])
+    label = torch.tensor([0, 3])
     compiled = StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False, compiled=True)
     exact = StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False, compiled=False)
     assert all(isinstance(b.ffn, FusedFFN) for b in compiled.model.blocks)

@@ -16,7 +16,8 @@
 #   numerics  bf16 fast path against the fp32 plain path over 30 steps, CUDA-graph replays against
 #             eager steps, a checkpointed and resumed run against a straight one
 #
-# TRAIN_CASES / SAMPLE_CASES replace the cases, e.g. TRAIN_CASES="16:64 24:32" SAMPLE_CASES="16:64".
+# TRAIN_CASES / SAMPLE_CASES replace the cases, e.g. TRAIN_CASES="16:64 24:32" SAMPLE_CASES="16:64";
+# SAMPLE_FLAGS adds options to our sampling run in versus (e.g. --check-tokens, --profile).
 # Each program runs under `timeout ${T:-600}`; a failed case prints an error line and the rest go on.
 set -u
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ for suite in "$@"; do
               run benchmarks/official_step.py --official-root "$root" $(cases --case "${TRAIN_CASES:-16:64 24:32}") \
                   $(cases --sample-case "${SAMPLE_CASES:-16:64 24:64}")
               run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-16:64 24:32}")
-              run benchmarks/sample.py $(cases --case "${SAMPLE_CASES:-16:64 24:64}")
+              run benchmarks/sample.py $(cases --case "${SAMPLE_CASES:-16:64 24:64}") ${SAMPLE_FLAGS:-}
               python3 benchmarks/ratios.py < "$OUT_LINES" ;;
     depths)   for d in ${DEPTHS:-16 20 24 30}; do
                 b=$([ "$d" -le 20 ] && echo 64 || echo 32)

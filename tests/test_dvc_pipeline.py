@@ -157,9 +157,11 @@ def test_killed_stages_lose_nothing(repo, tmp_path):
     assert json.loads(status.strip().splitlines()[-1]) == {}
 
 
-def test_params_error_stops_before_any_output_is_deleted(repo):
+def test_params_error_stops_before_any_output_is_deleted_and_a_second_repro_is_refused(repo):
     """A wrong type in params.yaml: `dvc repro` stops at check_params, naming the key, and every
-    output of the later stages (the cache: false metrics too) is still there."""
+    output of the later stages (the cache: false metrics too) is still there. With the params put
+    back, the rerun runs check_params alone; a second `dvc repro` started while it runs is refused
+    by DVC's lock, and the outputs are unchanged."""
     work, env, dvc, _, _ = repo
     before = _files(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
@@ -175,15 +177,7 @@ def test_params_error_stops_before_any_output_is_deleted(repo):
             k: v for k, v in before.items() if k != "runs/params-check.json"}
     finally:
         _run(["git", "checkout", "-q", "--", "params.yaml"], work, env)
-    out = _run(dvc + ["repro", "encode_tokens"], work, env)
-    assert "Running stage 'check_params'" in out and "Running stage 'data'" not in out
-    assert _files(work) == before
-
-
-def test_a_second_dvc_repro_is_refused_while_one_runs(repo):
-    work, env, dvc, _, _ = repo
-    before = _files(work)
-    first = subprocess.Popen(dvc + ["repro", "-f", "check_params"], cwd=work, env=env, stdout=subprocess.PIPE,
+    first = subprocess.Popen(dvc + ["repro", "encode_tokens"], cwd=work, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not _stage_pids(work, "check_params"):
@@ -191,8 +185,10 @@ def test_a_second_dvc_repro_is_refused_while_one_runs(repo):
         time.sleep(0.01)
     second = subprocess.run(dvc + ["repro", "encode_tokens"], cwd=work, env=env, capture_output=True, text=True,
                             timeout=120)
-    assert first.wait(timeout=120) == 0
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, out
     assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+    assert "Running stage 'check_params'" in out and "Running stage 'data'" not in out
     assert _files(work) == before
 
 
@@ -210,7 +206,9 @@ def test_mlflow_has_one_child_run_per_stage(repo):
     assert "val/psnr" in tok.metrics and "train.lr" in tok.params and "model.vocab_size" in tok.params
 
 
-def test_changed_tokenizer_param_reruns_tokenizer_not_data(repo):
+def test_changed_tokenizer_param_reruns_tokenizer_not_data_and_exp_run_overrides(repo):
+    """A hand-edited tokenizer param makes train_tokenizer (not data) stale; `dvc exp run -S` on top
+    of it reruns train_tokenizer and encode_tokens, skips data, and applies the override."""
     work, env, dvc, out, tmp = repo
     assert "Stage 'data' didn't change" not in out
     status = json.loads(_run(dvc + ["status", "--json"], work, env).strip().splitlines()[-1])
@@ -220,15 +218,9 @@ def test_changed_tokenizer_param_reruns_tokenizer_not_data(repo):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run(dvc + ["status", "--json"], work, env).strip().splitlines()[-1])
     assert "train_tokenizer" in status and "data" not in status
-    out2 = _run(dvc + ["repro", "encode_tokens"], work, env)
+    out2 = _run(dvc + ["exp", "run", "-S", "encode_tokens.shard_size=8", "encode_tokens"], work, env)
     assert "Stage 'data' didn't change, skipping" in out2
     assert "Running stage 'train_tokenizer'" in out2 and "Running stage 'encode_tokens'" in out2
-
-
-def test_dvc_exp_run_with_override(repo):
-    work, env, dvc, out, tmp = repo
-    _run(["git", "checkout", "-q", "--", "params.yaml"], work, env)
-    _run(dvc + ["exp", "run", "-S", "encode_tokens.shard_size=8", "encode_tokens"], work, env)
     man = json.loads((work / "data" / "tokens" / "manifest.json").read_text())
     assert [s["count"] for s in man["splits"]["train"]["shards"]][:3] == [8, 8, 8]
 

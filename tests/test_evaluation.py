@@ -1,9 +1,7 @@
 """The evaluation: the classifier as torch-fidelity's feature network ranks known degradations,
-the evaluate stages record what made every number, and bad sample sets are named."""
+and bad sample sets are named (what the evaluate stages record: test_stage_runs.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -116,45 +114,3 @@ def test_sampling_params_are_checked():
         SamplingParams(top_p=0.0)
     with pytest.raises(Exception, match="seeds"):
         EvaluateParams(seeds=(1, 1))
-
-
-@pytest.mark.slow
-def test_evaluate_stage_records_settings_seeds_and_the_feature_network(classifier, tmp_path, tiny_vq_cfg):
-    """The evaluate stage on a tiny model: per-seed numbers, their mean, FID's spread, the settings,
-    the feature network's hash and accuracy, a picture with one row per class."""
-    from pipeline.stages import data, evaluate
-    from pipeline.tokenizer.checkpoint import save_tokenizer
-    from pipeline.training.checkpoint import save_var
-    from tests.conftest import randomize_
-    from tests.helpers import write_image_folder
-    from varcore import VAR, VARConfig, VQVAE
-    path, _, _, _ = classifier
-    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=20, size=16)
-    data.run(data.DataParams(source="image_folder", root=str(root), image_size=16, val_fraction=0.25),
-             data.Paths(tmp_path / "images", tmp_path / "data.json"))
-    torch.manual_seed(0)
-    vq = VQVAE(tiny_vq_cfg).eval()
-    save_tokenizer(tmp_path / "tok.pt", vq)
-    var = randomize_(VAR(VARConfig(depth=1, vocab_size=tiny_vq_cfg.vocab_size, Cvae=tiny_vq_cfg.Cvae,
-                                   patch_nums=tiny_vq_cfg.patch_nums, num_classes=3)))
-    save_var(tmp_path / "var-d1.pt", var, ["a", "b", "c"])
-    p = EvaluateParams(samples_per_class=6, seeds=(0, 1), batch_size=7, kid_subset_size=10,
-                       sampling=SamplingParams(cfg=1.5, top_k=20, top_p=0.9), grid_columns=4)
-    paths = evaluate.Paths(1, tmp_path / "var-d1.pt", tmp_path / "tok.pt", path, tmp_path / "images",
-                           tmp_path / "eval" / "d1.json", tmp_path / "runs" / "d1.json",
-                           tmp_path / "eval" / "samples-d1.png")
-    m = evaluate.run(p, paths)
-    assert json.loads(paths.metrics.read_text()) == m
-    assert set(m) == {"depth", "fid", "fid_spread", "is_mean", "kid_mean", "precision", "recall"}  # dvc metrics show
-    r = json.loads(paths.record.read_text())
-    assert [s["seed"] for s in r["per_seed"]] == [0, 1] and r["samples_per_seed"] == 18
-    assert m["fid"] == pytest.approx((r["per_seed"][0]["fid"] + r["per_seed"][1]["fid"]) / 2)
-    assert m["fid_spread"] == pytest.approx(abs(r["per_seed"][0]["fid"] - r["per_seed"][1]["fid"]))
-    assert r["sampling"] == {"cfg": 1.5, "top_k": 20, "top_p": 0.9, "engine": "auto"}
-    assert r["feature_network"]["name"] == "classifier" and len(r["feature_network"]["sha256"]) == 64
-    assert 1.0 <= m["is_mean"] <= 3.0 + 1e-6    # IS is bounded by the class count
-    from PIL import Image
-    with Image.open(paths.grid) as im:
-        assert im.size == (4 * 16, 3 * 16) and im.info["varscale.depth"] == "1"
-    again = evaluate.run(p, paths)                # same seeds: the same samples and numbers
-    assert again == m and json.loads(paths.record.read_text())["per_seed"] == r["per_seed"]

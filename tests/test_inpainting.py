@@ -1,23 +1,18 @@
-"""The zeroshot stage: in-painting against its two baselines, scored in the hole and by FID."""
+"""In-painting against its two baselines, scored in the hole (the zeroshot stage's outputs:
+test_stage_runs.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.evaluation.config import EvaluateParams, SamplingParams, ZeroShotParams
+from pipeline.evaluation.config import SamplingParams, ZeroShotParams
 from pipeline.evaluation.inpainting import METHODS, box_pixels, fill_holes, hole_masks, hole_mse
 from pipeline.params import load_section
 from tests.conftest import randomize_
 from varcore import VAR, VARConfig, VQVAE
-
-from . import test_evaluation
-
-classifier = test_evaluation.classifier   # the module-scoped feature network fixture
 
 
 def test_holes_cycle_and_boxes_round_to_pixels():
@@ -83,37 +78,3 @@ def test_every_method_keeps_the_pixels_outside_the_hole(tiny_models):
         assert hole_mse(out[m], original, holes) > 0.01
     again = fill_holes(var, vq, images, labels, holes, SamplingParams(cfg=1.0, top_k=20, top_p=0.9), 0, batch_size=4)
     assert all(torch.equal(again[m], out[m]) for m in METHODS)   # seeded: the same images again
-
-
-@pytest.mark.slow
-def test_zeroshot_stage_writes_the_table_record_and_picture(classifier, tmp_path, tiny_models):
-    from pipeline.stages import data, zeroshot
-    from pipeline.tokenizer.checkpoint import save_tokenizer
-    from pipeline.training.checkpoint import save_var
-    from tests.helpers import write_image_folder
-    var, vq = tiny_models
-    path, _, _, _ = classifier
-    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=20, size=16)
-    data.run(data.DataParams(source="image_folder", root=str(root), image_size=16, val_fraction=0.5),
-             data.Paths(tmp_path / "images", tmp_path / "data.json"))
-    save_tokenizer(tmp_path / "tok.pt", vq)
-    save_var(tmp_path / "var-d1.pt", var, ["a", "b", "c"])
-    cfg = zeroshot.ZeroShotConfig(ZeroShotParams(depth=1, images=12, batch_size=5, grid_images=4),
-                                  EvaluateParams(sampling=SamplingParams(cfg=1.0, top_k=20, top_p=0.9),
-                                                 kid_subset_size=10))
-    paths = zeroshot.Paths(tmp_path / "var-d1.pt", tmp_path / "tok.pt", path, tmp_path / "images",
-                           tmp_path / "zeroshot.json", tmp_path / "runs" / "zeroshot.json", tmp_path / "zeroshot.png")
-    m = zeroshot.run(cfg, paths)
-    assert json.loads(paths.metrics.read_text()) == m
-    assert m["original/mse_hole"] == 0.0 and m["var_inpaint/mse_hole"] > 0
-    assert {f"{k}/fid" for k in METHODS} <= set(m)
-    r = json.loads(paths.record.read_text())
-    assert r["images"] == 12 and r["reference_images"] == 30 - 12 and r["lpips"] is False
-    assert 0.3 < r["hole_fraction"] < 0.5       # centre quarter, bottom half, right half, cycled over 12 images
-    from PIL import Image
-    with Image.open(paths.grid) as im:
-        assert im.size == (4 * 16, 7 * 16) and im.info["varscale.rows"].startswith("original | masked")
-    assert zeroshot.run(cfg, paths) == m      # same seed: the same numbers
-    bad = zeroshot.ZeroShotConfig(ZeroShotParams(depth=1, images=30), cfg.evaluate)
-    with pytest.raises(InputError, match="too few for zeroshot.images=30"):
-        zeroshot.run(bad, paths)

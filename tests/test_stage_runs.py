@@ -1,8 +1,9 @@
-"""kill -9 of each stage that test_dvc_pipeline.py and test_train_ray.py do not kill (check_params and
-every stage after train_var: train_classifier, evaluate_reference, evaluate@D, zeroshot, fit,
-report), at a random point of its run and just before one of its output renames: every output is
-its old version or the new one, whole; the rerun finishes and its outputs equal an uninterrupted
-run's byte for byte (CPU, same machine: these stages are deterministic and write no timings).
+"""check_params and the stages after train_var (train_classifier, evaluate_reference, evaluate@D,
+zeroshot, fit, report) run by their dvc.yaml commands on tiny inputs: what evaluate and zeroshot
+record, and kill -9 of each stage (test_dvc_pipeline.py and test_train_ray.py kill the others), at a
+random point of its run and just before one of its output renames: every output is its old
+version or the new one, whole; the rerun finishes and its outputs equal an uninterrupted run's
+byte for byte (CPU, same machine: these stages are deterministic and write no timings).
 
 Each stage runs its command from dvc.yaml (`python -m pipeline.stages.<stage>` with the same
 options) in a checkout-shaped folder with tiny inputs: a 16x16 image folder, a random tokenizer,
@@ -65,9 +66,10 @@ def stage_command(name: str, params: dict) -> tuple[str, list[str], list[str]]:
 
 def _stage_process(work: str, module: str, argv: list[str], log: str, events: str, kill_at: int | None) -> None:
     """A stage's process (a forked child): ``main(argv)`` of ``module`` in ``work``. ``events`` gets
-    ``start``, each rename of a whole temp file onto an output (``pipeline.files.atomic_path``) and
-    ``end``; with ``kill_at`` = k the process SIGKILLs itself just before the k-th (0-based) rename:
-    the moment that output's temp file is complete and the output still the old one."""
+    ``start``, each rename of a whole temp file onto an output (``pipeline.files.atomic_path``),
+    ``end`` and what ``main`` returned (what MLflow gets). With ``kill_at`` = k the process SIGKILLs
+    itself just before the k-th (0-based) rename: the moment that output's temp file is complete
+    and the output still the old one."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -89,8 +91,9 @@ def _stage_process(work: str, module: str, argv: list[str], log: str, events: st
     os.replace = replace_output
     t0 = time.monotonic()
     event("start")
-    importlib.import_module(module).main(argv)
+    result = importlib.import_module(module).main(argv)
     event(f"end {time.monotonic() - t0}")
+    event(f"result {json.dumps(result, sort_keys=True)}")
 
 
 class Stages:
@@ -100,8 +103,10 @@ class Stages:
     PRELOAD = ["mlflow.exceptions", "torch_fidelity", "matplotlib.pyplot", "pandas"]
 
     def __init__(self, logs: Path):
+        from multiprocessing import forkserver
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([__name__, *(f"pipeline.stages.{s}" for s in HERE), *self.PRELOAD])
+        forkserver.ensure_running()     # it imports on the other core while this process writes the inputs
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
         self.n = 0
@@ -118,13 +123,15 @@ class Stages:
 
     def run(self, work: Path, name: str, kill_at: int | None = None) -> dict:
         """One run of ``name``: its exit code, the outputs it renamed into place (in order), the
-        seconds of its ``main`` (None if it did not end) and its log."""
+        seconds of its ``main`` and what it returned (None if it did not end), and its log."""
         proc, log, events = self.start(work, name, kill_at)
         proc.join(timeout=300)
-        lines = events.read_text().splitlines()
-        end = [float(e.split()[1]) for e in lines if e.startswith("end ")]
-        return {"code": proc.exitcode, "renamed": [e.split()[1] for e in lines if e.startswith("rename ")],
-                "seconds": end[0] if end else None, "log": log.read_text()[-3000:]}
+        lines = [e.partition(" ") for e in events.read_text().splitlines()]
+        end = [float(v) for k, _, v in lines if k == "end"]
+        result = [json.loads(v) for k, _, v in lines if k == "result"]
+        return {"code": proc.exitcode, "renamed": [v for k, _, v in lines if k == "rename"],
+                "seconds": end[0] if end else None, "result": result[0] if result else None,
+                "log": log.read_text()[-3000:]}
 
     def kill_at_random_time(self, work: Path, name: str, seconds: float, rng: random.Random) -> float:
         """SIGKILL a run of ``name`` a random 0..``seconds`` after its ``main`` started; returns the delay."""
@@ -186,7 +193,8 @@ def _inputs(work: Path, tmp: Path) -> None:
         (work / "runs" / "train" / f"d{d}.json").write_text(json.dumps(record))
 
 
-ORDER = ("check_params", "train_classifier", "evaluate_reference", *(f"evaluate@{d}" for d in DEPTHS), "zeroshot", "fit", "report")
+ORDER = ("check_params", "train_classifier", "evaluate_reference", *(f"evaluate@{d}" for d in DEPTHS), "zeroshot",
+         "fit", "report")      # dvc.yaml's
 
 
 @pytest.fixture(scope="module")
@@ -197,10 +205,10 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("killed_stages")
     work = tmp / "ref"
     work.mkdir()
+    stages = Stages(tmp / "logs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VARSCALE_TRACKING", "off")     # the data stage, called here, logs nothing
         _inputs(work, tmp)
-    stages = Stages(tmp / "logs")
     params = yaml.safe_load((work / "params.yaml").read_text())
     runs = {}
     for name in ORDER:
@@ -220,6 +228,54 @@ def test_every_stage_has_a_kill_test_and_writes_its_outputs_by_rename(reference)
     assert set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == set(ELSEWHERE) | set(HERE)
     for name, run in runs.items():
         assert run["files"] and sorted(run["renamed"]) == sorted(run["files"]), name
+
+
+# ---- what evaluate and zeroshot record ----------------------------------------------------------
+def test_evaluate_records_settings_seeds_and_the_feature_network(reference):
+    """evaluate@1 of a tiny model: per-seed numbers, their mean, FID's spread, the settings, the
+    feature network's hash, a picture with one row per class; `main` returns (to MLflow) the metrics
+    file. The same seeds give the same bytes again: the rerun of test_killed_stage_loses_nothing."""
+    _, work, runs = reference
+    m = json.loads((work / "metrics" / "eval" / "d1.json").read_text())
+    assert runs["evaluate@1"]["result"] == m
+    assert set(m) == {"depth", "fid", "fid_spread", "is_mean", "kid_mean", "precision", "recall"}  # dvc metrics show
+    r = json.loads((work / "runs" / "eval" / "d1.json").read_text())
+    assert [s["seed"] for s in r["per_seed"]] == [0, 1] and r["samples_per_seed"] == 18
+    assert m["fid"] == pytest.approx((r["per_seed"][0]["fid"] + r["per_seed"][1]["fid"]) / 2)
+    assert m["fid_spread"] == pytest.approx(abs(r["per_seed"][0]["fid"] - r["per_seed"][1]["fid"]))
+    assert r["sampling"] == {"cfg": 1.5, "top_k": 20, "top_p": 0.9, "engine": "auto"}
+    assert r["feature_network"]["name"] == "classifier" and len(r["feature_network"]["sha256"]) == 64
+    assert 1.0 <= m["is_mean"] <= 3.0 + 1e-6    # IS is bounded by the class count
+    from PIL import Image
+    with Image.open(work / "metrics" / "eval" / "samples-d1.png") as im:
+        assert im.size == (4 * 16, 3 * 16) and im.info["varscale.depth"] == "1"
+
+
+def test_zeroshot_writes_the_table_record_and_picture(reference):
+    """The zeroshot stage: the original is exact in the hole, VAR's in-painting is not; every method
+    has its FID; the record's counts and hole share; the picture's rows; too few val images named.
+    The same seed gives the same bytes again: the rerun of test_killed_stage_loses_nothing."""
+    from pipeline.errors import InputError
+    from pipeline.evaluation.config import EvaluateParams, ZeroShotParams
+    from pipeline.evaluation.inpainting import METHODS
+    from pipeline.stage import parse_paths
+    from pipeline.stages import zeroshot
+    _, work, runs = reference
+    m = json.loads((work / "metrics" / "zeroshot.json").read_text())
+    assert runs["zeroshot"]["result"] == m
+    assert m["original/mse_hole"] == 0.0 and m["var_inpaint/mse_hole"] > 0
+    assert {f"{k}/fid" for k in METHODS} <= set(m)
+    r = json.loads((work / "runs" / "zeroshot.json").read_text())
+    assert r["images"] == 12 and r["reference_images"] == 30 - 12 and r["lpips"] is False
+    assert 0.3 < r["hole_fraction"] < 0.5       # centre quarter, bottom half, right half, cycled over 12 images
+    from PIL import Image
+    with Image.open(work / "metrics" / "zeroshot.png") as im:
+        assert im.size == (4 * 16, 7 * 16) and im.info["varscale.rows"].startswith("original | masked")
+    _, argv, _ = stage_command("zeroshot", yaml.safe_load((work / "params.yaml").read_text()))
+    _, paths = parse_paths(zeroshot.Paths, argv, "zeroshot")
+    bad = zeroshot.ZeroShotConfig(ZeroShotParams(depth=2, images=30), EvaluateParams())
+    with pytest.raises(InputError, match="too few for zeroshot.images=30"):
+        zeroshot.run(bad, zeroshot.Paths(**{k: work / v for k, v in vars(paths).items()}))
 
 
 # ---- the kills ------------------------------------------------------------------------------------

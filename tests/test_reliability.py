@@ -2,7 +2,7 @@
 
 Tracking outages, concurrent writers of one SQLite store, a moved checkout, a full disk, corrupt
 and mismatched files, a params error before any output is deleted, and two runs of one recipe.
-Killed stages and corrupt Ray checkpoints are in test_dvc_pipeline.py and test_train_ray.py.
+Killed stages and corrupt Ray checkpoints are in test_dvc_pipeline.py, test_stage_runs.py and test_train_ray.py.
 """
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ class Stages:
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([__name__, *(f"pipeline.stages.{s}" for s in HERE), *self.PRELOAD])
         forkserver.ensure_running()     # it imports on the other core while this process writes the inputs
+        self.stop = forkserver._forkserver._stop    # "used by unit tests": its ~0.9 GB go when this module ends
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
         self.n = 0
@@ -220,7 +221,8 @@ def reference(tmp_path_factory):
         outs = stage_command(name, params)[2]
         run["files"] = {k: v for k, v in tree(work).items() if any(k == o or k.startswith(o + "/") for o in outs)}
         runs[name] = {**run, "outs": outs}
-    return stages, work, runs
+    yield stages, work, runs
+    stages.stop()
 
 
 def test_every_stage_has_a_kill_test_and_writes_its_outputs_by_rename(reference):

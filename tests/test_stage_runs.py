@@ -203,10 +203,10 @@ ORDER = ("check_params", "train_classifier", "evaluate_reference", *(f"evaluate@
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Each later stage run once, uninterrupted, in dvc.yaml's order: (Stages, the folder, per stage
+    """Each stage here run once, uninterrupted, in dvc.yaml's order: (Stages, the folder, per stage
     its declared outputs, their files' sha256, the seconds of its ``main`` and the outputs it renamed
     into place)."""
-    tmp = tmp_path_factory.mktemp("killed_stages")
+    tmp = tmp_path_factory.mktemp("stage_runs")
     work = tmp / "ref"
     work.mkdir()
     stages = Stages(tmp / "logs")

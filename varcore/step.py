@@ -45,6 +45,21 @@ def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float, de
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8, **kw)
 
 
+def _is_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:   # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def data_parallel(model: nn.Module) -> bool:
+    """Whether ``model`` communicates its gradients (DDP, FSDP1, FSDP2's ``fully_shard``): its step
+    cannot be one CUDA graph (the communication is not captured) nor use master weights."""
+    return (isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "clip_grad_norm_")
+            or _is_fsdp2(model))
+
+
 class TrainStep:
     """``step(label_B, x_BlCvae, target_BL, lr)`` runs one optimisation step of ``model`` and
     returns ``(loss, grad_norm)`` as device tensors (``grad_norm`` is NaN without clipping);
@@ -67,7 +82,7 @@ class TrainStep:
             raise ValueError(f"cuda_graph needs the model on a CUDA device, it is on {device}")
         if cuda_graph and eager_steps < 1:
             raise ValueError(f"eager_steps must be >= 1 before a CUDA graph capture, got {eager_steps}")
-        wrapped = isinstance(model, (nn.parallel.DistributedDataParallel,)) or hasattr(model, "clip_grad_norm_")
+        wrapped = data_parallel(model)
         if cuda_graph and wrapped:
             raise ValueError("cuda_graph needs a model on one device (not DDP/FSDP: their communication is not captured)")
         if master_weights and (amp is None or wrapped or not isinstance(optim, torch.optim.AdamW)):
@@ -115,8 +130,14 @@ class TrainStep:
         weights, the factor their kernel applies to the bf16 gradients in float32."""
         if self.grad_clip <= 0:
             return torch.full((), float("nan"), device=self.device), None
-        if hasattr(self.model, "clip_grad_norm_"):   # FSDP: the norm over all shards
+        if hasattr(self.model, "clip_grad_norm_"):   # FSDP1: the norm over all shards
             return self.model.clip_grad_norm_(self.grad_clip), None
+        if _is_fsdp2(self.model):   # sharded (DTensor) gradients: the global norm, then the same clip
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            total = torch.nn.utils.get_total_norm([p.grad for p in params])
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total)
+            return total, None
         if self.master is None:
             return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip), None
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -90,7 +90,7 @@ class TrainParams:
     checkpoint_every: int = 100            # extra Ray checkpoints between evaluations (steps)
     log_every: int = 10                    # train-loss points in the curve (steps)
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
-    fsdp_min_depth: int | None = None      # depths >= this use FSDP instead of DDP (GPU only)
+    fsdp_min_depth: int | None = None      # depths >= this use FSDP2 (fully_shard per block) instead of DDP
     num_threads: int = 1                   # torch intra-op threads per CPU worker (0: torch default)
     seed: int = 0
     ray: RayParams = field(default_factory=RayParams)

@@ -29,10 +29,11 @@ from varcore.fast.plan import ExecutionPlan, apply_plan
 from varcore.quant import MultiScaleQuantizer
 from varcore.step import TrainStep, adamw
 from varcore.ar import build, model_class
-from varcore.var import AdaLNBlock, VARConfig
+from varcore.var import VARConfig
 
 from .config import TrainParams
 from .metrics import TokenStats, summarize, token_stats, train_compute
+from .parallel import fully_sharded
 from .schedule import eval_steps, global_batch_indices, lr_at, rank_slice, step_seed
 from .state import TrainState, check_space, directory_bytes, resume, save_state
 
@@ -113,11 +114,6 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
     return contextlib.nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=amp)
 
 
-def _fsdp_kwargs() -> dict[str, Any]:
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    return {"auto_wrap_policy": ModuleWrapPolicy({AdaLNBlock}), "use_orig_params": True}
-
-
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host batch on ``device``; on CUDA through pinned memory without waiting for the copy,
     so the host can queue the step while the GPU finishes the previous one."""
@@ -172,8 +168,10 @@ class WorkerRun:
                                            fsdp=fsdp)
         torch.manual_seed(self.tp.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         model = apply_plan(build(self.cfg).to(self.device), plan)
-        model = ray.train.torch.prepare_model(model, parallel_strategy="fsdp" if fsdp else "ddp",
-                                              parallel_strategy_kwargs=_fsdp_kwargs() if fsdp else None)
+        if fsdp:   # FSDP2, one unit per block (pipeline.training.parallel)
+            model = fully_sharded(model, self.device, self.amp)
+        else:
+            model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
         return model, make_optimizer(model, self.tp), plan
 
     def _resume(self) -> TrainState:

@@ -40,6 +40,9 @@ from varcore import VAR, VARConfig, var_flops  # noqa: E402
 from varcore.fast.plan import ExecutionPlan, apply_plan  # noqa: E402
 from varcore.step import TrainStep, adamw  # noqa: E402
 
+# what the pipeline's train stage sees on the default tokens (docs/gpu.md): 32x32 images, V=512, 130 tokens
+DEFAULT_SHAPES = dict(vocab_size=DEFAULT_VQ.vocab_size, Cvae=DEFAULT_VQ.Cvae, patch_nums=DEFAULT_VQ.patch_nums,
+                      num_classes=10)
 PLAIN = dict(attention="dense", mlp="plain", compile=False, cuda_graph=False, master_weights=False)
 
 
@@ -108,9 +111,8 @@ def plan_step(model, opt, data, plan: ExecutionPlan, amp=torch.bfloat16, grad_cl
 def cfg_kw(args) -> dict:
     """VARConfig overrides: the residual dtype, and the default profile's token shapes for ``--shapes default``."""
     out = {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
-    if args.shapes == "default":   # what the pipeline's train stage sees on the default tokens (docs/gpu.md)
-        out.update(vocab_size=DEFAULT_VQ.vocab_size, Cvae=DEFAULT_VQ.Cvae, patch_nums=DEFAULT_VQ.patch_nums,
-                   num_classes=10)
+    if args.shapes == "default":
+        out.update(DEFAULT_SHAPES)
     return out
 
 

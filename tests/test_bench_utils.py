@@ -77,3 +77,18 @@ def test_kernel_categories_split_the_device_time():
     assert cats == {"matmul": 5.0, "attention": 3.0, "convolution": 3.0, "optimizer": 1.5,
                     "elementwise_other": 0.875, "sort_topk": 0.5, "sampling": 0.25}
     assert list(cats)[0] == "matmul" and sum(cats.values()) == sum(r["ms"] for r in rows)
+
+
+def test_multi_gpu_scaling_efficiency_is_per_gpu_rate_over_one_gpu():
+    """tokens/s per GPU over the one-GPU run's of the same bench and case; a failed run gets none,
+    and the official code's rows are measured against the official one-GPU row."""
+    from multi_gpu import with_efficiency
+    rows = [{"bench": "multi_gpu", "depth": 16, "batch_per_gpu": 64, "workers": n, "tokens_per_s_per_gpu": v}
+            for n, v in ((1, 300_000), (2, 285_000), (8, 270_000))]
+    rows += [{"bench": "multi_gpu", "depth": 16, "batch_per_gpu": 64, "workers": 4, "error": "OOM"},
+             {"bench": "multi_gpu_official", "depth": 16, "batch_per_gpu": 64, "workers": 1,
+              "tokens_per_s_per_gpu": 140_000},
+             {"bench": "multi_gpu_official", "depth": 16, "batch_per_gpu": 64, "workers": 2,
+              "tokens_per_s_per_gpu": 133_000}]
+    out = with_efficiency(rows)
+    assert [r.get("scaling_efficiency") for r in out] == [1.0, 0.95, 0.9, None, 1.0, 0.95]

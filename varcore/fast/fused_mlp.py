@@ -42,16 +42,24 @@ def _warn_fallback(op: str, shapes: str, error: str) -> None:
     log.warning("cuBLASLt %s failed for %s (%s); computing it with torch ops instead", op, shapes, error)
 
 
+def _cublaslt_or_plain(op: str, lt, plain, x: torch.Tensor, w: torch.Tensor, third: torch.Tensor):
+    """``lt(x, w, third)`` where cuBLASLt runs for ``x``; elsewhere, or when cuBLASLt fails for a
+    shape (e.g. no algorithm: warned once), ``plain(x, w, third)``: the same math with torch ops."""
+    if _use_cublaslt(x):
+        try:
+            return lt(x, w, third)
+        except cublaslt.CublasLtError as e:
+            _warn_fallback(op, f"{tuple(x.shape)} x {tuple(w.shape)}", str(e))
+    return plain(x, w, third)
+
+
 @torch.library.custom_op("varcore::linear_gelu_aux", mutates_args=())
 def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gelu(h), h)`` with ``h = x W^T + b``."""
-    if _use_cublaslt(x_NK):
-        try:
-            return cublaslt.linear_gelu_aux(x_NK, w_MK, b_M)
-        except cublaslt.CublasLtError as e:   # e.g. no algorithm for this shape: same math below
-            _warn_fallback("linear_gelu_aux", f"{tuple(x_NK.shape)} x {tuple(w_MK.shape)}", str(e))
-    h_NM = F.linear(x_NK, w_MK, b_M)
-    return F.gelu(h_NM, approximate="tanh"), h_NM
+    def plain(x_NK, w_MK, b_M):
+        h_NM = F.linear(x_NK, w_MK, b_M)
+        return F.gelu(h_NM, approximate="tanh"), h_NM
+    return _cublaslt_or_plain("linear_gelu_aux", cublaslt.linear_gelu_aux, plain, x_NK, w_MK, b_M)
 
 
 @linear_gelu_aux.register_fake
@@ -63,12 +71,8 @@ def _(x_NK, w_MK, b_M):
 @torch.library.custom_op("varcore::linear_gelu", mutates_args=())
 def linear_gelu(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> torch.Tensor:
     """``gelu(x W^T + b)`` (inference: the GELU input is not kept)."""
-    if _use_cublaslt(x_NK):
-        try:
-            return cublaslt.linear_gelu(x_NK, w_MK, b_M)
-        except cublaslt.CublasLtError as e:
-            _warn_fallback("linear_gelu", f"{tuple(x_NK.shape)} x {tuple(w_MK.shape)}", str(e))
-    return F.gelu(F.linear(x_NK, w_MK, b_M), approximate="tanh")
+    return _cublaslt_or_plain("linear_gelu", cublaslt.linear_gelu,
+                              lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"), x_NK, w_MK, b_M)
 
 
 @linear_gelu.register_fake
@@ -79,12 +83,9 @@ def _(x_NK, w_MK, b_M):
 @torch.library.custom_op("varcore::matmul_dgelu", mutates_args=())
 def matmul_dgelu(dy_NK: torch.Tensor, w_KM: torch.Tensor, h_NM: torch.Tensor) -> torch.Tensor:
     """``dh = (dy W) * gelu'(h)``."""
-    if _use_cublaslt(dy_NK):
-        try:
-            return cublaslt.matmul_dgelu(dy_NK, w_KM, h_NM)
-        except cublaslt.CublasLtError as e:
-            _warn_fallback("matmul_dgelu", f"{tuple(dy_NK.shape)} x {tuple(w_KM.shape)}", str(e))
-    return torch.ops.aten.gelu_backward(dy_NK @ w_KM, h_NM, approximate="tanh")
+    return _cublaslt_or_plain("matmul_dgelu", cublaslt.matmul_dgelu,
+                              lambda dy, w, h: torch.ops.aten.gelu_backward(dy @ w, h, approximate="tanh"),
+                              dy_NK, w_KM, h_NM)
 
 
 @matmul_dgelu.register_fake

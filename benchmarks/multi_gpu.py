@@ -20,6 +20,7 @@ NVLink multicast stays off (``NCCL_NVLS_ENABLE=0`` unless set). Needs ``ray[trai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -62,7 +63,8 @@ def _model(config: dict, device: torch.device, world: int):
 
 
 def bench_worker(config: dict) -> None:
-    """One worker: build, time the step, report (every rank: ``ray.train.report`` is a barrier)."""
+    """One worker: build, time the step; rank 0 writes the figures to ``config["out"]`` (Ray Train
+    keeps reported metrics only with a checkpoint)."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -73,10 +75,14 @@ def bench_worker(config: dict) -> None:
     cfg, step, info = _model(config, device, world)
     data = batch_of(cfg, config["batch"], device, seed=rank)
     times = time_ms(lambda: step(*data), device, config["warmup"], config["iters"])
-    peak = torch.tensor([peak_gib(device) or 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    ray.train.report({**summary(times), **info, "peak_gib_max": round(peak.item(), 2)})
+    peak = None
+    if device.type == "cuda":   # the largest of the workers' peaks
+        peak_t = torch.tensor([peak_gib(device)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+        peak = round(peak_t.item(), 2)
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps({**summary(times), **info, "peak_gib_max": peak}))
 
 
 def run(depth: int, batch: int, workers: int, args, official: str | None) -> dict:
@@ -84,18 +90,23 @@ def run(depth: int, batch: int, workers: int, args, official: str | None) -> dic
     from ray.train.torch import TorchTrainer
     cuda = args.device == "cuda"
     cfg_kw = DEFAULT_SHAPES if args.shapes == "default" else {}
+    name = f"bench-d{depth}-b{batch}-n{workers}{'-official' if official else ''}"
+    out = Path(args.storage) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
     config = {"depth": depth, "batch": batch, "official": official, "fsdp_min_depth": args.fsdp_min_depth,
-              "checkpointing": args.checkpointing, "cfg_kw": cfg_kw, "warmup": args.warmup, "iters": args.iters}
+              "checkpointing": args.checkpointing, "cfg_kw": cfg_kw, "warmup": args.warmup, "iters": args.iters,
+              "out": str(out)}
     trainer = TorchTrainer(
         bench_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cuda,
                                                resources_per_worker={"CPU": args.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"bench-d{depth}-b{batch}-n{workers}{'-official' if official else ''}",
-                                       storage_path=args.storage))
+        run_config=ray.train.RunConfig(name=name, storage_path=args.storage))
     rec = {"bench": "multi_gpu_official" if official else "multi_gpu", "depth": depth, "batch_per_gpu": batch,
            "workers": workers, "device": args.device, "shapes": args.shapes, **env()}
     try:
-        m = trainer.fit().metrics
+        trainer.fit()
+        m = json.loads(out.read_text())
     except Exception as e:   # an OOM or a failed case must not hide the others
         return {**rec, "error": f"{type(e).__name__}: {str(e)[:500]}"}
     cfg = VARConfig(depth=depth, **cfg_kw)

@@ -9,17 +9,17 @@ Each stage runs its command from dvc.yaml (`python -m pipeline.stages.<stage>` w
 options) in a checkout-shaped folder with tiny inputs: a 16x16 image folder, a random tokenizer,
 random VARs of depths 1-3 and synthetic train_var metrics. To spare every run the seconds of
 importing torch, MLflow and matplotlib, each run is a process forked from one that imported them
-and the stage modules once (multiprocessing's forkserver); it calls the module's ``main(argv)``,
-which is what ``python -m`` runs. These stages start no process of their own, so killing that
-process kills the stage. Tracking is off (``VARSCALE_TRACKING=off``); what a killed run leaves in
-MLflow is test_tracking_journal.py's.
+and the stage modules once (``SERVER``); it calls the module's ``main(argv)``, which is what
+``python -m`` runs (the outputs are the same bytes). These stages start no process of their own,
+so killing that process kills the stage. Tracking is off (``VARSCALE_TRACKING=off``); what a
+killed run leaves in MLflow is test_tracking_journal.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-import multiprocessing
 import os
 import random
 import shlex
@@ -65,7 +65,7 @@ def stage_command(name: str, params: dict) -> tuple[str, list[str], list[str]]:
 
 
 def _stage_process(work: str, module: str, argv: list[str], log: str, events: str, kill_at: int | None) -> None:
-    """A stage's process (a forked child): ``main(argv)`` of ``module`` in ``work``. ``events`` gets
+    """A stage's process (forked by SERVER): ``main(argv)`` of ``module`` in ``work``. ``events`` gets
     ``start``, each rename of a whole temp file onto an output (``pipeline.files.atomic_path``),
     ``end`` and what ``main`` returned (what MLflow gets). With ``kill_at`` = k the process SIGKILLs
     itself just before the k-th (0-based) rename: the moment that output's temp file is complete
@@ -75,6 +75,7 @@ def _stage_process(work: str, module: str, argv: list[str], log: str, events: st
     os.dup2(fd, 2)
     os.chdir(work)
     os.environ.update(VARSCALE_TRACKING="off", VARSCALE_GIT_COMMIT="0" * 40)
+    os.close(0)     # the server's requests
     replace, renamed = os.replace, []
 
     def event(line: str) -> None:
@@ -96,62 +97,111 @@ def _stage_process(work: str, module: str, argv: list[str], log: str, events: st
     event(f"result {json.dumps(result, sort_keys=True)}")
 
 
+# The fork server: imports, then per request (a JSON line on stdin) forks a stage process, prints its
+# pid, waits for it and prints its exit code (negative: the signal that ended it).
+SERVER = """
+import importlib, json, os, sys, traceback
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+from tests.test_stage_runs import _stage_process
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _stage_process(**json.loads(line))
+            code = 0
+        except SystemExit as e:     # as Python exits on it; a stage's InputError: SystemExit("<stage>: <message>")
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
 class Stages:
-    """Runs stage commands in processes forked from one that imported the stage modules and what they
-    import lazily (MLflow's exceptions, torch-fidelity, matplotlib) once."""
+    """Runs stage commands, one at a time, in processes forked from one that imported the stage
+    modules and what they import lazily (MLflow's exceptions, torch-fidelity, matplotlib) once and
+    ran nothing else (no torch thread pool to lose in the fork)."""
 
     PRELOAD = ["mlflow.exceptions", "torch_fidelity", "matplotlib.pyplot", "pandas"]
 
     def __init__(self, logs: Path):
-        from multiprocessing import forkserver
-        self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload([__name__, *(f"pipeline.stages.{s}" for s in HERE), *self.PRELOAD])
-        forkserver.ensure_running()     # it imports on the other core while this process writes the inputs
-        self.stop = forkserver._forkserver._stop    # "used by unit tests": its ~0.9 GB go when this module ends
-        self.logs = logs
+        import subprocess
+        import sys
         logs.mkdir(parents=True, exist_ok=True)
-        self.n = 0
+        self.logs, self.n = logs, 0
+        with open(logs / "server.log", "w") as err:     # it imports on the other core while this process goes on
+            self.server = subprocess.Popen(
+                [sys.executable, "-c", SERVER, *(f"pipeline.stages.{s}" for s in HERE), *self.PRELOAD],
+                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, bufsize=0)     # unbuffered: select sees every line
 
-    def start(self, work: Path, name: str, kill_at: int | None = None):
+    def _line(self, timeout: float = 300) -> int:
+        import select
+        ready, _, _ = select.select([self.server.stdout], [], [], timeout)
+        line = self.server.stdout.readline() if ready else b""
+        assert line, f"fork server: no answer:\n{(self.logs / 'server.log').read_text()[-3000:]}"
+        return int(line)
+
+    def stop(self) -> None:
+        """End the server (idle, ~0.9 GB of imports) without its seconds of interpreter shutdown."""
+        self.server.stdin.close()
+        self.server.kill()
+        self.server.wait(timeout=60)
+
+    def start(self, work: Path, name: str, kill_at: int | None = None) -> tuple[int, Path, Path]:
+        """(pid, log, events) of a new run of ``name`` in ``work``."""
         module, argv, _ = stage_command(name, yaml.safe_load((work / "params.yaml").read_text()))
         self.n += 1
         log, events = self.logs / f"{self.n:02d}-{name}.log", self.logs / f"{self.n:02d}-{name}.events"
-        log.touch()
         events.touch()
-        proc = self.ctx.Process(target=_stage_process, args=(str(work), module, argv, str(log), str(events), kill_at))
-        proc.start()
-        return proc, log, events
+        self.server.stdin.write(json.dumps({"work": str(work), "module": module, "argv": argv, "log": str(log),
+                                            "events": str(events), "kill_at": kill_at}).encode() + b"\n")
+        return self._line(), log, events
 
-    def run(self, work: Path, name: str, kill_at: int | None = None) -> dict:
-        """One run of ``name``: its exit code, the outputs it renamed into place (in order), the
-        seconds of its ``main`` and what it returned (None if it did not end), and its log."""
-        proc, log, events = self.start(work, name, kill_at)
-        proc.join(timeout=300)
+    def _result(self, log: Path, events: Path) -> dict:
+        """The exit code, the outputs renamed into place (in order), the seconds of ``main`` and what it
+        returned (None if it did not end), and the log of the run that just ended."""
+        code = self._line()
         lines = [e.partition(" ") for e in events.read_text().splitlines()]
         end = [float(v) for k, _, v in lines if k == "end"]
         result = [json.loads(v) for k, _, v in lines if k == "result"]
-        return {"code": proc.exitcode, "renamed": [v for k, _, v in lines if k == "rename"],
+        return {"code": code, "renamed": [v for k, _, v in lines if k == "rename"],
                 "seconds": end[0] if end else None, "result": result[0] if result else None,
-                "log": log.read_text()[-3000:]}
+                "log": log.read_text()[-3000:] if log.is_file() else ""}
+
+    def run(self, work: Path, name: str, kill_at: int | None = None) -> dict:
+        """One run of ``name`` to its end (see ``_result``)."""
+        _, log, events = self.start(work, name, kill_at)
+        return self._result(log, events)
 
     def kill_at_random_time(self, work: Path, name: str, seconds: float, rng: random.Random) -> float:
         """SIGKILL a run of ``name`` a random 0..``seconds`` after its ``main`` started; returns the delay.
         A run that ends first is run again, the window shrunk to the seconds that run took."""
         for _ in range(5):
             delay = rng.uniform(0, seconds)
-            proc, log, events = self.start(work, name)
+            pid, log, events = self.start(work, name)
+            pidfd = os.pidfd_open(pid)      # the process itself: its pid may be reused once the server reaps it
             deadline = time.monotonic() + 60
-            while not events.read_text():
-                assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+            while not events.read_text() and time.monotonic() < deadline:
                 time.sleep(0.001)
             time.sleep(delay)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.join(timeout=60)
-            if proc.exitcode == -signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):     # it ended first
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+            run = self._result(log, events)
+            if run["code"] == -signal.SIGKILL:
                 return delay
-            assert proc.exitcode == 0, log.read_text()[-3000:]
-            ended = [float(e.split()[1]) for e in events.read_text().splitlines() if e.startswith("end ")]
-            seconds = min(seconds, *ended)
+            assert run["code"] == 0 and run["seconds"] is not None, run["log"]
+            seconds = min(seconds, run["seconds"])
         raise AssertionError(f"{name} ended before each of 5 kills")
 
 

@@ -160,21 +160,6 @@ def test_two_workers_follow_the_one_worker_trajectory(one_worker_run, artifacts)
     assert t1[-1] < t1[0] - 0.05   # a trajectory, not a constant
 
 
-def test_fsdp2_workers_follow_the_one_worker_trajectory(one_worker_run, artifacts):
-    """train.fsdp_min_depth: two workers shard the model with FSDP2 (gloo on CPU); their
-    checkpoint (gathered full state) and curves follow the one-worker run, as DDP's do."""
-    root, tok, tokens = artifacts
-    config = config_for(root, workers=2, fsdp_min_depth=1)
-    res = fit(config, inputs_for(config, tok, tokens))
-    with res.checkpoint.as_directory() as d:
-        two = read_state_file(d)["state"]
-    t2, v2 = curves(two)
-    t1, v1 = curves(reference_state(one_worker_run[0]))
-    assert two["step"] == STEPS and two["plan"]["cuda_graph"] is False
-    np.testing.assert_allclose(t2, t1, rtol=1e-4)
-    np.testing.assert_allclose(v2, v1, rtol=1e-4)
-
-
 def test_worker_failure_restarts_from_the_last_checkpoint(one_worker_run, artifacts, tmp_path):
     """A worker dies after step 7; FailureConfig restarts it from the step-4 checkpoint and the
     run ends with the uninterrupted run's step count and losses."""

@@ -1,6 +1,6 @@
-"""FSDP2 (``pipeline.training.parallel.fully_sharded``) on two CPU processes (gloo): the trainer's
-step over half batches trains like one process over the whole batch, with clipping on, and the
-gathered full state dict is the one process's weights. What it compares and why the bounds hold:
+"""Data parallelism on two CPU processes (gloo): with FSDP2 (``pipeline.training.parallel.fully_sharded``)
+and with DDP, the trainer's step over half batches trains like one process over the whole batch,
+with clipping on, and the (gathered) full state dict is the one process's weights. What it compares and why the bounds hold:
 the two runs compute the same float32 math except the order of the batch reductions (two
 half-batch means averaged by the reduce-scatter instead of one mean) and of the clipping norm
 (per-shard sums, then across shards), a few float32 roundings per step."""
@@ -27,17 +27,19 @@ def _batches(cfg):
     return [batch] * STEPS
 
 
-def _run(rank: int, world: int, sharded: bool, out: str) -> None:
+def _run(rank: int, world: int, parallel: str | None, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from varcore import VAR, VARConfig
     from varcore.step import TrainStep, data_parallel
     cfg = VARConfig(**CFG)
     torch.manual_seed(0)
     model = VAR(cfg)
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if parallel == "fsdp2":
         from pipeline.training.parallel import fully_sharded
         model = fully_sharded(model, torch.device("cpu"), None)
-        assert data_parallel(model)
+    elif parallel == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    assert data_parallel(model) == (parallel is not None)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05, foreach=False)
     step = TrainStep(model, opt, grad_clip=0.5)
     half = BATCH // world
@@ -45,12 +47,12 @@ def _run(rank: int, world: int, sharded: bool, out: str) -> None:
     for label, x, target in _batches(cfg):
         sl = slice(rank * half, (rank + 1) * half)
         loss, norm = step(label[sl], x[sl], target[sl])
-        if sharded:   # each rank's loss is its half's mean: the whole batch's is their mean
+        if parallel:   # each rank's loss is its half's mean: the whole batch's is their mean
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         losses.append(loss.item())
         norms.append(norm.item())
     sd = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-          if sharded else model.state_dict())
+          if parallel else model.state_dict())
     if rank == 0:
         torch.save({"losses": losses, "norms": norms, "state": sd}, out)
 
@@ -60,7 +62,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _run(rank, world, True, out)
+        for parallel in ("fsdp2", "ddp"):
+            _run(rank, world, parallel, f"{out}-{parallel}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -71,12 +74,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The one-process run, and the two-process FSDP2 and DDP runs (in the same two processes)."""
+    tmp = tmp_path_factory.mktemp("dp")
+    _run(0, 1, None, str(tmp / "one.pt"))
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp / "two")), nprocs=2, start_method="spawn")
+    return {k: torch.load(tmp / f, weights_only=True) for k, f in
+            (("one", "one.pt"), ("fsdp2", "two-fsdp2.pt"), ("ddp", "two-ddp.pt"))}
+
+
 @pytest.mark.slow
-def test_fsdp2_two_workers_train_like_one(tmp_path):
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    _run(0, 1, False, str(one))
-    mp.start_processes(_worker, args=(2, _free_port(), str(two)), nprocs=2, start_method="spawn")
-    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+@pytest.mark.parametrize("parallel", ["fsdp2", "ddp"])
+def test_two_workers_train_like_one(runs, parallel):
+    a, b = runs["one"], runs[parallel]
     assert a["losses"][0] > a["losses"][-1]                      # it trains
     # losses and norms: the same sums in another order, ~1e-7 relative per rounding
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import PAPER_VQ, emit, env, peak_gib, reset_peak, summary, time_ms, top_kernels  # noqa: E402
+from bench_utils import PAPER_VQ, emit, env, gpu_gaps, peak_gib, reset_peak, summary, time_ms, top_kernels  # noqa: E402
 from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402
@@ -67,6 +67,8 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
         top = top_kernels(generate, device, 1, top=args.profile_top)
         emit({"bench": "sample_profile", "depth": var.cfg.depth, "batch": batch, "kernel_ms_total": top.total_ms,
               "categories": top.categories, "top": list(top)})
+    if args.gaps:
+        emit({"bench": "sample_gaps", "depth": var.cfg.depth, "batch": batch, **gpu_gaps(generate, device)})
     if args.check_tokens:
         rec.update(same_tokens(var, vqvae, label_B, sampling, device))
     return rec
@@ -98,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--no-cudnn-autotune", action="store_true", help="varcore.sample.CUDNN_AUTOTUNE = False")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
+    ap.add_argument("--gaps", action="store_true", help="also print where the GPU idles in a batch")
     ap.add_argument("--check-tokens", action="store_true")
     ap.add_argument("--model", type=Path, help="time this VAR file (e.g. an imported official one) instead of "
                                                "random weights; its depth must be the case's")

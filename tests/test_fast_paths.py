@@ -279,6 +279,25 @@ def test_static_engine_same_tokens_as_plain(tiny_var, tiny_vqvae, amp):
     release_static_engine(tiny_var)
 
 
+def test_static_engine_projects_the_class_once_per_batch(tiny_var, tiny_vqvae):
+    """The AdaLN projections run once per batch (not once per scale), and a second batch of other
+    classes through the same engine still draws the plain loop's tokens."""
+    from varcore.fast.static_sampler import BatchModulation
+    eng = static_engine(tiny_var, 4, torch.device("cpu"))
+    mods = [b.ada_lin for b in eng.model.blocks] + [eng.model.head.ada_lin]
+    assert all(isinstance(m, BatchModulation) for m in mods)
+    calls = []
+    hooks = [m.inner.register_forward_hook(lambda *a: calls.append(1)) for m in mods]
+    for label in (torch.tensor([0, 1]), torch.tensor([3, 2])):
+        plain, _ = _sample(tiny_var, tiny_vqvae, label, "plain", 4)
+        static, _ = _sample(tiny_var, tiny_vqvae, label, "static", 4)
+        assert all(torch.equal(a, b) for a, b in zip(plain, static))
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 2 * len(mods)          # K = 4 scales per batch, one projection each
+    release_static_engine(tiny_var)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kv_cache_rows_copy_bit_exactly(dtype):
     """The engine's KV-cache appends move 8-byte words: the same bits as copy_, into a slice of
@@ -532,6 +551,7 @@ def test_compiled_regions_carry_the_flex_choices(monkeypatch):
     try:
         compile_region(AdaLNHead.forward, tuned=True)
         compile_region(AdaLNBlock.forward)
+        compile_region(AdaLNBlock.forward, graphs=True)    # the decoder's form: CUDA graphs per shape
     finally:
         compile_region.cache_clear()
     expected = flex_mod.compile_options()
@@ -539,6 +559,7 @@ def test_compiled_regions_carry_the_flex_choices(monkeypatch):
         assert kw["backend"] == "inductor"
         assert {k: kw["options"][k] for k in expected} == expected
     assert seen[0]["options"]["coordinate_descent_tuning"] is True
+    assert [kw["options"].get("triton.cudagraphs", False) for kw in seen] == [False, False, True]
     if expected:
         assert isinstance(expected["inductor_choices_class"](), flex_mod._TiledChoices)
 

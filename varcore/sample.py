@@ -216,11 +216,16 @@ def decode_images(vqvae: VQVAE, f_hat_BChw: torch.Tensor, chunk: int = 16, compi
                   ) -> torch.Tensor:
     """``f_hat -> images``, ``chunk`` images at a time (bounds the decoder's memory at 256x256).
     ``compiled`` (None: on CUDA) runs the decoder through ``torch.compile`` on channels-last
-    input, which fuses GroupNorm + SiLU and keeps the convolutions in NHWC."""
-    if not (f_hat_BChw.device.type == "cuda" if compiled is None else compiled):
+    input, which fuses GroupNorm + SiLU and keeps the convolutions in NHWC; on CUDA its kernels
+    replay as one CUDA graph per chunk shape (at batch 1 the launches, not the kernels, set
+    the decoder's time: 4.9 -> 2.4 ms on an H200)."""
+    cuda = f_hat_BChw.device.type == "cuda"
+    if not (cuda if compiled is None else compiled):
         return torch.cat([vqvae.f_hat_to_img(f) for f in f_hat_BChw.split(chunk)])
-    run = compile_region(_decode)
-    return torch.cat([run(vqvae, f.contiguous(memory_format=torch.channels_last)) for f in f_hat_BChw.split(chunk)])
+    run = compile_region(_decode, graphs=cuda)
+    # clone: a graph's output buffer is reused by the next chunk's replay
+    return torch.cat([run(vqvae, f.contiguous(memory_format=torch.channels_last)).clone()
+                      for f in f_hat_BChw.split(chunk)])
 
 
 # ---- zero-shot tasks -----------------------------------------------------------------------

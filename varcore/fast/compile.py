@@ -32,15 +32,18 @@ REGION_RECOMPILE_LIMIT = 64
 
 
 @functools.cache
-def compile_region(fn, dynamic: bool | None = False, tuned: bool = False):
-    """``fn`` through ``torch.compile``, once per (fn, dynamic, tuned); ``tuned`` adds
-    :data:`TUNED_OPTIONS` under inductor, and every region gets :func:`varcore.fast.flex.compile_options`
+def compile_region(fn, dynamic: bool | None = False, tuned: bool = False, graphs: bool = False):
+    """``fn`` through ``torch.compile``, once per (fn, dynamic, tuned, graphs); ``tuned`` adds
+    :data:`TUNED_OPTIONS` under inductor; ``graphs`` has inductor replay each shape's kernels as a
+    CUDA graph (a call's outputs are then overwritten by the next call: copy what you keep).
+    Every region gets :func:`varcore.fast.flex.compile_options`
     (flex's backward tiles for the block mask). Calls run with dynamo's recompile limit raised to
     :data:`REGION_RECOMPILE_LIMIT` (scoped to the call). ``dynamic=None``: the first shape compiles
     static, a second one marks the changing sizes dynamic (sampling: one graph for scales 2..K)."""
     options = None
     if COMPILE_BACKEND == "inductor":
-        options = {**flex.compile_options(), **(TUNED_OPTIONS if tuned else {})} or None
+        options = {**flex.compile_options(), **(TUNED_OPTIONS if tuned else {}),
+                   **({"triton.cudagraphs": True} if graphs else {})} or None
     compiled = torch.compile(fn, dynamic=dynamic, backend=COMPILE_BACKEND, options=options)
 
     @functools.wraps(fn)

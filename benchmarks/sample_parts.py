@@ -51,16 +51,24 @@ def filter_arms(args, device) -> None:
 
 
 def decode_arms(args, device) -> None:
+    """Each arm's time, and its largest difference from the eager decoder on the same latents (the
+    compiled decoder replays CUDA graphs whose output buffers the next chunk reuses: a chunk
+    overwritten before it was copied out would show here as a large mean difference)."""
     vqvae = VQVAE(PAPER_VQ).to(device).eval()
     f_hat = torch.randn(args.batch, PAPER_VQ.Cvae, 16, 16, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ref = decode_images(vqvae, f_hat, args.batch, compiled=False).float()
     for chunk, compiled in dict.fromkeys((min(c, args.batch), comp) for c, comp in
                                          ((16, True), (32, True), (64, True), (16, False), (64, False))):
+        out = {}
 
         def f():
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                decode_images(vqvae, f_hat, chunk, compiled=compiled)
+                out["img"] = decode_images(vqvae, f_hat, chunk, compiled=compiled)
         try:
             s = summary(time_ms(f, device, 2, args.iters))
+            diff = (out["img"].float() - ref).abs()   # bf16 rounding: mean ~0.007; another image: ~0.27
+            s.update(max_abs_diff_vs_eager=diff.max().item(), mean_abs_diff_vs_eager=diff.mean().item())
         except Exception as e:   # an arm that fails must not hide the others
             s = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         emit({"bench": "sample_decode", "chunk": chunk, "compiled": compiled, "batch": args.batch, **s, **env()})

@@ -51,9 +51,10 @@ def filter_arms(args, device) -> None:
 
 
 def decode_arms(args, device) -> None:
-    """Each arm's time, and its largest difference from the eager decoder on the same latents (the
-    compiled decoder replays CUDA graphs whose output buffers the next chunk reuses: a chunk
-    overwritten before it was copied out would show here as a large mean difference)."""
+    """Each arm's time, and its difference from the eager decoder on the same latents (for batches
+    of up to ``varcore.sample.DECODE_GRAPH_MAX_IMAGES`` the compiled decoder replays CUDA graphs
+    whose output buffer the next replay reuses: an image overwritten before it was copied out
+    would show here as a large mean difference)."""
     vqvae = VQVAE(PAPER_VQ).to(device).eval()
     f_hat = torch.randn(args.batch, PAPER_VQ.Cvae, 16, 16, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -30,6 +30,11 @@ ENGINES = ("auto", "plain", "static", "static_exact")
 # decoder and the quantiser's phi convolutions); its heuristic choice for the decoder's
 # channels-last bf16 convolutions was markedly slower than the timed choice on Hopper GPUs.
 CUDNN_AUTOTUNE = True
+# Batches of at most this many images decode through CUDA graphs on CUDA: at one image, launching
+# the decoder's kernels took longer than running them (4.9 -> 2.4 ms with graphs on an H200);
+# from a few images on the kernels hide the launches, and a graph would keep its activations
+# (GBs for 16 images of 256x256) allocated between calls.
+DECODE_GRAPH_MAX_IMAGES = 2
 
 
 @contextlib.contextmanager
@@ -216,16 +221,18 @@ def decode_images(vqvae: VQVAE, f_hat_BChw: torch.Tensor, chunk: int = 16, compi
                   ) -> torch.Tensor:
     """``f_hat -> images``, ``chunk`` images at a time (bounds the decoder's memory at 256x256).
     ``compiled`` (None: on CUDA) runs the decoder through ``torch.compile`` on channels-last
-    input, which fuses GroupNorm + SiLU and keeps the convolutions in NHWC; on CUDA its kernels
-    replay as one CUDA graph per chunk shape (at batch 1 the launches, not the kernels, set
-    the decoder's time: 4.9 -> 2.4 ms on an H200)."""
+    input, which fuses GroupNorm + SiLU and keeps the convolutions in NHWC; small batches on
+    CUDA replay its kernels as CUDA graphs (:data:`DECODE_GRAPH_MAX_IMAGES`)."""
     cuda = f_hat_BChw.device.type == "cuda"
     if not (cuda if compiled is None else compiled):
         return torch.cat([vqvae.f_hat_to_img(f) for f in f_hat_BChw.split(chunk)])
-    run = compile_region(_decode, graphs=cuda)
-    # clone: a graph's output buffer is reused by the next chunk's replay
-    return torch.cat([run(vqvae, f.contiguous(memory_format=torch.channels_last)).clone()
-                      for f in f_hat_BChw.split(chunk)])
+    graphs = cuda and f_hat_BChw.shape[0] <= DECODE_GRAPH_MAX_IMAGES
+    run = compile_region(_decode, graphs=graphs)
+    imgs = []
+    for f in f_hat_BChw.split(chunk):
+        img = run(vqvae, f.contiguous(memory_format=torch.channels_last))
+        imgs.append(img.clone() if graphs else img)   # the next replay overwrites a graph's output
+    return torch.cat(imgs)
 
 
 # ---- zero-shot tasks -----------------------------------------------------------------------

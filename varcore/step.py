@@ -89,6 +89,7 @@ class TrainStep:
             raise ValueError("master_weights needs autocast (amp), a model on one device (not DDP/FSDP) "
                              "and torch.optim.AdamW")
         self.model, self.optim, self.device = model, optim, device
+        self.fsdp2 = _is_fsdp2(model)   # checked once: its clip needs the global norm of DTensor gradients
         self.amp, self.grad_clip, self.cuda_graph, self.eager_steps = amp, grad_clip, cuda_graph, eager_steps
         self.master = MasterWeights(model, optim, amp) if master_weights else None
         self.loss_fn: Callable = compile_region(var_loss, tuned=True) if compile_loss else var_loss
@@ -132,7 +133,7 @@ class TrainStep:
             return torch.full((), float("nan"), device=self.device), None
         if hasattr(self.model, "clip_grad_norm_"):   # FSDP1: the norm over all shards
             return self.model.clip_grad_norm_(self.grad_clip), None
-        if _is_fsdp2(self.model):   # sharded (DTensor) gradients: the global norm, then the same clip
+        if self.fsdp2:   # sharded (DTensor) gradients: the global norm, then the same clip
             params = [p for p in self.model.parameters() if p.grad is not None]
             total = torch.nn.utils.get_total_norm([p.grad for p in params])
             total = total.full_tensor() if hasattr(total, "full_tensor") else total

@@ -147,8 +147,7 @@ class KVCache:
         """Add one scale's keys/values; return all keys/values so far as ``(B, H, len, hd)`` views."""
         if self.k_BLHc is None:
             B, H, _, c = k_BHlc.shape
-            self.k_BLHc = k_BHlc.new_empty(B, self.L, H, c)
-            self.v_BLHc = v_BHlc.new_empty(B, self.L, H, c)
+            self.allocate(B, H, c, k_BHlc.dtype, k_BHlc.device)
         end = self.len + k_BHlc.shape[2]
         if end > self.L:
             raise ValueError(f"KV cache holds {self.L} tokens, appending would reach {end}")
@@ -156,6 +155,11 @@ class KVCache:
         self.write(self.v_BLHc[:, self.len:end], v_BHlc.transpose(1, 2))
         self.len = end
         return self.k_BLHc[:, :end].transpose(1, 2), self.v_BLHc[:, :end].transpose(1, 2)
+
+    def allocate(self, B: int, H: int, c: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Storage for all ``L`` tokens, ``(B, L, H, c)`` keys and values (the first append calls it)."""
+        self.k_BLHc = torch.empty(B, self.L, H, c, dtype=dtype, device=device)
+        self.v_BLHc = torch.empty_like(self.k_BLHc)
 
     @staticmethod
     def write(dst_BlHc: torch.Tensor, src_BlHc: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from varcore.fast.plan import ExecutionPlan, apply_plan, reset_plan
 from varcore.fast.static_sampler import EagerKVCache, release_static_engine, static_engine
 from varcore.sample import Teacher
 from varcore.scales import ScaleLayout, block_causal_mask
-from varcore.var import AdaLNBlock, AdaLNHead, BlockCausalAttention
+from varcore.var import AdaLNBlock, AdaLNHead, BlockCausalAttention, KVCache
 from tests.conftest import randomize_
 
 PAPER = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -325,6 +325,11 @@ def test_compiled_engine_runs_the_fused_ffn(tiny_var, aot_eager):
     exact = StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False, compiled=False)
     assert all(isinstance(b.ffn, FusedFFN) for b in compiled.model.blocks)
     assert not any(isinstance(b.ffn, FusedFFN) for b in exact.model.blocks)
+    # the compiled engine traces its caches (allocated up front); the exact one copies words eagerly
+    cfg = tiny_var.cfg
+    assert all(type(c) is KVCache and c.k_BLHc.shape == (2, cfg.L, cfg.H, cfg.C // cfg.H)
+               for c in compiled.caches)
+    assert all(isinstance(c, EagerKVCache) for c in exact.caches)
     cond = tiny_var.cond(label)
     with torch.no_grad():
         caches, x = tiny_var.new_kv_caches(), tiny_var.sos(cond)
@@ -390,7 +395,6 @@ def test_compiled_sampling_blocks_equal_eager(tiny_var, tiny_var_cfg, aot_eager)
     the logits and every cached key and value equal the eager loop's. The graphs serve every
     block and scale: per compiled frame one static graph (scale 1), one dynamic (the middle
     scales) and, for the block, one where the last scale fills the cache; not one per scale."""
-    from varcore.var import KVCache
     cfg = tiny_var_cfg
     comp = copy.deepcopy(tiny_var)
     for m in (*comp.blocks, comp.head):

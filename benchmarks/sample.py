@@ -31,7 +31,8 @@ from pipeline.tokenizer.checkpoint import load_tokenizer  # noqa: E402
 from pipeline.training.checkpoint import load_var  # noqa: E402
 
 
-def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> dict:
+def closures(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device):
+    """``(tokens, decode, generate, label_B, sampling)`` of one case: what is timed and profiled."""
     sampling = SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, engine=args.engine)
     label_B = torch.arange(batch, device=device) % var.cfg.num_classes
     gen = torch.Generator(device=device).manual_seed(0)
@@ -52,6 +53,11 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
         tokens()
         decode()
 
+    return tokens, decode, generate, label_B, sampling
+
+
+def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> dict:
+    tokens, decode, generate, label_B, sampling = closures(var, vqvae, batch, args, device)
     reset_peak(device)
     t_all = summary(time_ms(generate, device, args.warmup, args.iters))
     t_tok = summary(time_ms(tokens, device, 1, args.iters))
@@ -63,15 +69,22 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
            "peak_gib": peak_gib(device), **env()}
+    if args.check_tokens:
+        rec.update(same_tokens(var, vqvae, label_B, sampling, device))
+    return rec
+
+
+def profile_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> None:
+    """``--profile`` / ``--gaps`` lines of one case. Run after every case is timed: the profiler
+    can leave CUPTI attached after it ends (pytorch/pytorch#144455), which slowed later
+    launches in the same process (round 12: d16 at batch 1 25.6 ms after a profile, 14.0 without)."""
+    generate = closures(var, vqvae, batch, args, device)[2]
     if args.profile:
         top = top_kernels(generate, device, 1, top=args.profile_top)
         emit({"bench": "sample_profile", "depth": var.cfg.depth, "batch": batch, "kernel_ms_total": top.total_ms,
               "categories": top.categories, "top": list(top)})
     if args.gaps:
         emit({"bench": "sample_gaps", "depth": var.cfg.depth, "batch": batch, **gpu_gaps(generate, device)})
-    if args.check_tokens:
-        rec.update(same_tokens(var, vqvae, label_B, sampling, device))
-    return rec
 
 
 def same_tokens(var, vqvae, label_B, sampling, device) -> dict:
@@ -98,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--decode-chunk", type=int, default=0, help="decode this many images at a time (default: all for plain, 16 otherwise)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also set cudnn.benchmark globally")
     ap.add_argument("--no-cudnn-autotune", action="store_true", help="varcore.sample.CUDNN_AUTOTUNE = False")
-    ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch")
+    ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch (after all cases are timed)")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--gaps", action="store_true", help="also print where the GPU idles in a batch")
     ap.add_argument("--check-tokens", action="store_true")
@@ -114,6 +127,20 @@ def main(argv=None):
     sample_mod.CUDNN_AUTOTUNE = not args.no_cudnn_autotune
     torch.manual_seed(0)
     vqvae = (load_tokenizer(args.tokenizer) if args.tokenizer else VQVAE(PAPER_VQ)).to(device).eval()
+    for var, batch in cases(args, device):
+        try:
+            emit(run_case(var, vqvae, batch, args, device))
+        except Exception as e:  # a failed case must not hide the others' figures
+            emit({"bench": "sample", "depth": var.cfg.depth, "batch": batch, "engine": args.engine,
+                  "error": f"{type(e).__name__}: {str(e)[:500]}"})
+    if args.profile or args.gaps:   # after all timing (see profile_case)
+        for var, batch in cases(args, device):
+            profile_case(var, vqvae, batch, args, device)
+
+
+def cases(args, device: torch.device):
+    """``(model, batch)`` per ``--case``, one model per run of equal depths (the previous one's
+    engine released first)."""
     var, depth = None, None
     for case in args.case:
         d, batch = (int(p) for p in case.split(":"))
@@ -126,11 +153,9 @@ def main(argv=None):
             if var.cfg.depth != d:
                 raise SystemExit(f"--model {args.model}: depth {var.cfg.depth}, the case asks for {d}")
             var, depth = var.to(device).eval(), d
-        try:
-            emit(run_case(var, vqvae, batch, args, device))
-        except Exception as e:  # a failed case must not hide the others' figures
-            emit({"bench": "sample", "depth": d, "batch": batch, "engine": args.engine,
-                  "error": f"{type(e).__name__}: {str(e)[:500]}"})
+        yield var, batch
+    if var is not None:
+        release_static_engine(var)
 
 
 if __name__ == "__main__":

@@ -76,8 +76,9 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
 
 def profile_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> None:
     """``--profile`` / ``--gaps`` lines of one case. Run after every case is timed: the profiler
-    can leave CUPTI attached after it ends (pytorch/pytorch#144455), which slowed later
-    launches in the same process (round 12: d16 at batch 1 25.6 ms after a profile, 14.0 without)."""
+    can leave CUPTI attached after it ends (pytorch/pytorch#144455), slowing later launches in
+    the same process (round 12: d16 at batch 1 took 25.6 ms after a d30 profile in its process,
+    14.0 ms in a process without one)."""
     generate = closures(var, vqvae, batch, args, device)[2]
     if args.profile:
         top = top_kernels(generate, device, 1, top=args.profile_top)

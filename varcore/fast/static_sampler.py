@@ -8,11 +8,12 @@ hold their weights in the autocast dtype, so the fp32 -> bf16 weight casts that
 autocast would redo at every scale happen once, and only when the weights changed.
 The AdaLN projections of the class embeddings run once per batch (:class:`BatchModulation`,
 one more graph), not once per scale. On CUDA the blocks and the head are also compiled
-(fused element-wise work, one graph for scales 2..K) and the FFN's GELU runs in its first
-matmul's epilogue (:class:`varcore.fast.fused_mlp.FusedFFN`). A compiled block is one graph
-with its KV-cache appends and its attention inside: the cache is preallocated and its
-position is a (dynamic) integer, so inductor writes the normalised keys and the values into
-their slots from the kernels that make them, instead of two copies per block and scale.
+(fused element-wise work; graphs with a dynamic token count, so a few per model rather than
+one per scale) and the FFN's GELU runs in its first matmul's epilogue
+(:class:`varcore.fast.fused_mlp.FusedFFN`). A compiled block is one graph with its KV-cache
+appends and its attention inside: the cache is preallocated and its position is a (dynamic)
+integer, so inductor writes the normalised keys and the values into their slots from the
+kernels that make them, instead of two copies per block and scale.
 
 Without compilation the arithmetic is the plain path's: same modules, same kernels,
 weights rounded to the same dtype, so a fixed generator gives the same tokens (on CPU,

@@ -16,7 +16,7 @@ import varcore.fast.compile as compile_mod
 import varcore.fast.flex as flex_mod
 from varcore import ConfigError, SamplingConfig, VAR, VARConfig, sample_tokens
 from varcore.fast.attention import FlexBlockCausal, ScaleSplitAttention
-from varcore.fast.compile import compile_forward, compile_region
+from varcore.fast.compile import compile_region
 from varcore.fast.flex import flex_attention
 from varcore.fast.plan import ExecutionPlan, apply_plan, reset_plan
 from varcore.fast.static_sampler import EagerKVCache, release_static_engine, static_engine
@@ -390,36 +390,54 @@ def test_static_engine_of_a_planned_model_samples_the_plain_path(tiny_var, tiny_
 
 
 def test_compiled_sampling_blocks_equal_eager(tiny_var, tiny_var_cfg, aot_eager):
-    """The sampler's compiled blocks and head keep the math, with the KV-cache appends and the
-    attention inside the block's graph (the cache preallocated, its position a dynamic integer):
-    the logits and every cached key and value equal the eager loop's. The graphs serve every
-    block and scale: per compiled frame one static graph (scale 1), one dynamic (the middle
-    scales) and, for the block, one where the last scale fills the cache; not one per scale."""
+    """The compiled engine keeps the math: its blocks (each starting with the previous block's
+    deferred residual add, with the KV-cache appends and the attention inside the graph, the
+    cache preallocated and its position a dynamic integer) give the eager loop's logits and
+    every cached key and value. The graphs serve every block and scale: per compiled function
+    one static graph (scale 1), one dynamic (the middle scales) and, for the block, one where the
+    last scale fills the cache; not one per block or scale (block 1's zero branch is laid out as
+    the others' branches, so it needs no graph of its own)."""
+    from varcore.fast.static_sampler import StaticScales
     cfg = tiny_var_cfg
-    comp = copy.deepcopy(tiny_var)
-    for m in (*comp.blocks, comp.head):
-        compile_forward(m, dynamic=None)
+    eng = StaticScales(tiny_var, 3, torch.device("cpu"), None, graphs=False, compiled=True)
+    assert aot_eager["stats"]["unique_graphs"] == 0   # nothing compiled before the first scale
     cond = tiny_var.cond(torch.tensor([0, 3, 5]))
     x = torch.randn(3, cfg.L - cfg.first_l, cfg.Cvae)
-    outs, kv = {}, {}
+    outs = {}
     with torch.no_grad():
-        for name, model in (("eager", tiny_var), ("compiled", comp)):
-            caches, x_in, out = [KVCache(cfg.L) for _ in model.blocks], model.sos(cond), []
-            if name == "compiled":
-                for c in caches:
-                    c.allocate(3, cfg.H, cfg.C // cfg.H, torch.float32, torch.device("cpu"))
-            for k, (start, end) in enumerate(zip(cfg.layout.starts, cfg.layout.ends)):
-                out.append(model.forward_scale(x_in, cond, start, caches))
-                if k + 1 < cfg.layout.K:
-                    x_in = model.word_embed(x[:, end - cfg.first_l:cfg.layout.ends[k + 1] - cfg.first_l])
-            outs[name] = torch.cat(out, 1)
-            kv[name] = torch.stack([torch.stack([c.k_BLHc, c.v_BLHc]) for c in caches])
-            assert all(c.len == cfg.L for c in caches)
+        eng.begin(tiny_var, cond)
+        caches, x_in, out, out_eng = tiny_var.new_kv_caches(), tiny_var.sos(cond), [], []
+        for k, (start, end) in enumerate(zip(cfg.layout.starts, cfg.layout.ends)):
+            out.append(tiny_var.forward_scale(x_in, cond, start, caches))
+            out_eng.append(eng.scale(k, x_in).clone())
+            if k + 1 < cfg.layout.K:
+                x_in = tiny_var.word_embed(x[:, end - cfg.first_l:cfg.layout.ends[k + 1] - cfg.first_l])
+        outs["eager"], outs["compiled"] = torch.cat(out, 1), torch.cat(out_eng, 1)
+        kv = {name: torch.stack([torch.stack([c.k_BLHc, c.v_BLHc]) for c in cs])
+              for name, cs in (("eager", caches), ("compiled", eng.caches))}
+    assert all(c.len == cfg.L for c in (*caches, *eng.caches))
+    assert not eng.zero_y.any() and not eng.zero_gamma_B1C.any()
     assert torch.allclose(outs["compiled"], outs["eager"], rtol=1e-5, atol=1e-6)
     assert torch.allclose(kv["compiled"], kv["eager"], rtol=1e-5, atol=1e-6)
     assert aot_eager["stats"]["calls_captured"] > 0 and not aot_eager["graph_break"], dict(aot_eager["graph_break"])
     # block: static, dynamic, cache-filling last scale; head: static, dynamic
     assert 0 < aot_eager["stats"]["unique_graphs"] <= 5, aot_eager["stats"]["unique_graphs"]
+
+
+def test_deferred_block_is_the_block_shifted_by_one_add(tiny_var):
+    """Eager, the deferred blocks compute the plain loop bit for bit: the same operations in the
+    same order, the last residual add of each block done at the start of the next."""
+    from varcore.fast.static_sampler import deferred_block, deferred_head
+    cfg = tiny_var.cfg
+    cond = tiny_var.cond(torch.tensor([1, 2]))
+    x = tiny_var.sos(cond) + tiny_var.scale_pos(0, cfg.first_l)
+    with torch.no_grad():
+        ref = tiny_var.forward_scale(tiny_var.sos(cond), cond, 0, tiny_var.new_kv_caches())
+        y, g = torch.zeros_like(x), torch.zeros(2, 1, cfg.C)
+        for block, cache in zip(tiny_var.blocks, tiny_var.new_kv_caches()):
+            x, y, g = deferred_block(block, x, y, g, cond, cache)
+        got = deferred_head(tiny_var.head, x, y, g, cond)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 13])

@@ -13,7 +13,9 @@ one per scale) and the FFN's GELU runs in its first matmul's epilogue
 (:class:`varcore.fast.fused_mlp.FusedFFN`). A compiled block is one graph with its KV-cache
 appends and its attention inside: the cache is preallocated and its position is a (dynamic)
 integer, so inductor writes the normalised keys and the values into their slots from the
-kernels that make them, instead of two copies per block and scale.
+kernels that make them, instead of two copies per block and scale. Each compiled block also
+starts with the previous block's last residual add (:func:`deferred_block`), which then fuses
+into its first LayerNorm kernel.
 
 Without compilation the arithmetic is the plain path's: same modules, same kernels,
 weights rounded to the same dtype, so a fixed generator gives the same tokens (on CPU,
@@ -30,8 +32,8 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..var import VAR, KVCache
-from .compile import compile_forward
+from ..var import VAR, AdaLNBlock, AdaLNHead, KVCache, modulate
+from .compile import compile_region
 from .fused_mlp import FusedFFN
 from .plan import reset_plan
 
@@ -116,6 +118,26 @@ class BatchModulation(nn.Module):
             self.out_BD.copy_(out_BD)
 
 
+def deferred_block(block: AdaLNBlock, x_BlC: torch.Tensor, y_BlC: torch.Tensor, gamma_B1C: torch.Tensor,
+                   cond_BD: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``block`` at inference, shifted by one residual add: takes the stream before the previous
+    block's last add, with that block's FFN branch ``y`` and gate, and returns its own the same
+    way (``x + y * gamma`` is what the block's forward adds last). The same operations in the same
+    order as :meth:`AdaLNBlock.forward` in eval mode (drop-path off); compiled, the add and this
+    block's first LayerNorm + modulation are one kernel, one pass over the float32 stream instead
+    of an add kernel that writes the stream and a LayerNorm kernel that reads it back."""
+    x_BlC = x_BlC + y_BlC.mul(gamma_B1C)
+    gamma1, gamma2, scale1, scale2, shift1, shift2 = block.modulation(cond_BD)
+    x_BlC = x_BlC + block.attn(modulate(block.ln(x_BlC), scale1, shift1), cache).mul_(gamma1)
+    return x_BlC, block.ffn(modulate(block.ln(x_BlC), scale2, shift2)), gamma2
+
+
+def deferred_head(head: AdaLNHead, x_BlC: torch.Tensor, y_BlC: torch.Tensor, gamma_B1C: torch.Tensor,
+                  cond_BC: torch.Tensor) -> torch.Tensor:
+    """The head after the last block's deferred residual add (:func:`deferred_block`)."""
+    return head(x_BlC + y_BlC.mul(gamma_B1C), cond_BC)
+
+
 class StaticScales:
     """Per-scale forward of a private model copy over fixed buffers: ``(2)B`` rows, ``L`` cache slots."""
 
@@ -130,8 +152,8 @@ class StaticScales:
         if compiled:   # the compiled engine also runs the FFN's GELU in its first matmul's epilogue
             for block in self.model.blocks:
                 block.ffn = FusedFFN.of(block.ffn)
-            for m in (*self.model.blocks, self.model.head):
-                compile_forward(m, dynamic=None)
+            self.block_step = compile_region(deferred_block, dynamic=None)
+            self.head_step = compile_region(deferred_head, dynamic=None)
         self.synced: tuple | None = None
         cfg = var.cfg
         self.starts = cfg.layout.starts
@@ -152,6 +174,12 @@ class StaticScales:
         with torch.no_grad(), self._autocast():
             self.cond_BC = torch.zeros(batch, cfg.C, device=device, dtype=var.class_emb.weight.dtype)
             self._modulate()   # allocates the modulation buffers
+            if compiled:   # block 1's "previous FFN branch": zeros, laid out as a block's branch and gate
+                gamma_B1C = self.model.blocks[0].modulation(self.model.block_cond(self.cond_BC))[1]
+                self.zero_gamma_B1C = torch.empty_strided(gamma_B1C.shape, gamma_B1C.stride(), dtype=gamma_B1C.dtype,
+                                                          device=device).zero_()
+                self.zero_y = torch.zeros(batch * max(pn * pn for pn in cfg.patch_nums) * cfg.C, device=device,
+                                          dtype=kv_dtype)
             x0 = var.sos(self.cond_BC)
             embed_dtype = var.word_embed(torch.zeros(1, 1, cfg.Cvae, device=device,
                                                      dtype=var.word_embed.weight.dtype)).dtype
@@ -172,7 +200,17 @@ class StaticScales:
 
     @torch.no_grad()
     def _forward(self, k: int) -> torch.Tensor:
-        return self.model.forward_scale(self.x_BlC[k], self.cond_BC, self.starts[k], self.caches).float()
+        if not self.key[4]:
+            return self.model.forward_scale(self.x_BlC[k], self.cond_BC, self.starts[k], self.caches).float()
+        # the compiled engine: VAR.forward_scale with every residual add deferred into the next graph
+        m, x_BlC = self.model, self.x_BlC[k]
+        B, l, C = x_BlC.shape
+        x_BlC = x_BlC + m.scale_pos(self.starts[k], self.starts[k] + l)
+        cond_BD = m.block_cond(self.cond_BC)
+        y_BlC, gamma_B1C = self.zero_y[:B * l * C].view(B, l, C), self.zero_gamma_B1C
+        for block, cache in zip(m.blocks, self.caches):
+            x_BlC, y_BlC, gamma_B1C = self.block_step(block, x_BlC, y_BlC, gamma_B1C, cond_BD, cache)
+        return self.head_step(m.head, x_BlC, y_BlC, gamma_B1C, self.cond_BC).float()
 
     @torch.no_grad()
     def _modulate(self) -> None:

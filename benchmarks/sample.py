@@ -27,6 +27,7 @@ from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa
 import varcore.sample as sample_mod  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402
 from varcore.fast.static_sampler import release_static_engine  # noqa: E402
+from varcore.fast.subpixel import UPSAMPLE_FORMS  # noqa: E402
 from pipeline.tokenizer.checkpoint import load_tokenizer  # noqa: E402
 from pipeline.training.checkpoint import load_var  # noqa: E402
 
@@ -65,6 +66,7 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
     rec = {"bench": "sample", "depth": var.cfg.depth, "batch": batch, "engine": args.engine, "cfg": args.cfg,
            "top_k": args.top_k, "top_p": args.top_p, "decode_chunk": args.decode_chunk or None,
            "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_autotune": sample_mod.CUDNN_AUTOTUNE,
+           "upsample": sample_mod.DECODE_UPSAMPLE,
            **t_all, "ms_per_image": round(t_all["ms_median"] / batch, 3),
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
@@ -112,6 +114,8 @@ def main(argv=None):
     ap.add_argument("--decode-chunk", type=int, default=0, help="decode this many images at a time (default: all for plain, 16 otherwise)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="also set cudnn.benchmark globally")
     ap.add_argument("--no-cudnn-autotune", action="store_true", help="varcore.sample.CUDNN_AUTOTUNE = False")
+    ap.add_argument("--upsample", choices=sorted(UPSAMPLE_FORMS), help="varcore.sample.DECODE_UPSAMPLE "
+                    "(how the compiled decoder upsamples; default: the library's)")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch (after all cases are timed)")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--gaps", action="store_true", help="also print where the GPU idles in a batch")
@@ -126,6 +130,8 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     sample_mod.CUDNN_AUTOTUNE = not args.no_cudnn_autotune
+    if args.upsample:
+        sample_mod.DECODE_UPSAMPLE = args.upsample
     torch.manual_seed(0)
     vqvae = (load_tokenizer(args.tokenizer) if args.tokenizer else VQVAE(PAPER_VQ)).to(device).eval()
     for var, batch in cases(args, device):

@@ -3,7 +3,8 @@
 ``--filter``: drawing the tokens of all K scales from float logits at the paper's shapes
 (B images, CFG halves mixed, top-k then top-p, one draw per token): the sampler's
 ``sample_logits`` against the draw it replaced (a sort of all V, ``torch.multinomial``). ``--decode``: the VQ-VAE decoder on B latents, by chunk
-size and compile. One JSON line per arm: median ms per batch.
+size and compile, and compiled in chunks of 16 with each form of its upsampling + convolution
+(``varcore.fast.subpixel.UPSAMPLE_FORMS``). One JSON line per arm: median ms per batch.
 
     PYTHONPATH=. python benchmarks/sample_parts.py --filter --decode --batch 64
 """
@@ -19,6 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import PAPER_VQ, emit, env, summary, time_ms  # noqa: E402
 from varcore import PAPER_PATCH_NUMS, VQVAE  # noqa: E402
+import varcore.sample as sample_mod  # noqa: E402
+from varcore.fast.subpixel import UPSAMPLE_FORMS  # noqa: E402
 from varcore.sample import decode_images, filter_logits, guidance, sample_logits  # noqa: E402
 
 
@@ -59,9 +62,12 @@ def decode_arms(args, device) -> None:
     f_hat = torch.randn(args.batch, PAPER_VQ.Cvae, 16, 16, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         ref = decode_images(vqvae, f_hat, args.batch, compiled=False).float()
-    for chunk, compiled in dict.fromkeys((min(c, args.batch), comp) for c, comp in
-                                         ((16, True), (32, True), (64, True), (16, False), (64, False))):
+    default = sample_mod.DECODE_UPSAMPLE
+    arms = [(min(c, args.batch), comp, default) for c, comp in ((16, True), (32, True), (64, True), (16, False), (64, False))]
+    arms += [(min(16, args.batch), True, form) for form in UPSAMPLE_FORMS if form != default]
+    for chunk, compiled, form in dict.fromkeys(arms):
         out = {}
+        sample_mod.DECODE_UPSAMPLE = form
 
         def f():
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -72,7 +78,9 @@ def decode_arms(args, device) -> None:
             s.update(max_abs_diff_vs_eager=diff.max().item(), mean_abs_diff_vs_eager=diff.mean().item())
         except Exception as e:   # an arm that fails must not hide the others
             s = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        emit({"bench": "sample_decode", "chunk": chunk, "compiled": compiled, "batch": args.batch, **s, **env()})
+        emit({"bench": "sample_decode", "chunk": chunk, "compiled": compiled, "batch": args.batch,
+              **({"upsample": form} if compiled else {}), **s, **env()})
+    sample_mod.DECODE_UPSAMPLE = default
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import varcore.fast.compile as compile_mod
 from varcore.fast.compile import compile_region
-from varcore.fast.subpixel import decode_subpixel, subpixel_weight, upsample_conv
+from varcore.fast.subpixel import UPSAMPLE_FORMS, decode_with, subpixel_weight, upsample_conv, upsample_conv_transposed
 from varcore.sample import decode_images
 from tests.conftest import randomize_
 
@@ -31,12 +31,13 @@ def _bound(x, conv) -> torch.Tensor:
     return 2 * n * u * absconv
 
 
+@pytest.mark.parametrize("form", [upsample_conv, upsample_conv_transposed])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("cin, cout, h, w, bias", [(5, 7, 4, 6, True), (3, 3, 1, 1, True), (8, 4, 9, 5, False)])
-def test_upsample_conv_equals_upsample_then_conv(dtype, cin, cout, h, w, bias):
+def test_upsample_conv_equals_upsample_then_conv(form, dtype, cin, cout, h, w, bias):
     conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias).to(dtype)
     x = torch.randn(2, cin, h, w, dtype=dtype)
-    ref, got = _reference(x, conv), upsample_conv(x, conv)
+    ref, got = _reference(x, conv), form(x, conv)
     assert got.shape == (2, cout, 2 * h, 2 * w)
     assert ((got - ref).abs() <= _bound(x, conv)).all(), (got - ref).abs().max()
 
@@ -80,9 +81,12 @@ def test_upsample_conv_checks_the_conv():
         upsample_conv(torch.randn(1, 2, 4, 4), nn.Conv2d(2, 2, 3, padding=0))
     with pytest.raises(ValueError, match="3x3 kernel"):
         subpixel_weight(torch.randn(2, 2, 1, 1))
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        decode_with(None, torch.zeros(1), upsample="bilinear")
 
 
-def test_decoder_with_subpixel_upsampling_decodes_the_same_images(tiny_vqvae, tiny_vq_cfg):
+@pytest.mark.parametrize("form", sorted(UPSAMPLE_FORMS))
+def test_decoder_with_each_upsampling_form_decodes_the_same_images(tiny_vqvae, tiny_vq_cfg, form):
     """The whole decoder (two upsamplings in the tiny config): same images as ``f_hat_to_img``
     within float32 rounding carried through the later layers (GroupNorm rescales each level,
     so the bound per upsampling does not apply after it: 1e-4 is ~1000 float32 ulps of the
@@ -91,21 +95,22 @@ def test_decoder_with_subpixel_upsampling_decodes_the_same_images(tiny_vqvae, ti
     s = tiny_vq_cfg.latent_size
     f_hat = torch.randn(3, tiny_vq_cfg.Cvae, s, s)
     with torch.no_grad():
-        ref, got = vq.f_hat_to_img(f_hat, clamp=False), decode_subpixel(vq, f_hat, clamp=False)
+        ref, got = vq.f_hat_to_img(f_hat, clamp=False), decode_with(vq, f_hat, form, clamp=False)
     assert got.shape == ref.shape == (3, 3, tiny_vq_cfg.image_size, tiny_vq_cfg.image_size)
     assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max()
     assert ref.abs().max() > 0.1   # the decoder is not near zero, so the comparison means something
 
 
 def test_compiled_decode_runs_the_subpixel_decoder(tiny_vqvae, tiny_vq_cfg, monkeypatch):
-    """``decode_images(compiled=True)`` (the CUDA default) goes through the sub-pixel decoder,
-    in chunks, and clamps; here through dynamo's aot_eager backend."""
+    """``decode_images(compiled=True)`` (the CUDA default) goes through the fast decoder in the
+    form ``DECODE_UPSAMPLE``, in chunks, and clamps; here through dynamo's aot_eager backend."""
     monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
     compile_region.cache_clear()
     torch._dynamo.reset()
     calls = []
     import varcore.sample as sample_mod
-    monkeypatch.setattr(sample_mod, "decode_subpixel", lambda vq, f: calls.append(f.shape[0]) or decode_subpixel(vq, f))
+    monkeypatch.setattr(sample_mod, "decode_with",
+                        lambda vq, f, form: calls.append(form) or decode_with(vq, f, form))
     vq = randomize_(tiny_vqvae)
     s = tiny_vq_cfg.latent_size
     f_hat = torch.randn(5, tiny_vq_cfg.Cvae, s, s) * 3
@@ -115,6 +120,6 @@ def test_compiled_decode_runs_the_subpixel_decoder(tiny_vqvae, tiny_vq_cfg, monk
         compile_region.cache_clear()
         torch._dynamo.reset()
     ref = decode_images(vq, f_hat, chunk=2, compiled=False)
-    assert calls and sum(calls) >= 5
+    assert calls and set(calls) == {sample_mod.DECODE_UPSAMPLE}
     assert got.shape == ref.shape and got.abs().max() <= 1.0
     assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max()

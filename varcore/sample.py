@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import require
 from .fast.compile import compile_region
 from .fast.static_sampler import static_engine
-from .fast.subpixel import decode_subpixel
+from .fast.subpixel import decode_with
 from .quant import MultiScaleQuantizer
 from .var import VAR
 from .vqvae import VQVAE
@@ -36,6 +36,9 @@ CUDNN_AUTOTUNE = True
 # from a few images on the kernels hide the launches, and a graph would keep its activations
 # (GBs for 16 images of 256x256) allocated between calls.
 DECODE_GRAPH_MAX_IMAGES = 2
+# How the compiled decoder runs each nearest 2x upsampling + 3x3 convolution
+# (a key of varcore.fast.subpixel.UPSAMPLE_FORMS; all compute the same function).
+DECODE_UPSAMPLE = "subpixel"
 
 
 @contextlib.contextmanager
@@ -213,7 +216,7 @@ def generate(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, sampling: SamplingCo
 
 
 def _decode(vqvae: VQVAE, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-    return decode_subpixel(vqvae, f_hat_BChw)
+    return decode_with(vqvae, f_hat_BChw, DECODE_UPSAMPLE)
 
 
 @torch.no_grad()
@@ -223,8 +226,8 @@ def decode_images(vqvae: VQVAE, f_hat_BChw: torch.Tensor, chunk: int = 16, compi
     """``f_hat -> images``, ``chunk`` images at a time (bounds the decoder's memory at 256x256).
     ``compiled`` (None: on CUDA) runs the decoder through ``torch.compile`` on channels-last
     input, which fuses GroupNorm + SiLU and keeps the convolutions in NHWC, with each
-    upsampling + convolution as one sub-pixel convolution (:mod:`varcore.fast.subpixel`: the
-    same function, 16 instead of 36 multiply-adds per output); small batches on CUDA replay
+    upsampling + convolution in the form :data:`DECODE_UPSAMPLE` (:mod:`varcore.fast.subpixel`:
+    the same function, 16 instead of 36 multiply-adds per output); small batches on CUDA replay
     its kernels as CUDA graphs (:data:`DECODE_GRAPH_MAX_IMAGES`)."""
     cuda = f_hat_BChw.device.type == "cuda"
     if not (cuda if compiled is None else compiled):

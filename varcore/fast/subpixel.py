@@ -9,7 +9,9 @@ the low-resolution input (padded by one), followed by interleaving the phases in
 high-resolution grid (a pixel shuffle). That is 16 instead of 36 multiply-adds per output pixel
 and channel pair, on a matmul shape four times wider in ``N``, and the upsampled input is never
 written. The same function up to the order of the additions (the kernel-tap sums are taken once
-in float32 before the convolution rounds the weights to its dtype).
+in float32 before the convolution rounds the weights to its dtype). The same phases are also a
+transposed convolution (stride 2, 4x4 kernel), which writes them interleaved itself
+(:func:`upsample_conv_transposed`); :data:`UPSAMPLE_FORMS` names the forms the decoder can use.
 """
 
 from __future__ import annotations
@@ -54,11 +56,35 @@ def upsample_conv(x_BChw: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.stack(rows, dim=2).reshape(B, 2 * h, 2 * w, O).permute(0, 3, 1, 2)
 
 
-def decode_subpixel(vqvae, f_hat_BChw: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+# (row phase a, phase tap r) -> tap k of the 4-tap transposed kernel, k = 3 - a - 2 r; as an
+# index list over the flattened (a, r): k = 0, 1, 2, 3 take (a, r) = (1, 1), (0, 1), (1, 0), (0, 0)
+TRANSPOSED_TAPS = [3, 1, 2, 0]
+
+
+def upsample_conv_transposed(x_BChw: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """:func:`upsample_conv` as a transposed convolution (stride 2, 4x4 kernel, padding 1): each
+    output pixel of phase ``(a, b)`` receives its four taps from the 2x2 input pixels the
+    sub-pixel form reads, and the convolution writes the phases interleaved itself."""
+    O, I = conv.out_channels, conv.in_channels
+    K = subpixel_weight(conv.weight).view(2, 2, O, I, 2, 2)               # (a, b, O, I, r, s)
+    W_OI44 = K.permute(2, 3, 0, 4, 1, 5).reshape(O, I, 4, 4)[:, :, TRANSPOSED_TAPS][:, :, :, TRANSPOSED_TAPS]
+    return F.conv_transpose2d(x_BChw, W_OI44.transpose(0, 1), conv.bias, stride=2, padding=1)
+
+
+# How the fast decoder runs each upsampling + convolution: as the plain module ("interpolate"),
+# as a 2x2 convolution and a phase interleave ("subpixel"), or as a transposed convolution
+# ("transposed"); all three compute the same function.
+UPSAMPLE_FORMS = {"interpolate": None, "subpixel": upsample_conv, "transposed": upsample_conv_transposed}
+
+
+def decode_with(vqvae, f_hat_BChw: torch.Tensor, upsample: str = "subpixel", clamp: bool = True) -> torch.Tensor:
     """What :meth:`varcore.vqvae.VQVAE.f_hat_to_img` computes, with every ``Upsample`` of the
-    decoder run as :func:`upsample_conv`."""
+    decoder run in the form ``upsample`` (a key of :data:`UPSAMPLE_FORMS`)."""
     from ..vqvae import Upsample
+    if upsample not in UPSAMPLE_FORMS:
+        raise ValueError(f"upsample must be one of {sorted(UPSAMPLE_FORMS)}, got {upsample!r}")
+    form = UPSAMPLE_FORMS[upsample]
     x = vqvae.post_quant_conv(f_hat_BChw)
     for layer in vqvae.decoder.net:
-        x = upsample_conv(x, layer.conv) if isinstance(layer, Upsample) else layer(x)
+        x = form(x, layer.conv) if form is not None and isinstance(layer, Upsample) else layer(x)
     return x.clamp(-1, 1) if clamp else x

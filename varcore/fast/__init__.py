@@ -9,6 +9,7 @@
 - ``static_sampler``: sampling as one CUDA graph per scale over a preallocated KV cache.
 - ``master_weights``: bf16 working copies of the linear weights, AdamW on float32 masters.
 - ``bicubic``: the quantiser's bicubic upsampling as two matmuls on CUDA.
+- ``subpixel``: the decoder's nearest 2x upsampling + 3x3 convolution as one 2x2 convolution.
 
 Submodules load on first use (PEP 562), so importing one does not import the others.
 """

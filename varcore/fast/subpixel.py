@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..vqvae import Upsample
+
+
 def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two kernel rows (or columns, by ``dim``) each output phase applies to its two input
     rows after a nearest 2x upsampling: phase 0 ``(w0, w1 + w2)``, phase 1 ``(w0 + w1, w2)``."""
@@ -34,7 +37,8 @@ def subpixel_weight(w_OI33: torch.Tensor) -> torch.Tensor:
     if w_OI33.shape[-2:] != (3, 3):
         raise ValueError(f"sub-pixel upsampling needs a 3x3 kernel, got {tuple(w_OI33.shape)}")
     O, I = w_OI33.shape[:2]
-    K = torch.stack([torch.stack(_phase_taps(rows, -1)) for rows in _phase_taps(w_OI33.to(torch.promote_types(w_OI33.dtype, torch.float32)), -2)])
+    w = w_OI33.to(torch.promote_types(w_OI33.dtype, torch.float32))
+    K = torch.stack([torch.stack(_phase_taps(rows, -1)) for rows in _phase_taps(w, -2)])   # (a, b, O, I, 2, 2)
     return K.reshape(4 * O, I, 2, 2).to(w_OI33.dtype)
 
 
@@ -80,7 +84,6 @@ UPSAMPLE_FORMS = {"interpolate": None, "subpixel": upsample_conv, "transposed": 
 def decode_with(vqvae, f_hat_BChw: torch.Tensor, upsample: str = "subpixel", clamp: bool = True) -> torch.Tensor:
     """What :meth:`varcore.vqvae.VQVAE.f_hat_to_img` computes, with every ``Upsample`` of the
     decoder run in the form ``upsample`` (a key of :data:`UPSAMPLE_FORMS`)."""
-    from ..vqvae import Upsample
     if upsample not in UPSAMPLE_FORMS:
         raise ValueError(f"upsample must be one of {sorted(UPSAMPLE_FORMS)}, got {upsample!r}")
     form = UPSAMPLE_FORMS[upsample]

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+import varcore.fast.compile as compile_mod
 from varcore import VAR, VARConfig, VQVAE, VQVAEConfig
+from varcore.fast.compile import compile_region
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +41,16 @@ def tiny_var_cfg(tiny_vq_cfg) -> VARConfig:
 @pytest.fixture
 def tiny_var(tiny_var_cfg) -> VAR:
     return randomize_(VAR(tiny_var_cfg)).eval()
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """Compiled regions through dynamo's aot_eager backend (same graphs, no code generation)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
+    compile_region.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    compile_region.cache_clear()
+    torch._dynamo.reset()

@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-import varcore.fast.compile as compile_mod
 import varcore.fast.flex as flex_mod
 from varcore import ConfigError, SamplingConfig, VAR, VARConfig, sample_tokens
 from varcore.fast.attention import FlexBlockCausal, ScaleSplitAttention
@@ -39,19 +38,6 @@ def _twin(cfg: VARConfig, **choices) -> tuple[VAR, VAR]:
     a = randomize_(VAR(cfg)).eval()
     b = apply_plan(copy.deepcopy(a), _plan(cfg, **choices))
     return a, b
-
-
-@pytest.fixture
-def aot_eager(monkeypatch):
-    """Compiled regions through dynamo's aot_eager backend (same graphs, no code generation)."""
-    from torch._dynamo.utils import counters
-    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
-    compile_region.cache_clear()
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    compile_region.cache_clear()
-    torch._dynamo.reset()
 
 
 def _grads(model: VAR, label, x) -> list[torch.Tensor]:

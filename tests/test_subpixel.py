@@ -11,8 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import varcore.fast.compile as compile_mod
-from varcore.fast.compile import compile_region
 from varcore.fast.subpixel import UPSAMPLE_FORMS, decode_with, subpixel_weight, upsample_conv, upsample_conv_transposed
 from varcore.sample import decode_images
 from tests.conftest import randomize_
@@ -101,12 +99,9 @@ def test_decoder_with_each_upsampling_form_decodes_the_same_images(tiny_vqvae, t
     assert ref.abs().max() > 0.1   # the decoder is not near zero, so the comparison means something
 
 
-def test_compiled_decode_runs_the_subpixel_decoder(tiny_vqvae, tiny_vq_cfg, monkeypatch):
+def test_compiled_decode_runs_the_subpixel_decoder(tiny_vqvae, tiny_vq_cfg, monkeypatch, aot_eager):
     """``decode_images(compiled=True)`` (the CUDA default) goes through the fast decoder in the
     form ``DECODE_UPSAMPLE``, in chunks, and clamps; here through dynamo's aot_eager backend."""
-    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
-    compile_region.cache_clear()
-    torch._dynamo.reset()
     calls = []
     import varcore.sample as sample_mod
     monkeypatch.setattr(sample_mod, "decode_with",
@@ -114,11 +109,7 @@ def test_compiled_decode_runs_the_subpixel_decoder(tiny_vqvae, tiny_vq_cfg, monk
     vq = randomize_(tiny_vqvae)
     s = tiny_vq_cfg.latent_size
     f_hat = torch.randn(5, tiny_vq_cfg.Cvae, s, s) * 3
-    try:
-        got = decode_images(vq, f_hat, chunk=2, compiled=True)
-    finally:
-        compile_region.cache_clear()
-        torch._dynamo.reset()
+    got = decode_images(vq, f_hat, chunk=2, compiled=True)
     ref = decode_images(vq, f_hat, chunk=2, compiled=False)
     assert calls and set(calls) == {sample_mod.DECODE_UPSAMPLE}
     assert got.shape == ref.shape and got.abs().max() <= 1.0

@@ -4,7 +4,8 @@ Compares the block-causal attention kernels an execution plan can choose: the de
 (``varcore.var.BlockCausalAttention``: SDPA's own kernel choice, or cuDNN, which takes the mask
 as an additive bias), the FlexAttention block mask (``varcore.fast.attention.FlexBlockCausal``)
 and ``ScaleSplitAttention`` (the first n scales in one masked call, then one unmasked call per
-scale) with each SDPA kernel for the unmasked calls. Everything runs compiled, as in
+scale) with each SDPA kernel for the unmasked calls, and flex through FlashAttention-4
+(``flex_flash``, where flash-attn-4 imports). Everything runs compiled, as in
 training. One JSON line per variant: median ms, TFLOP/s over the pairs the mask allows,
 and the three device kernels that take the most time.
 
@@ -37,6 +38,8 @@ def variants(pn: tuple[int, ...], dev: torch.device) -> dict:
     flex128.block_mask = flex_mod.flex_block_mask(pn, str(dev), 128)                  # flex's default tiles
     out = {"dense": (dense, None), "dense_cudnn": (dense, ["cudnn"]),
            "flex": (FlexBlockCausal(pn, dev), None), "flex128": (flex128, None)}      # flex: the plan's kernel
+    if flex_mod.flash_available():                                                    # FlashAttention-4 via flex
+        out["flex_flash"] = (FlexBlockCausal(pn, dev, "flash"), None)
     for prefix in (1, 7, 8, 9):
         for kernel in ("cudnn", "flash", "efficient"):
             out[f"split{prefix}_{kernel}"] = (ScaleSplitAttention(pn, prefix, (kernel, "efficient", "math")).to(dev),
@@ -78,8 +81,9 @@ def main(argv=None):
     flex_options = {name: None for name in forms}
     for spec in args.flex_config:
         name, opts = spec.split("=", 1)
-        forms[f"flex_{name}"] = forms["flex"]
         flex_options[f"flex_{name}"] = json.loads(opts)
+        forms[f"flex_{name}"] = (FlexBlockCausal(pn, dev), None)
+        forms[f"flex_{name}"][0].kernel_options = flex_options[f"flex_{name}"]   # a core reads them at each call
     tuned = flex_mod.FLEX_KERNEL_OPTIONS
     for name, (mask, backends) in forms.items():
         if args.only and name not in args.only and flex_options[name] is None:   # --flex-config ones always run

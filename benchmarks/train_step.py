@@ -37,7 +37,7 @@ from bench_utils import (DEFAULT_VQ, H100_BF16_DENSE_FLOPS, emit, env, peak_gib,
                          gpu_gaps, top_kernels)
 import varcore.fast.flex as flex_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
-from varcore.fast.plan import ExecutionPlan, apply_plan  # noqa: E402
+from varcore.fast.plan import ATTENTION_IMPLS, ExecutionPlan, apply_plan  # noqa: E402
 from varcore.step import TrainStep, adamw  # noqa: E402
 
 # what the pipeline's train stage sees on the default tokens (docs/gpu.md): 32x32 images, V=512, 130 tokens
@@ -276,7 +276,7 @@ def main(argv=None):
     ap.add_argument("--shapes", choices=["paper", "default"], default="paper",
                     help="token shapes: the paper's (256x256, 680 tokens, V=4096) or the default profile's "
                          "(32x32, 130 tokens, V=512: the pipeline's GPU profile)")
-    ap.add_argument("--attn-impl", default="auto", choices=["auto", "dense", "flex", "per_scale"])
+    ap.add_argument("--attn-impl", default="auto", choices=list(ATTENTION_IMPLS))
     ap.add_argument("--attn-prefix-scales", type=int, default=None, help="per_scale: scales in the masked call")
     ap.add_argument("--attn-backends", default="", help="per_scale: SDPA kernels, e.g. cudnn,efficient,math")
     ap.add_argument("--mlp-impl", default=None, choices=["auto", "plain", "fused"],

@@ -534,6 +534,54 @@ def test_flex_tiles_cover_the_mask_in_contiguous_runs(pn, block):
             assert not flex_mod.blocks_contiguous(theirs)
 
 
+@pytest.mark.parametrize("block", [64, 128])
+def test_flex_mask_mod_past_the_end_sees_nothing(block):
+    """A kernel may evaluate the mask on a tile running past token L without bounding the
+    indices (FlashAttention-4's CuTe kernels): the mask reads scale ids padded to whole tiles,
+    so every real query denies every padded key, and the real pairs are the block-causal mask."""
+    if flex_attention is None:
+        pytest.skip("no FlexAttention in this torch")
+    pn = PAPER
+    L = ScaleLayout(pn).L
+    mask = flex_mod.flex_block_mask(pn, "cpu", block)
+    n = -(-L // block) * block                               # 768 for both tiles
+    q_N, k_N = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    allowed_NN = mask.mask_mod(zero, zero, q_N, k_N)
+    assert allowed_NN.shape == (n, n)
+    assert torch.equal(allowed_NN[:L, :L], block_causal_mask(pn))
+    assert not allowed_NN[:L, L:].any()
+
+
+def test_flex_flash_needs_cuda_and_flash_attn(monkeypatch):
+    """``flex_flash`` (flex through FlashAttention-4) fails at resolve, naming ``attention``,
+    where it cannot run: off CUDA, uncompiled, or without the flash-attn-4 package; its core
+    cuts the mask in the 128-token tiles FlashAttention-4's Hopper backward takes."""
+    cfg = VARConfig(depth=2, patch_nums=(1, 2, 4))
+    with pytest.raises(ConfigError, match="CUDA device") as e:
+        ExecutionPlan(attention="flex_flash", compile=True).resolve(cfg, "cpu", training=True)
+    assert e.value.field == "attention"
+    with pytest.raises(ConfigError, match="torch.compile") as e:
+        ExecutionPlan(attention="flex_flash", compile=False).resolve(cfg, "cuda", training=True)
+    assert e.value.field == "attention"
+    monkeypatch.setattr(flex_mod, "flash_available", lambda: False)
+    with pytest.raises(ConfigError, match="flash-attn-4") as e:
+        ExecutionPlan(attention="flex_flash").resolve(cfg, "cuda", training=True)
+    assert e.value.field == "attention"
+    with pytest.raises(ConfigError) as e:
+        ExecutionPlan(attention="flex_flash").resolve(VARConfig(depth=2, attn_drop_rate=0.1), "cuda", training=True)
+    assert e.value.field == "attention"
+    with pytest.raises(ConfigError) as e:
+        FlexBlockCausal(PAPER, "cpu", "cute")
+    assert e.value.field == "backend"
+    if flex_attention is None:
+        return
+    monkeypatch.setattr(flex_mod, "flash_available", lambda: True)
+    monkeypatch.setattr(flex_mod, "flex_block_mask", lambda pn, device, block: (pn, device, block))   # no GPU here
+    core = FlexBlockCausal(PAPER, "cuda", "flash")
+    assert core.kernel_options == {"BACKEND": "FLASH"} and core.block_mask == (PAPER, "cuda", 128)
+
+
 def test_blocks_contiguous_detects_gaps():
     if flex_attention is None:
         pytest.skip("no FlexAttention in this torch")

@@ -4,7 +4,8 @@ Each is a drop-in for :class:`varcore.var.BlockCausalAttention` (``core(q, k, v,
 scale) -> o``, all ``(B, H, L, hd)``) and computes the same function:
 
 - :class:`FlexBlockCausal`: FlexAttention with the block mask of :mod:`varcore.fast.flex`
-  (tiles no query of the tile may see are skipped; CUDA under ``torch.compile``).
+  (tiles no query of the tile may see are skipped; CUDA under ``torch.compile``), through
+  flex's Triton kernels or its FlashAttention-4 backend.
 - :class:`ScaleSplitAttention`: the mask as unmasked calls. The queries of each scale after
   a prefix see every key of the scales up to theirs, so each such scale is one SDPA call
   without a mask (which the flash and cuDNN kernels run); the first ``prefix_scales`` scales
@@ -31,14 +32,25 @@ SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_
 
 class FlexBlockCausal(nn.Module):
     """FlexAttention under the block mask built for ``device`` (the mask is not a tensor and
-    does not move with the module: build the core on the device the model runs on)."""
+    does not move with the module: build the core on the device the model runs on).
 
-    def __init__(self, patch_nums: tuple[int, ...], device: torch.device | str):
+    ``backend``: ``triton`` (flex's own kernels, tiles of :data:`varcore.fast.flex.FLEX_KERNEL_OPTIONS`)
+    or ``flash`` (FlashAttention-4's CuTe kernels through flex, CUDA only, under ``torch.compile``)."""
+
+    def __init__(self, patch_nums: tuple[int, ...], device: torch.device | str, backend: str = "triton"):
         super().__init__()
         if flex.flex_attention is None:   # pragma: no cover - torch < 2.5
             raise RuntimeError("attention='flex' needs FlexAttention (torch >= 2.5)")
-        self.block_mask = flex.flex_block_mask(tuple(patch_nums), str(device), flex.mask_block())
-        self.kernel_options = flex.FLEX_KERNEL_OPTIONS if torch.device(device).type == "cuda" else None
+        require(backend in ("triton", "flash"), "backend", f"must be 'triton' or 'flash', got {backend!r}")
+        cuda = torch.device(device).type == "cuda"
+        if backend == "flash":
+            require_flash(cuda)
+            block, options = flex.FLASH_MASK_BLOCK, flex.FLASH_KERNEL_OPTIONS
+        else:
+            block, options = flex.mask_block(), flex.FLEX_KERNEL_OPTIONS if cuda else None
+        self.backend = backend
+        self.block_mask = flex.flex_block_mask(tuple(patch_nums), str(device), block)
+        self.kernel_options = options
 
     def forward(self, q_BHLc, k_BHLc, v_BHLc, dropout_p: float, scale: float | None) -> torch.Tensor:
         if dropout_p:
@@ -81,6 +93,13 @@ class ScaleSplitAttention(nn.Module):
                 start = end
         # joined along L in (B, L, H, hd) order, so the output projection reads it without a copy
         return torch.cat([o.transpose(1, 2) for o in outs], dim=1).transpose(1, 2)
+
+
+def require_flash(cuda: bool) -> None:
+    """The FlashAttention-4 backend's needs, as a :class:`varcore.ConfigError` on ``attention``."""
+    require(cuda and flex.flash_available(), "attention",
+            "flex_flash needs a CUDA device, torch >= 2.10 and FlashAttention-4 "
+            "(pip install flash-attn-4; Hopper or newer)")
 
 
 def check_backends(backends: tuple[str, ...]) -> None:

@@ -25,15 +25,15 @@ import torch.nn as nn
 from ..errors import require
 from ..var import VAR, VARConfig
 from . import cublaslt, flex
-from .attention import FlexBlockCausal, ScaleSplitAttention, check_backends
+from .attention import FlexBlockCausal, ScaleSplitAttention, check_backends, require_flash
 from .compile import checkpoint_forward, compile_forward, restore_forward
 from .fused_mlp import FUSED_DTYPES, FusedFFN
 
 log = logging.getLogger(__name__)
-AttentionImpl = Literal["auto", "dense", "flex", "per_scale"]
+AttentionImpl = Literal["auto", "dense", "flex", "flex_flash", "per_scale"]
 MLPImpl = Literal["auto", "plain", "fused"]
 Switch = Literal["auto", True, False]
-ATTENTION_IMPLS = ("auto", "dense", "flex", "per_scale")
+ATTENTION_IMPLS = ("auto", "dense", "flex", "flex_flash", "per_scale")
 MLP_IMPLS = ("auto", "plain", "fused")
 
 
@@ -42,7 +42,8 @@ class ExecutionPlan:
     """Speed and memory choices; every combination computes the same function.
 
     ``attention``: the block-causal attention kernel (dense SDPA under the mask; ``flex``:
-    FlexAttention skipping masked tiles; ``per_scale``: one unmasked SDPA call per scale after
+    FlexAttention skipping masked tiles; ``flex_flash``: the same through FlashAttention-4's
+    kernels (flex's FLASH backend; CUDA, torch >= 2.10, flash-attn-4); ``per_scale``: one unmasked SDPA call per scale after
     ``attn_prefix_scales``, with ``attn_backends`` choosing SDPA kernels or ``("fa4",)``).
     ``mlp``: ``fused`` runs the FFN's GELU in cuBLASLt matmul epilogues in training.
     ``compile``: blocks, head and loss through ``torch.compile``. ``checkpointing``: recompute
@@ -94,6 +95,9 @@ class ExecutionPlan:
         if attention == "auto":
             flex_ok = flex.flex_attention is not None and cfg.attn_drop_rate == 0 and compile_on
             attention = "dense" if not cuda else "flex" if flex_ok else "per_scale"
+        if attention == "flex_flash":
+            require(compile_on, "attention", "flex_flash runs under torch.compile: leave compile on")
+            require_flash(cuda)
         mlp = self.mlp
         if mlp == "auto":
             mlp = "fused" if training and cuda and amp in FUSED_DTYPES and cublaslt.available() else "plain"
@@ -115,8 +119,8 @@ class ExecutionPlan:
                 "(token-causal SDPA)")
         require(self.attn_prefix_scales <= K, "attn_prefix_scales",
                 f"must be in [1, {K}] (number of scales), got {self.attn_prefix_scales}")
-        require(not (self.attention == "flex" and cfg.attn_drop_rate > 0), "attention",
-                "flex has no attention dropout; use per_scale or dense with attn_drop_rate > 0")
+        require(not (self.attention in ("flex", "flex_flash") and cfg.attn_drop_rate > 0), "attention",
+                f"{self.attention} has no attention dropout; use per_scale or dense with attn_drop_rate > 0")
         require(not (self.attn_backends == ("fa4",) and cfg.attn_drop_rate > 0), "attn_backends",
                 "fa4 (FlashAttention-4) has no attention dropout")
         require(self.checkpointing is True or self.checkpointing <= cfg.depth, "checkpointing",
@@ -144,8 +148,8 @@ def reset_plan(model: VAR) -> VAR:
 
 def _attention_core(plan: ExecutionPlan, model: VAR, device: torch.device) -> nn.Module:
     cfg = model.cfg
-    if plan.attention == "flex":
-        return FlexBlockCausal(cfg.patch_nums, device)
+    if plan.attention in ("flex", "flex_flash"):
+        return FlexBlockCausal(cfg.patch_nums, device, "flash" if plan.attention == "flex_flash" else "triton")
     if plan.attention == "per_scale":
         return ScaleSplitAttention(cfg.patch_nums, plan.attn_prefix_scales, plan.attn_backends).to(device)
     return model.dense_attention().to(device)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 import copy
 
-import varcore.fast.compile as compile_mod
 from varcore import ConfigError, VAR, VARConfig
 from varcore.fast import cublaslt
 from varcore.fast.fused_mlp import FusedFFN, _GeluMLP, fused_usable
@@ -83,31 +82,24 @@ def test_mlp_plan_and_auto():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_model_with_fused_mlp_same_loss_and_gradients(tiny_vq_cfg, compiled, monkeypatch):
+def test_model_with_fused_mlp_same_loss_and_gradients(tiny_vq_cfg, compiled, aot_eager):
     """The whole model under a plan with mlp="fused" (blocks compiled or not, two of three
     recomputed) gives the plain model's logits and gradients."""
-    monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
-    compile_mod.compile_region.cache_clear()
-    torch._dynamo.reset()
-    try:
-        cfg = VARConfig(depth=3, vocab_size=tiny_vq_cfg.vocab_size, Cvae=tiny_vq_cfg.Cvae,
-                        patch_nums=tiny_vq_cfg.patch_nums, num_classes=5, cond_drop_rate=0.0, drop_path_rate=0.0)
-        plain = randomize_(VAR(cfg)).train()
-        fused = apply_plan(copy.deepcopy(plain), ExecutionPlan(attention="dense", mlp="fused", compile=compiled,
-                                                               checkpointing=2).resolve(cfg, "cpu", training=True))
-        label, x = torch.tensor([0, 4, 5]), torch.randn(3, cfg.L - cfg.first_l, cfg.Cvae)
-        outs = []
-        for m in (plain, fused):
-            logits = m(label, x)
-            logits.square().mean().backward()
-            outs.append((logits.detach(), [p.grad for p in m.parameters()]))
-        (l0, g0), (l1, g1) = outs
-        assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
-        for a, b in zip(g0, g1):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-    finally:
-        compile_mod.compile_region.cache_clear()
-        torch._dynamo.reset()
+    cfg = VARConfig(depth=3, vocab_size=tiny_vq_cfg.vocab_size, Cvae=tiny_vq_cfg.Cvae,
+                    patch_nums=tiny_vq_cfg.patch_nums, num_classes=5, cond_drop_rate=0.0, drop_path_rate=0.0)
+    plain = randomize_(VAR(cfg)).train()
+    fused = apply_plan(copy.deepcopy(plain), ExecutionPlan(attention="dense", mlp="fused", compile=compiled,
+                                                           checkpointing=2).resolve(cfg, "cpu", training=True))
+    label, x = torch.tensor([0, 4, 5]), torch.randn(3, cfg.L - cfg.first_l, cfg.Cvae)
+    outs = []
+    for m in (plain, fused):
+        logits = m(label, x)
+        logits.square().mean().backward()
+        outs.append((logits.detach(), [p.grad for p in m.parameters()]))
+    (l0, g0), (l1, g1) = outs
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def _gemm_semantics(epilogue, a, transa, b, transb, d, bias=None, aux=None, algo=None):

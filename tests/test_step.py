@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import varcore.fast.compile as compile_mod
 from pipeline.training.config import TrainParams
 from pipeline.training.state import TrainState, load_state, save_state
 from pipeline.training.worker import make_optimizer
@@ -150,13 +149,13 @@ EPS32 = torch.finfo(torch.float32).eps
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 
 
-def _twin_steps(tiny_var_cfg, clip, compiled, monkeypatch):
-    """The autocast step and the master-weight step on copies of one model (and their optimizers)."""
+def _twin_steps(tiny_var_cfg, clip, compiled, request):
+    """The autocast step and the master-weight step on copies of one model (and their optimizers);
+    ``compiled``: blocks and head through the ``aot_eager`` fixture's backend."""
     cfg = _wide_cfg(tiny_var_cfg)
     ref = VAR(cfg).train()
     if compiled:
-        monkeypatch.setattr(compile_mod, "COMPILE_BACKEND", "aot_eager")
-        compile_mod.compile_region.cache_clear()
+        request.getfixturevalue("aot_eager")
         apply_plan(ref, ExecutionPlan(attention="dense", mlp="plain", compile=True, checkpointing=1).resolve(
             cfg, "cpu", training=True))
     model = copy.deepcopy(ref)
@@ -178,13 +177,13 @@ def _pairs(model, step, ref, ref_step):
 
 
 @pytest.mark.parametrize("clip, compiled", [(0.0, False), (0.05, False), (0.05, True)])
-def test_master_weights_first_step_is_the_autocast_step(tiny_var_cfg, clip, compiled, monkeypatch):
+def test_master_weights_first_step_is_the_autocast_step(tiny_var_cfg, clip, compiled, request):
     """From the same weights, the bf16 copies are autocast's casts bit for bit, so the forward is
     the same computation (equal losses); the gradient norm sums the same squares in another order
     (relative error <= 50 tensors x eps32 < 4e-6), and the update is AdamW's in another float32
     order: the first Adam step moves each weight by +-lr whatever the gradient's scale, so the
     weights agree within 4 eps32 (|w| + lr) and the moments within the norm's 4e-6 (8e-6 squared)."""
-    cfg, (ref, ref_step), (model, step) = _twin_steps(tiny_var_cfg, clip, compiled, monkeypatch)
+    cfg, (ref, ref_step), (model, step) = _twin_steps(tiny_var_cfg, clip, compiled, request)
     batch = _batch(cfg, 3, 0)
     torch.manual_seed(100)
     want_loss, want_norm = ref_step(*batch, 1e-3)
@@ -201,14 +200,14 @@ def test_master_weights_first_step_is_the_autocast_step(tiny_var_cfg, clip, comp
 
 
 @pytest.mark.parametrize("clip, compiled", [(0.0, False), (0.05, False), (0.05, True)])
-def test_master_weights_steps_track_the_autocast_steps(tiny_var_cfg, clip, compiled, monkeypatch):
+def test_master_weights_steps_track_the_autocast_steps(tiny_var_cfg, clip, compiled, request):
     """Over three steps the two trajectories stay together, but not bit for bit on every CPU: once a
     master weight and its autocast twin differ in the last float32 bit, one in 2^16 of them rounds
     to the neighbouring bf16 value (a move of 2^-8 of itself), and Adam normalises the gradients
     that respond to it. So: losses and gradient norms within 1e-5, and all weights and moments
     together within one bf16 unit roundoff (2^-8) of their norm (measured: <= 3e-5 with and without
     AVX-512; a wrong AdamW moves every weight by about lr, 1e-2 of the norm here)."""
-    cfg, (ref, ref_step), (model, step) = _twin_steps(tiny_var_cfg, clip, compiled, monkeypatch)
+    cfg, (ref, ref_step), (model, step) = _twin_steps(tiny_var_cfg, clip, compiled, request)
     for s, lr in enumerate([1e-3, 3e-3, 2e-3]):
         batch = _batch(cfg, 3, s)
         torch.manual_seed(100 + s)

@@ -43,8 +43,9 @@ class ExecutionPlan:
 
     ``attention``: the block-causal attention kernel (dense SDPA under the mask; ``flex``:
     FlexAttention skipping masked tiles; ``flex_flash``: the same through FlashAttention-4's
-    kernels (flex's FLASH backend; CUDA, torch >= 2.10, flash-attn-4); ``per_scale``: one unmasked SDPA call per scale after
-    ``attn_prefix_scales``, with ``attn_backends`` choosing SDPA kernels or ``("fa4",)``).
+    kernels (flex's FLASH backend; CUDA, torch >= 2.10, flash-attn-4); ``per_scale``: one
+    unmasked SDPA call per scale after ``attn_prefix_scales``, with ``attn_backends`` choosing
+    SDPA kernels or ``("fa4",)``).
     ``mlp``: ``fused`` runs the FFN's GELU in cuBLASLt matmul epilogues in training.
     ``compile``: blocks, head and loss through ``torch.compile``. ``checkpointing``: recompute
     the first n blocks in backward (``True``: all). ``cuda_graph``, ``master_weights``: the

@@ -569,14 +569,14 @@ def test_flex_flash_needs_cuda_and_flash_attn(monkeypatch):
         ExecutionPlan(attention="flex_flash").resolve(cfg, "cuda", training=True)
     assert e.value.field == "attention"
     with pytest.raises(ConfigError) as e:
-        ExecutionPlan(attention="flex_flash").resolve(VARConfig(depth=2, attn_drop_rate=0.1), "cuda", training=True)
-    assert e.value.field == "attention"
-    with pytest.raises(ConfigError) as e:
         FlexBlockCausal(PAPER, "cpu", "cute")
     assert e.value.field == "backend"
+    monkeypatch.setattr(flex_mod, "flash_available", lambda: True)
+    with pytest.raises(ConfigError, match="no attention dropout") as e:   # runnable, but not with dropout
+        ExecutionPlan(attention="flex_flash").resolve(VARConfig(depth=2, attn_drop_rate=0.1), "cuda", training=True)
+    assert e.value.field == "attention"
     if flex_attention is None:
         return
-    monkeypatch.setattr(flex_mod, "flash_available", lambda: True)
     monkeypatch.setattr(flex_mod, "flex_block_mask", lambda pn, device, block: (pn, device, block))   # no GPU here
     core = FlexBlockCausal(PAPER, "cuda", "flash")
     assert core.kernel_options == {"BACKEND": "FLASH"} and core.block_mask == (PAPER, "cuda", 128)

@@ -1,12 +1,17 @@
 """The parts of a sampling batch timed on their own, with the variants worth comparing.
 
+``--add-norm``: a block's residual add + LayerNorm + AdaLN modulation at every scale of a
+CFG batch (2B rows per token), at the width of each ``--depth``: the Triton kernel
+(``varcore.fast.add_norm``), the same composition compiled as the sampling engine compiles it
+(one region, dynamic token count, scales in sampling order), and eager; the kernel's ``x`` must
+equal eager's bit for bit, its bf16 ``h`` be eager's or one rounding step away.
 ``--filter``: drawing the tokens of all K scales from float logits at the paper's shapes
 (B images, CFG halves mixed, top-k then top-p, one draw per token): the sampler's
 ``sample_logits`` against the draw it replaced (a sort of all V, ``torch.multinomial``). ``--decode``: the VQ-VAE decoder on B latents, by chunk
 size and compile, and compiled in chunks of 16 with each form of its upsampling + convolution
 (``varcore.fast.subpixel.UPSAMPLE_FORMS``). One JSON line per arm: median ms per batch.
 
-    PYTHONPATH=. python benchmarks/sample_parts.py --filter --decode --batch 64
+    PYTHONPATH=. python benchmarks/sample_parts.py --filter --decode --add-norm --batch 64
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import PAPER_VQ, emit, env, summary, time_ms  # noqa: E402
 from varcore import PAPER_PATCH_NUMS, VQVAE  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
+from varcore.fast.add_norm import add_ln_modulate  # noqa: E402
+from varcore.fast.compile import compile_region  # noqa: E402
 from varcore.fast.subpixel import UPSAMPLE_FORMS  # noqa: E402
+from varcore.var import modulate  # noqa: E402
 from varcore.sample import decode_images, filter_logits, guidance, sample_logits  # noqa: E402
 
 
@@ -83,10 +91,52 @@ def decode_arms(args, device) -> None:
     sample_mod.DECODE_UPSAMPLE = default
 
 
+def _eager_add_norm(x, y, gate, ln, scale, shift):
+    x = x + y.mul(gate)
+    return x, modulate(ln(x), scale, shift)
+
+
+def add_norm_arms(args, device) -> None:
+    """Per arm: the sum over the K scales of one call's median, and that times the ``2 depth``
+    calls a batch makes (two per block and scale)."""
+    compiled = compile_region(_eager_add_norm, dynamic=None)
+    for depth in args.depth:
+        C, rows_B = 64 * depth, 2 * args.batch
+        ln = torch.nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
+        mod = (torch.randn(rows_B, 6 * C, device=device) * 0.3).bfloat16().view(-1, 1, 6, C).unbind(2)
+        gate, scale, shift = mod[0], mod[2], mod[4]
+        data = [(torch.randn(rows_B, p * p, C, device=device) * 3,
+                 torch.randn(rows_B, p * p, C, device=device).bfloat16()) for p in PAPER_PATCH_NUMS]
+        arms = {"kernel": lambda x, y: add_ln_modulate(x, y, gate, ln, scale, shift, torch.bfloat16),
+                "compiled": lambda x, y: compiled(x, y, gate, ln, scale, shift),
+                "eager": lambda x, y: _eager_add_norm(x, y, gate, ln, scale, shift)}
+        check = {}
+        for x, y in data:   # correctness first, every scale
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                kx, kh = arms["kernel"](x, y)
+                ex, eh = arms["eager"](x, y)
+            steps = (kh.to(torch.bfloat16).view(torch.int16).int() - eh.to(torch.bfloat16).view(torch.int16).int()).abs()
+            check["x_equal"] = check.get("x_equal", True) and torch.equal(kx, ex)
+            check["h_max_steps"] = max(check.get("h_max_steps", 0), steps.max().item())
+            check["h_equal_frac"] = min(check.get("h_equal_frac", 1.0), (steps == 0).float().mean().item())
+        for name, fn in arms.items():
+            total = 0.0
+            for x, y in data:
+                def f():
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                        fn(x, y)
+                total += summary(time_ms(f, device, 3, args.iters))["ms_median"]
+            emit({"bench": "sample_add_norm", "arm": name, "depth": depth, "batch": args.batch,
+                  "ms_all_scales": round(total, 4), "ms_per_batch": round(total * 2 * depth, 3),
+                  **check, **env()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--filter", action="store_true")
     ap.add_argument("--decode", action="store_true")
+    ap.add_argument("--add-norm", action="store_true")
+    ap.add_argument("--depth", type=int, action="append", help="--add-norm widths (64 x depth; default 24 and 30)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--top-k", type=int, default=900)
@@ -100,6 +150,9 @@ def main(argv=None):
         filter_arms(args, device)
     if args.decode:
         decode_arms(args, device)
+    if args.add_norm:
+        args.depth = args.depth or [24, 30]
+        add_norm_arms(args, device)
 
 
 if __name__ == "__main__":

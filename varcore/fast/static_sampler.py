@@ -32,7 +32,8 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..var import VAR, AdaLNBlock, AdaLNHead, KVCache, modulate
+from ..var import VAR, AdaLNBlock, AdaLNHead, KVCache
+from .add_norm import add_ln_modulate
 from .compile import compile_region
 from .fused_mlp import FusedFFN
 from .plan import reset_plan
@@ -123,13 +124,16 @@ def deferred_block(block: AdaLNBlock, x_BlC: torch.Tensor, y_BlC: torch.Tensor, 
     """``block`` at inference, shifted by one residual add: takes the stream before the previous
     block's last add, with that block's FFN branch ``y`` and gate, and returns its own the same
     way (``x + y * gamma`` is what the block's forward adds last). The same operations in the same
-    order as :meth:`AdaLNBlock.forward` in eval mode (drop-path off); compiled, the add and this
-    block's first LayerNorm + modulation are one kernel, one pass over the float32 stream instead
-    of an add kernel that writes the stream and a LayerNorm kernel that reads it back."""
-    x_BlC = x_BlC + y_BlC.mul(gamma_B1C)
+    order as :meth:`AdaLNBlock.forward` in eval mode (drop-path off). Each residual add and the
+    LayerNorm + modulation after it are one pass over the float32 stream instead of an add that
+    writes the stream and a LayerNorm that reads it back: on CUDA the Triton kernel of
+    :func:`varcore.fast.add_norm.add_ln_modulate` (its ``h`` already in the next matmul's weight
+    dtype, which is what autocast casts to), elsewhere the eager composition."""
     gamma1, gamma2, scale1, scale2, shift1, shift2 = block.modulation(cond_BD)
-    x_BlC = x_BlC + block.attn(modulate(block.ln(x_BlC), scale1, shift1), cache).mul_(gamma1)
-    return x_BlC, block.ffn(modulate(block.ln(x_BlC), scale2, shift2)), gamma2
+    x_BlC, h_BlC = add_ln_modulate(x_BlC, y_BlC, gamma_B1C, block.ln, scale1, shift1, block.attn.qkv.weight.dtype)
+    x_BlC, h_BlC = add_ln_modulate(x_BlC, block.attn(h_BlC, cache), gamma1, block.ln, scale2, shift2,
+                                   block.ffn.fc1.weight.dtype)
+    return x_BlC, block.ffn(h_BlC), gamma2
 
 
 def deferred_head(head: AdaLNHead, x_BlC: torch.Tensor, y_BlC: torch.Tensor, gamma_B1C: torch.Tensor,

@@ -40,7 +40,7 @@ __all__ = ["add_ln_modulate", "fused_available"]
 if triton is not None:
     @triton.jit
     def add_ln_modulate_kernel(x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, x_out_ptr, h_ptr,
-                               l, C, gate_stride, scale_stride, shift_stride, eps, BLOCK_C: tl.constexpr):
+                               l, C, gate_stride, scale_stride, shift_stride, EPS: tl.constexpr, BLOCK_C: tl.constexpr):
         """One row of ``(B*l, C)``: the modulation vectors are those of batch row ``row // l``."""
         row = tl.program_id(0).to(tl.int64)
         b = row // l
@@ -54,7 +54,7 @@ if triton is not None:
         tl.store(x_out_ptr + at, x.to(x_out_ptr.dtype.element_ty), mask=mask)
         mean = tl.sum(x, axis=0) / C
         d = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / C + eps)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / C + EPS)
         scale = tl.load(scale_ptr + b * scale_stride + cols, mask=mask, other=0.0)
         shift = tl.load(shift_ptr + b * shift_stride + cols, mask=mask, other=0.0)
         one_plus = (scale.to(tl.float32) + 1.0).to(scale.dtype).to(tl.float32)
@@ -72,8 +72,8 @@ def launch(kernel, x_BlC: torch.Tensor, y_BlC: torch.Tensor, gate_B1C: torch.Ten
     h_BlC = torch.empty(x_BlC.shape, dtype=out_dtype, device=x_BlC.device)
     block_c = triton.next_power_of_2(C)
     kernel[(B * l,)](x_BlC, y_BlC, gate_B1C, scale_B1C, shift_B1C, x_out, h_BlC, l, C,
-                     gate_B1C.stride(0), scale_B1C.stride(0), shift_B1C.stride(0), eps,
-                     BLOCK_C=block_c, num_warps=min(max(block_c // 256, 1), 8))
+                     gate_B1C.stride(0), scale_B1C.stride(0), shift_B1C.stride(0),
+                     EPS=eps, BLOCK_C=block_c, num_warps=min(max(block_c // 256, 1), 8))
     return x_out, h_BlC
 
 

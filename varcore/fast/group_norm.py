@@ -45,7 +45,7 @@ if triton is not None:
         t = tl.program_id(1)
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < C
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)   # summed over pixels once, at the end
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         if CENTRED:
             shift = tl.load(shift_ptr + n * C + cols, mask=cmask, other=0.0)
         base = x_ptr + n * HW * C
@@ -56,8 +56,8 @@ if triton is not None:
             if CENTRED:
                 v = tl.where(m, v - shift[None, :], 0.0)
                 v = v * v
-            acc += v
-        tl.store(out_ptr + (n * T + t) * C + cols, tl.sum(acc, axis=0), mask=cmask)
+            acc += tl.sum(v, axis=0)
+        tl.store(out_ptr + (n * T + t) * C + cols, acc, mask=cmask)
 
     @triton.jit
     def norm_silu_kernel(x_ptr, mean_ptr, a_ptr, b_ptr, y_ptr, HW, C, BLOCK_P: tl.constexpr,

@@ -66,7 +66,7 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
     rec = {"bench": "sample", "depth": var.cfg.depth, "batch": batch, "engine": args.engine, "cfg": args.cfg,
            "top_k": args.top_k, "top_p": args.top_p, "decode_chunk": args.decode_chunk or None,
            "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_autotune": sample_mod.CUDNN_AUTOTUNE,
-           "upsample": sample_mod.DECODE_UPSAMPLE, "fused_norm": sample_mod.DECODE_FUSED_NORM,
+           "upsample": sample_mod.DECODE_UPSAMPLE,
            **t_all, "ms_per_image": round(t_all["ms_median"] / batch, 3),
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
@@ -116,8 +116,6 @@ def main(argv=None):
     ap.add_argument("--no-cudnn-autotune", action="store_true", help="varcore.sample.CUDNN_AUTOTUNE = False")
     ap.add_argument("--upsample", choices=sorted(UPSAMPLE_FORMS), help="varcore.sample.DECODE_UPSAMPLE "
                     "(how the compiled decoder upsamples; default: the library's)")
-    ap.add_argument("--no-fused-norm", action="store_true", help="varcore.sample.DECODE_FUSED_NORM = False "
-                    "(the compiled decoder's GroupNorm + SiLU through inductor)")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a batch (after all cases are timed)")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--gaps", action="store_true", help="also print where the GPU idles in a batch")
@@ -134,8 +132,6 @@ def main(argv=None):
     sample_mod.CUDNN_AUTOTUNE = not args.no_cudnn_autotune
     if args.upsample:
         sample_mod.DECODE_UPSAMPLE = args.upsample
-    if args.no_fused_norm:
-        sample_mod.DECODE_FUSED_NORM = False
     torch.manual_seed(0)
     vqvae = (load_tokenizer(args.tokenizer) if args.tokenizer else VQVAE(PAPER_VQ)).to(device).eval()
     for var, batch in cases(args, device):

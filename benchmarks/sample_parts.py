@@ -9,8 +9,7 @@ equal eager's bit for bit, its bf16 ``h`` be eager's or one rounding step away.
 (B images, CFG halves mixed, top-k then top-p, one draw per token): the sampler's
 ``sample_logits`` against the draw it replaced (a sort of all V, ``torch.multinomial``). ``--decode``: the VQ-VAE decoder on B latents, by chunk
 size and compile, and compiled in chunks of 16 with each form of its upsampling + convolution
-(``varcore.fast.subpixel.UPSAMPLE_FORMS``), and with its GroupNorm + SiLU kernels switched
-(``varcore.sample.DECODE_FUSED_NORM``). One JSON line per arm: median ms per batch.
+(``varcore.fast.subpixel.UPSAMPLE_FORMS``). One JSON line per arm: median ms per batch.
 
     PYTHONPATH=. python benchmarks/sample_parts.py --filter --decode --add-norm --batch 64
 """
@@ -71,16 +70,12 @@ def decode_arms(args, device) -> None:
     f_hat = torch.randn(args.batch, PAPER_VQ.Cvae, 16, 16, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         ref = decode_images(vqvae, f_hat, args.batch, compiled=False).float()
-    default, default_norm = sample_mod.DECODE_UPSAMPLE, sample_mod.DECODE_FUSED_NORM
-    arms = [(min(c, args.batch), comp, default, default_norm)
-            for c, comp in ((16, True), (32, True), (64, True), (16, False), (64, False))]
-    arms += [(min(16, args.batch), True, form, default_norm) for form in UPSAMPLE_FORMS if form != default]
-    arms += [(min(16, args.batch), True, default, not default_norm)]
-    if args.decode_norm_only:   # the default arm and the same with the GroupNorm kernels switched
-        arms = [arms[0], arms[-1]]
-    for chunk, compiled, form, fused_norm in dict.fromkeys(arms):
+    default = sample_mod.DECODE_UPSAMPLE
+    arms = [(min(c, args.batch), comp, default) for c, comp in ((16, True), (32, True), (64, True), (16, False), (64, False))]
+    arms += [(min(16, args.batch), True, form) for form in UPSAMPLE_FORMS if form != default]
+    for chunk, compiled, form in dict.fromkeys(arms):
         out = {}
-        sample_mod.DECODE_UPSAMPLE, sample_mod.DECODE_FUSED_NORM = form, fused_norm
+        sample_mod.DECODE_UPSAMPLE = form
 
         def f():
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -92,8 +87,8 @@ def decode_arms(args, device) -> None:
         except Exception as e:   # an arm that fails must not hide the others
             s = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         emit({"bench": "sample_decode", "chunk": chunk, "compiled": compiled, "batch": args.batch,
-              **({"upsample": form, "fused_norm": fused_norm} if compiled else {}), **s, **env()})
-    sample_mod.DECODE_UPSAMPLE, sample_mod.DECODE_FUSED_NORM = default, default_norm
+              **({"upsample": form} if compiled else {}), **s, **env()})
+    sample_mod.DECODE_UPSAMPLE = default
 
 
 def _eager_add_norm(x, y, gate, ln, scale, shift):
@@ -157,8 +152,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--filter", action="store_true")
     ap.add_argument("--decode", action="store_true")
-    ap.add_argument("--decode-norm-only", action="store_true", help="--decode: only the default arm, with "
-                    "DECODE_FUSED_NORM on and off")
     ap.add_argument("--add-norm", action="store_true")
     ap.add_argument("--depth", type=int, action="append", help="--add-norm widths (64 x depth; default 24 and 30)")
     ap.add_argument("--batch", type=int, default=64)

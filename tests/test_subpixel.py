@@ -101,17 +101,16 @@ def test_decoder_with_each_upsampling_form_decodes_the_same_images(tiny_vqvae, t
 
 def test_compiled_decode_runs_the_subpixel_decoder(tiny_vqvae, tiny_vq_cfg, monkeypatch, aot_eager):
     """``decode_images(compiled=True)`` (the CUDA default) goes through the fast decoder in the
-    form ``DECODE_UPSAMPLE`` with the GroupNorm kernels of ``DECODE_FUSED_NORM``, in chunks, and
-    clamps; here through dynamo's aot_eager backend (on the CPU the kernels fall back to the modules)."""
+    form ``DECODE_UPSAMPLE``, in chunks, and clamps; here through dynamo's aot_eager backend."""
     calls = []
     import varcore.sample as sample_mod
-    monkeypatch.setattr(sample_mod, "decode_with", lambda vq, f, form, fused_norm: calls.append((form, fused_norm))
-                        or decode_with(vq, f, form, fused_norm=fused_norm))
+    monkeypatch.setattr(sample_mod, "decode_with",
+                        lambda vq, f, form: calls.append(form) or decode_with(vq, f, form))
     vq = randomize_(tiny_vqvae)
     s = tiny_vq_cfg.latent_size
     f_hat = torch.randn(5, tiny_vq_cfg.Cvae, s, s) * 3
     got = decode_images(vq, f_hat, chunk=2, compiled=True)
     ref = decode_images(vq, f_hat, chunk=2, compiled=False)
-    assert calls and set(calls) == {(sample_mod.DECODE_UPSAMPLE, sample_mod.DECODE_FUSED_NORM)}
+    assert calls and set(calls) == {sample_mod.DECODE_UPSAMPLE}
     assert got.shape == ref.shape and got.abs().max() <= 1.0
     assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max()

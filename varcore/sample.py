@@ -39,9 +39,6 @@ DECODE_GRAPH_MAX_IMAGES = 2
 # How the compiled decoder runs each nearest 2x upsampling + 3x3 convolution
 # (a key of varcore.fast.subpixel.UPSAMPLE_FORMS; all compute the same function).
 DECODE_UPSAMPLE = "subpixel"
-# Whether the compiled decoder runs its GroupNorm + SiLU pairs as the Triton kernels of
-# varcore.fast.group_norm (channels-last reads of whole pixels) instead of inductor's.
-DECODE_FUSED_NORM = True
 
 
 @contextlib.contextmanager
@@ -219,7 +216,7 @@ def generate(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, sampling: SamplingCo
 
 
 def _decode(vqvae: VQVAE, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-    return decode_with(vqvae, f_hat_BChw, DECODE_UPSAMPLE, fused_norm=DECODE_FUSED_NORM)
+    return decode_with(vqvae, f_hat_BChw, DECODE_UPSAMPLE)
 
 
 @torch.no_grad()
@@ -228,10 +225,9 @@ def decode_images(vqvae: VQVAE, f_hat_BChw: torch.Tensor, chunk: int = 16, compi
                   ) -> torch.Tensor:
     """``f_hat -> images``, ``chunk`` images at a time (bounds the decoder's memory at 256x256).
     ``compiled`` (None: on CUDA) runs the decoder through ``torch.compile`` on channels-last
-    input, which keeps the convolutions in NHWC, with each upsampling + convolution in the form
-    :data:`DECODE_UPSAMPLE` (:mod:`varcore.fast.subpixel`: the same function, 16 instead of 36
-    multiply-adds per output) and, with :data:`DECODE_FUSED_NORM`, each GroupNorm + SiLU as the
-    Triton kernels of :mod:`varcore.fast.group_norm` (on CUDA); small batches on CUDA replay
+    input, which fuses GroupNorm + SiLU and keeps the convolutions in NHWC, with each
+    upsampling + convolution in the form :data:`DECODE_UPSAMPLE` (:mod:`varcore.fast.subpixel`:
+    the same function, 16 instead of 36 multiply-adds per output); small batches on CUDA replay
     its kernels as CUDA graphs (:data:`DECODE_GRAPH_MAX_IMAGES`)."""
     cuda = f_hat_BChw.device.type == "cuda"
     if not (cuda if compiled is None else compiled):

@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..vqvae import ResBlock, Upsample
-from .group_norm import group_norm_silu
+from ..vqvae import Upsample
 
 
 def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,34 +81,13 @@ def upsample_conv_transposed(x_BChw: torch.Tensor, conv: nn.Conv2d) -> torch.Ten
 UPSAMPLE_FORMS = {"interpolate": None, "subpixel": upsample_conv, "transposed": upsample_conv_transposed}
 
 
-def resblock_fused(block: ResBlock, x_BChw: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` with each GroupNorm + SiLU through :func:`varcore.fast.group_norm.group_norm_silu`."""
-    gn1, _, conv1, gn2, _, drop, conv2 = block.net
-    return block.skip(x_BChw) + conv2(drop(group_norm_silu(conv1(group_norm_silu(x_BChw, gn1)), gn2)))
-
-
-def decode_with(vqvae, f_hat_BChw: torch.Tensor, upsample: str = "subpixel", clamp: bool = True,
-                fused_norm: bool = False) -> torch.Tensor:
+def decode_with(vqvae, f_hat_BChw: torch.Tensor, upsample: str = "subpixel", clamp: bool = True) -> torch.Tensor:
     """What :meth:`varcore.vqvae.VQVAE.f_hat_to_img` computes, with every ``Upsample`` of the
-    decoder run in the form ``upsample`` (a key of :data:`UPSAMPLE_FORMS`) and, with
-    ``fused_norm``, every GroupNorm + SiLU pair (the ResBlocks' and the output's) as
-    :func:`varcore.fast.group_norm.group_norm_silu` (Triton kernels on CUDA)."""
+    decoder run in the form ``upsample`` (a key of :data:`UPSAMPLE_FORMS`)."""
     if upsample not in UPSAMPLE_FORMS:
         raise ValueError(f"upsample must be one of {sorted(UPSAMPLE_FORMS)}, got {upsample!r}")
     form = UPSAMPLE_FORMS[upsample]
     x = vqvae.post_quant_conv(f_hat_BChw)
-    layers = list(vqvae.decoder.net)
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        if form is not None and isinstance(layer, Upsample):
-            x = form(x, layer.conv)
-        elif fused_norm and isinstance(layer, ResBlock):
-            x = resblock_fused(layer, x)
-        elif fused_norm and isinstance(layer, nn.GroupNorm) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU):
-            x = group_norm_silu(x, layer)
-            i += 1
-        else:
-            x = layer(x)
-        i += 1
+    for layer in vqvae.decoder.net:
+        x = form(x, layer.conv) if form is not None and isinstance(layer, Upsample) else layer(x)
     return x.clamp(-1, 1) if clamp else x

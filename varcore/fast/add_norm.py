@@ -3,11 +3,11 @@
 Each block of the compiled sampling engine starts with two of these: the previous branch's
 gated residual add into the float32 stream, then ``modulate(ln(x), scale, shift)`` as the input
 of the next matmul (:func:`varcore.fast.static_sampler.deferred_block`). Inductor fuses each pair
-into one looped reduction kernel, but with the token count a dynamic size it tunes that kernel
-once, at the first scale it meets, and keeps the choice for every scale; at d24, B=64 on an
-H200 the two kernels moved their 77 GB per batch at 2.2 and 3.5 TB/s (29 ms, r13-4), and the
-slower one doubled or not depending on which scale the process compiled first (r12-5). Here
-each program holds one row in registers, so the stream is read once and written once:
+into one looped reduction kernel (each row read twice), compiled for a dynamic token count: at
+d24, B=64 on an H200 the two kernels moved their 77 GB per batch at 2.2 and 3.5 TB/s (29 ms,
+r13-4), and one of them took twice as long when another case had run first in the same process
+(r12-5). Here each program holds one row in registers, so the stream is read once and written
+once (3.8 TB/s at d24, r15-2):
 
     x_out = x + (y * gate)            # the branch's product rounded to its dtype, as eager
     h     = ln(x_out) * (1 + scale) + shift,   written in ``out_dtype``

@@ -48,7 +48,6 @@ class FlexBlockCausal(nn.Module):
             block, options = flex.FLASH_MASK_BLOCK, flex.FLASH_KERNEL_OPTIONS
         else:
             block, options = flex.mask_block(), flex.FLEX_KERNEL_OPTIONS if cuda else None
-        self.backend = backend
         self.block_mask = flex.flex_block_mask(tuple(patch_nums), str(device), block)
         self.kernel_options = options
 

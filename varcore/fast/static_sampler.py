@@ -14,8 +14,9 @@ one per scale) and the FFN's GELU runs in its first matmul's epilogue
 appends and its attention inside: the cache is preallocated and its position is a (dynamic)
 integer, so inductor writes the normalised keys and the values into their slots from the
 kernels that make them, instead of two copies per block and scale. Each compiled block also
-starts with the previous block's last residual add (:func:`deferred_block`), which then fuses
-into its first LayerNorm kernel.
+starts with the previous block's last residual add (:func:`deferred_block`), and each residual
+add runs with the LayerNorm + AdaLN modulation after it as one Triton kernel
+(:mod:`varcore.fast.add_norm`).
 
 Without compilation the arithmetic is the plain path's: same modules, same kernels,
 weights rounded to the same dtype, so a fixed generator gives the same tokens (on CPU,

@@ -9,7 +9,11 @@ equal eager's bit for bit, its bf16 ``h`` be eager's or one rounding step away.
 (B images, CFG halves mixed, top-k then top-p, one draw per token): the sampler's
 ``sample_logits`` against the draw it replaced (a sort of all V, ``torch.multinomial``). ``--decode``: the VQ-VAE decoder on B latents, by chunk
 size and compile, and compiled in chunks of 16 with each form of its upsampling + convolution
-(``varcore.fast.subpixel.UPSAMPLE_FORMS``). One JSON line per arm: median ms per batch.
+(``varcore.fast.subpixel.UPSAMPLE_FORMS``). ``--kv-attention``: each scale's queries over the KV
+cache of every block (the cache layout of the compiled engine, 2B rows), per ``--depth``: the
+Triton kernel (``varcore.fast.kv_attention``, its tiles by scale; ``--kv-sweep``: also fixed tiles),
+SDPA with each backend, and (``--kv-flex``) compiled FlexAttention; with each arm's largest
+difference from float64 at the last scale. One JSON line per arm: median ms per batch.
 
     PYTHONPATH=. python benchmarks/sample_parts.py --filter --decode --add-norm --batch 64
 """
@@ -17,6 +21,8 @@ size and compile, and compiled in chunks of 16 with each form of its upsampling 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import sys
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from varcore import PAPER_PATCH_NUMS, VQVAE  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
 from varcore.fast.add_norm import add_ln_modulate  # noqa: E402
 from varcore.fast.compile import compile_region  # noqa: E402
+from varcore.fast import kv_attention as kva  # noqa: E402
 from varcore.fast.subpixel import UPSAMPLE_FORMS  # noqa: E402
 from varcore.var import modulate  # noqa: E402
 from varcore.sample import decode_images, filter_logits, guidance, sample_logits  # noqa: E402
@@ -148,12 +155,86 @@ def add_norm_arms(args, device) -> None:
                   **check, **env()})
 
 
+def _graphed(fn, device):
+    """``fn`` replayed as one CUDA graph on a GPU (warmed up first), else itself."""
+    if device.type != "cuda":
+        return fn
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _kv_arms(args):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    arms = {"kernel": lambda q, k, v: kva.launch(kva.kv_attention_kernel, q, k, v, 1.0)}   # config_for(l)
+    if args.kv_sweep:   # the fastest of round 16's full grid (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages)
+        for bm, bn, warps, stages in ((64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3),
+                                      (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)):
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+            arms["kernel_m%d_n%d_w%d_s%d" % (bm, bn, warps, stages)] = (
+                lambda q, k, v, cfg=cfg: kva.launch(kva.kv_attention_kernel, q, k, v, 1.0, cfg))
+    for name, backend in (("sdpa", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run(q, k, v, backend=backend):
+            with (sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+        arms[name] = run
+    if args.kv_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        torch._dynamo.config.recompile_limit = 64   # one graph per scale and depth
+        flex = torch.compile(flex_attention, dynamic=False)
+        arms["flex"] = lambda q, k, v: flex(q, k, v, scale=1.0)
+    return arms
+
+
+def kv_attention_arms(args, device) -> None:
+    """Per depth and arm: each scale's attention in every block, replayed as one CUDA graph per
+    scale over per-block caches and queries laid out as the compiled engine makes them
+    (``(2B, L, H, 64)`` caches, ``(2B, l, H, 64)`` queries, unit L2 norm times a temperature of 4).
+    Error: the largest difference from float64 over the last scale of block 1."""
+    L = sum(p * p for p in PAPER_PATCH_NUMS)
+    for depth in args.depth:
+        H, rows_B = depth, 2 * args.batch
+        caches = [tuple(torch.nn.functional.normalize(torch.randn(rows_B, L, H, 64, device=device), dim=-1).bfloat16()
+                        for _ in range(2)) for _ in range(depth)]
+        for k_, v_ in caches:
+            v_.mul_(3)
+        ends = list(itertools.accumulate(p * p for p in PAPER_PATCH_NUMS))
+        queries = [[(torch.nn.functional.normalize(torch.randn(rows_B, p * p, H, 64, device=device), dim=-1) * 4)
+                    .bfloat16().transpose(1, 2) for p in PAPER_PATCH_NUMS] for _ in range(depth)]
+        q0, k0, v0 = queries[0][-1], caches[0][0].transpose(1, 2), caches[0][1].transpose(1, 2)
+        ref = torch.softmax(q0.double() @ k0.double().transpose(-1, -2), -1) @ v0.double()
+        for name, fn in _kv_arms(args).items():
+            try:
+                err = (fn(q0, k0, v0).double() - ref).abs().max().item()
+                per_scale = []
+                for s, end in enumerate(ends):
+                    def one_scale(s=s, end=end):
+                        for blk in range(depth):
+                            kc, vc = caches[blk]
+                            fn(queries[blk][s], kc[:, :end].transpose(1, 2), vc[:, :end].transpose(1, 2))
+                    per_scale.append(summary(time_ms(_graphed(one_scale, device), device, 2, args.iters))["ms_median"])
+            except Exception as e:   # a backend that refuses a shape (cuDNN: key length 1)
+                emit({"bench": "sample_kv_attention", "arm": name, "depth": depth, "error": repr(e)[:300], **env()})
+                continue
+            emit({"bench": "sample_kv_attention", "arm": name, "depth": depth, "batch": args.batch,
+                  "ms_per_batch": round(sum(per_scale), 3), "ms_per_scale": [round(t, 3) for t in per_scale],
+                  "max_abs_err_last_scale": err, **env()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--filter", action="store_true")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--add-norm", action="store_true")
-    ap.add_argument("--depth", type=int, action="append", help="--add-norm widths (64 x depth; default 24 and 30)")
+    ap.add_argument("--kv-attention", action="store_true")
+    ap.add_argument("--kv-sweep", action="store_true", help="--kv-attention: also a grid of the kernel's tiles")
+    ap.add_argument("--kv-flex", action="store_true", help="--kv-attention: also compiled FlexAttention")
+    ap.add_argument("--depth", type=int, action="append", help="--add-norm / --kv-attention widths (64 x depth; default 24 and 30)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--top-k", type=int, default=900)
@@ -170,6 +251,9 @@ def main(argv=None):
     if args.add_norm:
         args.depth = args.depth or [24, 30]
         add_norm_arms(args, device)
+    if args.kv_attention:
+        args.depth = args.depth or [24, 30]
+        kv_attention_arms(args, device)
 
 
 if __name__ == "__main__":

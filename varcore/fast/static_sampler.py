@@ -13,7 +13,8 @@ one per scale) and the FFN's GELU runs in its first matmul's epilogue
 (:class:`varcore.fast.fused_mlp.FusedFFN`). A compiled block is one graph with its KV-cache
 appends and its attention inside: the cache is preallocated and its position is a (dynamic)
 integer, so inductor writes the normalised keys and the values into their slots from the
-kernels that make them, instead of two copies per block and scale. Each compiled block also
+kernels that make them, instead of two copies per block and scale, and the attention over the
+cache is a Triton kernel (:mod:`varcore.fast.kv_attention`). Each compiled block also
 starts with the previous block's last residual add (:func:`deferred_block`), and each residual
 add runs with the LayerNorm + AdaLN modulation after it as one Triton kernel
 (:mod:`varcore.fast.add_norm`).
@@ -37,6 +38,7 @@ from ..var import VAR, AdaLNBlock, AdaLNHead, KVCache
 from .add_norm import add_ln_modulate
 from .compile import compile_region
 from .fused_mlp import FusedFFN
+from .kv_attention import KernelKVCache
 from .plan import reset_plan
 
 _ENGINES: "weakref.WeakKeyDictionary[VAR, StaticScales]" = weakref.WeakKeyDictionary()
@@ -85,7 +87,8 @@ def weight_state(module: nn.Module) -> tuple[tuple[int, int], ...]:
 class EagerKVCache(KVCache):
     """The uncompiled engine's KV cache: appends copy 8-byte words (:func:`copy_rows_`), the same
     bits as the plain cache's copy. Kept out of ``torch.compile`` graphs (a graph break at
-    :meth:`attend`); the compiled engine uses the plain, traceable :class:`KVCache` instead."""
+    :meth:`attend`); the compiled engine uses the traceable
+    :class:`varcore.fast.kv_attention.KernelKVCache` instead."""
 
     @torch.compiler.disable
     def attend(self, q_BHlc, k_BHlc, v_BHlc, scale: float | None) -> torch.Tensor:
@@ -163,7 +166,7 @@ class StaticScales:
         cfg = var.cfg
         self.starts = cfg.layout.starts
         if compiled:   # traceable appends, storage allocated now (dynamo then sees one cache state)
-            self.caches = [KVCache(cfg.L) for _ in self.model.blocks]
+            self.caches = [KernelKVCache(cfg.L) for _ in self.model.blocks]
             kv_dtype = amp_dtype or self.model.blocks[0].attn.qkv.weight.dtype
             for c in self.caches:
                 c.allocate(batch, cfg.H, cfg.C // cfg.H, kv_dtype, device)

@@ -17,11 +17,12 @@ from varcore import ConfigError, SamplingConfig, VAR, VARConfig, sample_tokens
 from varcore.fast.attention import FlexBlockCausal, ScaleSplitAttention
 from varcore.fast.compile import compile_region
 from varcore.fast.flex import flex_attention
+from varcore.fast.kv_attention import KernelKVCache
 from varcore.fast.plan import ExecutionPlan, apply_plan, reset_plan
 from varcore.fast.static_sampler import EagerKVCache, release_static_engine, static_engine
 from varcore.sample import Teacher
 from varcore.scales import ScaleLayout, block_causal_mask
-from varcore.var import AdaLNBlock, AdaLNHead, BlockCausalAttention, KVCache
+from varcore.var import AdaLNBlock, AdaLNHead, BlockCausalAttention
 from tests.conftest import randomize_
 
 PAPER = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -311,9 +312,10 @@ def test_compiled_engine_runs_the_fused_ffn(tiny_var, aot_eager):
     exact = StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False, compiled=False)
     assert all(isinstance(b.ffn, FusedFFN) for b in compiled.model.blocks)
     assert not any(isinstance(b.ffn, FusedFFN) for b in exact.model.blocks)
-    # the compiled engine traces its caches (allocated up front); the exact one copies words eagerly
+    # the compiled engine traces its caches (allocated up front; attention through the Triton
+    # kernel on CUDA, SDPA here); the exact one copies words eagerly
     cfg = tiny_var.cfg
-    assert all(type(c) is KVCache and c.k_BLHc.shape == (2, cfg.L, cfg.H, cfg.C // cfg.H)
+    assert all(type(c) is KernelKVCache and c.k_BLHc.shape == (2, cfg.L, cfg.H, cfg.C // cfg.H)
                for c in compiled.caches)
     assert all(isinstance(c, EagerKVCache) for c in exact.caches)
     cond = tiny_var.cond(label)

@@ -2,9 +2,10 @@
 
 At each scale of sampling, every block attends the scale's ``l`` queries to the ``S`` cached
 keys of the scales so far (``S = l + everything before``), without a mask: the cache holds
-exactly what the scale may see. Head dim is 64 at every depth. The compiled engine called
-torch's SDPA on the cache views, which ran cuDNN's kernels at about 170 TFLOP/s over a d24 batch
-of 64 on an H200 (r10-3 profile, 5.4 TFLOP in 32 ms) where the matmuls run at 690.
+exactly what the scale may see. Head dim is 64 at every depth. SDPA on the cache views runs
+cuDNN's kernels there: over a d24 batch of 64 on an H200, 5.4 TFLOP in 29.9 ms (181 TFLOP/s, the
+matmuls run at 690), of which 1.3 ms per scale for the tiny scales 2-6. This kernel takes 22.5
+ms (RESULTS.md round 16).
 
 The kernel is FlashAttention's forward: one program per ``BLOCK_M`` queries of one (image,
 head), the keys and values streamed in ``BLOCK_N``-token tiles with the online softmax, the
@@ -140,11 +141,12 @@ if triton is not None:
 
 def kernel_available(q_BHlc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor) -> bool:
     """Whether :func:`kv_attention` runs the kernel: CUDA, Triton importable, one 16-bit dtype,
-    a power-of-two head dim of at least 16, contiguous last dimensions."""
-    c = q_BHlc.shape[-1]
+    a power-of-two head dim of at least 16, contiguous last dimensions, and at most 65535
+    (image, head) pairs (the grid's second dimension)."""
+    B, H, _, c = q_BHlc.shape
     return (triton is not None and q_BHlc.is_cuda and q_BHlc.dtype in (torch.bfloat16, torch.float16)
             and k_BHSc.dtype == q_BHlc.dtype == v_BHSc.dtype and c >= 16 and c & (c - 1) == 0
-            and all(t.stride(-1) == 1 for t in (q_BHlc, k_BHSc, v_BHSc)))
+            and all(t.stride(-1) == 1 for t in (q_BHlc, k_BHSc, v_BHSc)) and B * H <= 65535)
 
 
 def kv_attention(q_BHlc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor,

@@ -109,6 +109,19 @@ def _ordered(h: torch.Tensor) -> torch.Tensor:
     return torch.where(b < 0, -(b & 0x7FFF), b)
 
 
+def _graphed(fn, device, warmup: int = 2):
+    """``fn`` replayed as one CUDA graph on a GPU (after ``warmup`` eager calls), else itself."""
+    if device.type != "cuda":
+        return fn
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def add_norm_arms(args, device) -> None:
     """Per arm: one call at each of the K scales, replayed as one CUDA graph (on a GPU; kernel
     time, not launch time), and that times the ``2 depth`` calls a batch makes per scale (two per
@@ -140,32 +153,10 @@ def add_norm_arms(args, device) -> None:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     for x, y in data:
                         fn(x, y)
-            f = all_scales
-            if device.type == "cuda":
-                for _ in range(3):
-                    all_scales()
-                torch.cuda.synchronize(device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    all_scales()
-                f = graph.replay
-            ms = summary(time_ms(f, device, 3, args.iters))["ms_median"]
+            ms = summary(time_ms(_graphed(all_scales, device, warmup=3), device, 3, args.iters))["ms_median"]
             emit({"bench": "sample_add_norm", "arm": name, "depth": depth, "batch": args.batch,
                   "graph": device.type == "cuda", "ms_all_scales": ms, "ms_per_batch": round(ms * 2 * depth, 3),
                   **check, **env()})
-
-
-def _graphed(fn, device):
-    """``fn`` replayed as one CUDA graph on a GPU (warmed up first), else itself."""
-    if device.type != "cuda":
-        return fn
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _kv_arms(args):

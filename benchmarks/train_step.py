@@ -53,6 +53,8 @@ def plan_choices(args) -> dict:
     out = {"attention": args.attn_impl}
     if args.mlp_impl is not None:
         out["mlp"] = args.mlp_impl
+    if args.norm_impl is not None:
+        out["norm"] = args.norm_impl
     if args.attn_prefix_scales is not None:
         out["attn_prefix_scales"] = args.attn_prefix_scales
     if args.attn_backends:
@@ -281,6 +283,8 @@ def main(argv=None):
     ap.add_argument("--attn-backends", default="", help="per_scale: SDPA kernels, e.g. cudnn,efficient,math")
     ap.add_argument("--mlp-impl", default=None, choices=["auto", "plain", "fused"],
                     help="FFN: GELU in the matmul epilogues (fused) or element-wise (plain); default: auto")
+    ap.add_argument("--norm-impl", default=None, choices=["auto", "plain", "fused"],
+                    help="LayerNorm + AdaLN modulation: Triton kernels (fused) or inductor's (plain)")
     ap.add_argument("--residual-dtype", default=None, choices=["autocast", "float32"],
                     help="VARConfig.residual_dtype (default: the config's, autocast)")
     ap.add_argument("--inductor", action="append", default=[], help="torch._inductor.config KEY=VALUE (Python literal)")

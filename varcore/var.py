@@ -244,11 +244,19 @@ class DropPath(nn.Module):
         self.p, self.active = p, p > 0 if active is None else active
         self.register_buffer("keep_p", torch.tensor(1.0 - p), persistent=False)
 
-    def forward(self, x):
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which samples keep their branch, ``(B, 1, ..)`` bool; ``None`` when all do (inactive, eval)."""
         if not self.active or not self.training:
-            return x
-        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) < self.keep_p
+            return None
+        return torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) < self.keep_p
+
+    def apply_mask(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Zero the dropped samples and rescale the kept ones by ``1 / keep_p``."""
         return x * keep / self.keep_p
+
+    def forward(self, x):
+        keep = self.keep_mask(x)
+        return x if keep is None else self.apply_mask(x, keep)
 
 
 # ---- blocks ------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 ``forward``: dynamo keys compiled code by the function, and the blocks of a model share their
 class, structure and shapes (their parameters are graph inputs), so one graph serves every
 block. :func:`checkpoint_forward` recomputes a module's forward in backward. Both set the
-module's own ``forward`` attribute (state dict and parameters are untouched) and
-:func:`restore_forward` undoes them; a deep copy of the module keeps them, rebound to the copy.
+module's own ``forward`` attribute (state dict and parameters are untouched), as does
+:func:`use_forward` (an equivalent forward, uncompiled); :func:`restore_forward` undoes them; a
+deep copy of the module keeps them, rebound to the copy.
 """
 
 from __future__ import annotations
@@ -64,9 +65,15 @@ def _unbound_forward(module: nn.Module):
     return f.__func__ if f is not None else type(module).forward
 
 
-def compile_forward(module: nn.Module, dynamic: bool | None = False, tuned: bool = False) -> None:
-    """Run ``module`` through one compiled function shared by every module of its class."""
-    _set_forward(module, compile_region(type(module).forward, dynamic, tuned))
+def compile_forward(module: nn.Module, dynamic: bool | None = False, tuned: bool = False, fn=None) -> None:
+    """Run ``module`` through one compiled function shared by every module of its class: its
+    class's ``forward``, or ``fn(module, ...)``, an equivalent forward (e.g. one through kernels)."""
+    _set_forward(module, compile_region(fn or type(module).forward, dynamic, tuned))
+
+
+def use_forward(module: nn.Module, fn) -> None:
+    """Run ``module`` through ``fn(module, ...)``, an equivalent forward, uncompiled."""
+    _set_forward(module, fn)
 
 
 def _checkpointed(inner, module: nn.Module, *args, **kwargs):

@@ -24,17 +24,19 @@ import torch.nn as nn
 
 from ..errors import require
 from ..var import VAR, VARConfig
-from . import cublaslt, flex
+from . import adaln, cublaslt, flex
 from .attention import FlexBlockCausal, ScaleSplitAttention, check_backends, require_flash
-from .compile import checkpoint_forward, compile_forward, restore_forward
+from .compile import checkpoint_forward, compile_forward, restore_forward, use_forward
 from .fused_mlp import FUSED_DTYPES, FusedFFN
 
 log = logging.getLogger(__name__)
 AttentionImpl = Literal["auto", "dense", "flex", "flex_flash", "per_scale"]
 MLPImpl = Literal["auto", "plain", "fused"]
+NormImpl = Literal["auto", "plain", "fused"]
 Switch = Literal["auto", True, False]
 ATTENTION_IMPLS = ("auto", "dense", "flex", "flex_flash", "per_scale")
 MLP_IMPLS = ("auto", "plain", "fused")
+NORM_IMPLS = ("auto", "plain", "fused")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class ExecutionPlan:
     unmasked SDPA call per scale after ``attn_prefix_scales``, with ``attn_backends`` choosing
     SDPA kernels or ``("fa4",)``).
     ``mlp``: ``fused`` runs the FFN's GELU in cuBLASLt matmul epilogues in training.
+    ``norm``: ``fused`` runs each block's LayerNorm + AdaLN modulation (with the residual add
+    before the second one) and the head's as Triton kernels, forward and backward
+    (:mod:`varcore.fast.adaln`; CUDA, the eager composition elsewhere).
     ``compile``: blocks, head and loss through ``torch.compile``. ``checkpointing``: recompute
     the first n blocks in backward (``True``: all). ``cuda_graph``, ``master_weights``: the
     training step replays as one CUDA graph / computes with bf16 weight copies (one GPU).
@@ -57,6 +62,7 @@ class ExecutionPlan:
     attn_prefix_scales: int = 1
     attn_backends: tuple[str, ...] = ()
     mlp: MLPImpl = "auto"
+    norm: NormImpl = "auto"
     compile: Switch = "auto"
     checkpointing: int | bool = 0
     cuda_graph: Switch = "auto"
@@ -67,6 +73,7 @@ class ExecutionPlan:
         require(self.attention in ATTENTION_IMPLS, "attention",
                 f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         require(self.mlp in MLP_IMPLS, "mlp", f"must be one of {MLP_IMPLS}, got {self.mlp!r}")
+        require(self.norm in NORM_IMPLS, "norm", f"must be one of {NORM_IMPLS}, got {self.norm!r}")
         for key in ("compile", "cuda_graph", "master_weights"):
             value = getattr(self, key)
             require(value == "auto" or isinstance(value, bool), key, f"must be 'auto', true or false, got {value!r}")
@@ -78,7 +85,7 @@ class ExecutionPlan:
 
     @property
     def resolved(self) -> bool:
-        return "auto" not in (self.attention, self.mlp, self.compile, self.cuda_graph, self.master_weights)
+        return "auto" not in (self.attention, self.mlp, self.norm, self.compile, self.cuda_graph, self.master_weights)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,12 +109,15 @@ class ExecutionPlan:
         mlp = self.mlp
         if mlp == "auto":
             mlp = "fused" if training and cuda and amp in FUSED_DTYPES and cublaslt.available() else "plain"
+        norm = self.norm
+        if norm == "auto":
+            norm = "fused" if training and cuda and adaln.triton is not None else "plain"
         checkpointing = cfg.depth if self.checkpointing is True else int(self.checkpointing)
         graph = _switch(self.cuda_graph, training and one_gpu, "cuda_graph",
                         "needs a training run on one GPU (one worker, no FSDP)")
         master = _switch(self.master_weights, training and one_gpu and amp is not None, "master_weights",
                          "needs a bf16 training run on one GPU (one worker, no FSDP)")
-        out = dataclasses.replace(self, attention=attention, mlp=mlp, compile=compile_on, checkpointing=checkpointing,
+        out = dataclasses.replace(self, attention=attention, mlp=mlp, norm=norm, compile=compile_on, checkpointing=checkpointing,
                                   cuda_graph=graph, master_weights=master)
         out.check(cfg)
         return out
@@ -135,7 +145,7 @@ def _switch(value, applies: bool, key: str, why: str) -> bool:
 
 # ---- applying a plan -----------------------------------------------------------------------------
 def reset_plan(model: VAR) -> VAR:
-    """The plain path again: dense attention, plain FFNs, eager forwards."""
+    """The plain path again: dense attention, plain FFNs, the classes' own eager forwards."""
     for block in model.blocks:
         if type(block.attn.core) is not type(model.dense_attention()):
             block.attn.core = model.dense_attention().to(model.pos_1LC.device)
@@ -156,6 +166,15 @@ def _attention_core(plan: ExecutionPlan, model: VAR, device: torch.device) -> nn
     return model.dense_attention().to(device)
 
 
+def _route(module: nn.Module, plan: ExecutionPlan, fn) -> None:
+    """``module``'s forward under the plan: ``fn`` (an equivalent forward of its class) or the
+    class's own, compiled where the plan compiles."""
+    if plan.compile:
+        compile_forward(module, dynamic=False, tuned=True, fn=fn)
+    elif fn is not None:
+        use_forward(module, fn)
+
+
 def apply_plan(model: VAR, plan: ExecutionPlan) -> VAR:
     """Apply a resolved plan to ``model`` in place (after moving it to its device; any earlier
     plan is undone first) and return it. Blocks share one compiled graph; the first
@@ -165,16 +184,15 @@ def apply_plan(model: VAR, plan: ExecutionPlan) -> VAR:
     reset_plan(model)
     device = model.pos_1LC.device
     core = _attention_core(plan, model, device)
+    fused_norm = plan.norm == "fused"
     for i, block in enumerate(model.blocks):
         block.attn.core = core   # no parameters: one kernel module serves every block
         if plan.mlp == "fused":
             block.ffn = FusedFFN.of(block.ffn)
-        if plan.compile:
-            compile_forward(block, dynamic=False, tuned=True)
+        _route(block, plan, adaln.block_forward if fused_norm else None)
         if i < plan.checkpointing:
             checkpoint_forward(block)
-    if plan.compile:
-        compile_forward(model.head, dynamic=False, tuned=True)
+    _route(model.head, plan, adaln.head_forward if fused_norm else None)
     model.execution_plan = plan
     log.info("execution plan applied to a d%d VAR on %s: %s", model.cfg.depth, device, plan)
     return model

@@ -1,0 +1,109 @@
+"""A training block's two LayerNorm + AdaLN modulations, forward and backward, timed on their own.
+
+Per ``--case depth:batch``, at the paper's 680 tokens and the block's width, under bf16 autocast
+with the bf16 residual stream the trainer keeps, and drop-path on (the paper's rate at that depth):
+
+    h1 = ln(x) (1 + scale1) + shift1;   x2 = x + drop_path(y gamma1);   h2 = ln(x2) (1 + scale2) + shift2
+
+then the backward from given gradients of ``h1``, ``h2`` and ``x2``. Arms: the Triton kernels of
+``varcore.fast.adaln`` (``kernels``), the block's eager composition compiled as the plan compiles
+blocks (``inductor``), and eager. Each arm's device time per call is the sum of its kernels in
+the profiler (so host launch time does not count); each arm's outputs and gradients are compared
+with a float64 evaluation of the same math: the largest difference relative to the reference's
+largest value, per output.
+
+    PYTHONPATH=. python benchmarks/norm_parts.py --case 20:64 --case 24:32 --case 30:32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import emit, env, top_kernels  # noqa: E402
+from varcore import VARConfig  # noqa: E402
+from varcore.fast import adaln  # noqa: E402
+from varcore.fast.compile import compile_region  # noqa: E402
+from varcore.var import DropPath, modulate  # noqa: E402
+
+
+def eager_pair(x, y, mod_B16C, drop_path, ln):
+    """The block's two LayerNorm + modulations as :class:`varcore.var.AdaLNBlock` writes them."""
+    gamma1, _, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
+    h1 = modulate(ln(x), scale1, shift1)
+    x2 = x + drop_path(y * gamma1)
+    return h1, x2, modulate(ln(x2), scale2, shift2)
+
+
+def kernel_pair(x, y, mod_B16C, drop_path, ln):
+    gamma1, _, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
+    h1 = adaln.ln_modulate(x, ln, scale1, shift1)
+    x2, h2 = adaln.add_ln_modulate(x, y, gamma1, drop_path, ln, scale2, shift2)
+    return h1, x2, h2
+
+
+def run_case(depth: int, B: int, args, device: torch.device) -> None:
+    cfg = VARConfig(depth=depth)
+    C, L = cfg.C, cfg.L
+    g = torch.Generator(device=device).manual_seed(0)
+    ln = torch.nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+    drop_path = DropPath(cfg.dpr).to(device).train()
+    x = (torch.randn(B, L, C, device=device, generator=g) * 2).bfloat16().requires_grad_()
+    y = torch.randn(B, L, C, device=device, generator=g).bfloat16().requires_grad_()
+    mod = (torch.randn(B, 1, 6, C, device=device, generator=g) * 0.3).bfloat16().requires_grad_()
+    grads = [torch.randn(B, L, C, device=device, generator=g).bfloat16() for _ in range(3)]
+    arms = {"kernels": kernel_pair, "inductor": compile_region(eager_pair, dynamic=False, tuned=True),
+            "eager": eager_pair}
+
+    def step(fn):
+        def call():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                outs = fn(x, y, mod, drop_path, ln)
+            torch.autograd.backward(outs, grads)
+            return outs
+        return call
+
+    # the reference: the same draws of the drop-path mask, in float64
+    ref_in = [t.detach().double().requires_grad_() for t in (x, y, mod)]
+    for name, fn in arms.items():
+        for t in (x, y, mod):
+            t.grad = None
+        torch.manual_seed(1)
+        outs = step(fn)()
+        torch.manual_seed(1)
+        ref_outs = eager_pair(*ref_in, drop_path, ln.double())
+        for t in ref_in:
+            t.grad = None
+        torch.autograd.backward(ref_outs, [gr.double() for gr in grads])
+        err = {}
+        for key, a, b in (("h1", outs[0], ref_outs[0]), ("x2", outs[1], ref_outs[1]), ("h2", outs[2], ref_outs[2]),
+                          ("g_x", x.grad, ref_in[0].grad), ("g_y", y.grad, ref_in[1].grad),
+                          ("g_mod", mod.grad, ref_in[2].grad)):
+            err[key] = float((a.double() - b).abs().max() / b.abs().max())
+        top = top_kernels(step(fn), device, steps=args.steps, top=args.top)
+        emit({"bench": "norm_parts", "arm": name, "depth": depth, "batch": B, "C": C, "L": L,
+              "kernel_ms": top.total_ms, "rel_err_vs_fp64": {k: round(v, 6) for k, v in err.items()},
+              "top": list(top), **env()})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", action="append", default=[], help="depth:batch (default 20:64)")
+    ap.add_argument("--steps", type=int, default=5, help="profiled calls per arm")
+    ap.add_argument("--top", type=int, default=8, help="kernels listed per arm")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    # eager's random draws inside the compiled arm too, so that its drop-path mask is the reference's
+    torch._inductor.config.fallback_random = True
+    for case in args.case or ["20:64"]:
+        depth, B = (int(v) for v in case.split(":"))
+        run_case(depth, B, args, device)
+
+
+if __name__ == "__main__":
+    main()

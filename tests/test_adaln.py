@@ -1,0 +1,216 @@
+"""The training LayerNorm + AdaLN modulation kernels compute the block's math, forward and backward.
+
+The Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is
+imported, so in a child process), called through the registered ops with autograd, so the ops'
+saved tensors and gradient wiring are checked with the kernels. Float32 inputs are compared with
+float64 under bounds derived from the kernels' float32 arithmetic (:func:`_bounds`); the stream
+``x + drop_path(y * gate)`` is float32 eager's bit for bit. A bf16 run checks the dtypes, with
+inputs whose stream arithmetic is exact in bf16 (the interpreter truncates float32 to bf16 where
+the GPU rounds to nearest; a truncation is under one bf16 step, ``2^-7`` relative).
+Shapes: a width that is not a power of two (masked columns) and 70 tokens per image, so the
+backward's second chunk of rows per image is partial; three images, the middle one dropped.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from varcore.errors import ConfigError
+from varcore.fast import adaln
+from varcore.fast.plan import ExecutionPlan, apply_plan, reset_plan
+from varcore.var import VAR, VARConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+B, L, C, EPS, KEEP_P = 3, 70, 96, 1e-6, 0.5   # keep_p 1/2: the drop-path division is exact in bf16
+KEEP = (1.0, 0.0, 1.0)
+
+_CHILD = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from varcore.fast import adaln   # registers the ops
+a = torch.load(sys.argv[1], weights_only=True)
+out = {}
+for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    x, y, mod = (a[k].to(dt, copy=True).requires_grad_() for k in ("x", "y", "mod"))
+    gate, _, scale1, scale2, shift1, shift2 = mod.unbind(2)
+    h1, _, _ = torch.ops.varscale.adaln_ln_fwd(x, scale1, shift1, a["eps"], dt)
+    x2, h2, _, _ = torch.ops.varscale.adaln_add_ln_fwd(x, y, gate, a["keep"], a["keep_p"], scale2, shift2,
+                                                       a["eps"], dt)
+    torch.autograd.backward([h1, x2, h2], [a["g_h1"].to(dt), a["g_x2"].to(dt), a["g_h2"].to(dt)])
+    out[name] = {"h1": h1.detach(), "x2": x2.detach(), "h2": h2.detach(),
+                 "g_x": x.grad, "g_y": y.grad, "g_mod": mod.grad}
+torch.save(out, sys.argv[2])
+"""
+
+
+def _inputs() -> dict:
+    """Stream values with at most 6 significant bits in a narrow range, ``y`` and ``gate`` with
+    at most 4 each, so ``x + y * gate / keep_p`` is exact in bf16 as in float32."""
+    g = torch.Generator().manual_seed(11)
+    mod = torch.randn(B, 1, 6, C, generator=g) * 0.3
+    mod[:, :, 0] = torch.randint(-8, 9, (B, 1, C), generator=g) / 8                 # gate
+    mod[:, :, 2:4] = (torch.randint(-8, 9, (B, 1, 2, C), generator=g) / 16)          # scale: 1 + scale exact
+    return {"x": torch.randint(-32, 33, (B, L, C), generator=g) / 8 + 1.0,
+            "y": torch.randint(-8, 9, (B, L, C), generator=g) / 4,
+            "mod": mod.bfloat16().float(),     # bf16 values, so the bf16 run reads the same numbers
+            "keep": torch.tensor(KEEP), "keep_p": torch.tensor(KEEP_P), "eps": EPS,
+            **{k: torch.randn(B, L, C, generator=g).bfloat16().float() for k in ("g_h1", "g_x2", "g_h2")}}
+
+
+def _reference(a: dict):
+    """Float64 outputs and gradients of the block's eager math (``g_x2``: the whole gradient that
+    reaches the stream ``x2``, the given one plus the second LayerNorm's)."""
+    x, y, mod = (a[k].double().requires_grad_() for k in ("x", "y", "mod"))
+    gate, _, scale1, scale2, shift1, shift2 = mod.unbind(2)
+    keep = (a["keep"].double() / a["keep_p"].double()).view(B, 1, 1)
+    h1 = F.layer_norm(x, (C,), eps=EPS) * (1 + scale1) + shift1
+    x2 = x + y * gate * keep
+    x2.retain_grad()
+    h2 = F.layer_norm(x2, (C,), eps=EPS) * (1 + scale2) + shift2
+    torch.autograd.backward([h1, x2, h2], [a[k].double() for k in ("g_h1", "g_x2", "g_h2")])
+    return {"h1": h1.detach(), "x2": x2.detach(), "h2": h2.detach(), "g_x": x.grad, "g_y": y.grad,
+            "g_mod": mod.grad, "g_x2": x2.grad}
+
+
+def _bounds(a: dict, ref: dict) -> dict:
+    """Float32 error bounds of the kernels against float64, per element (``u = 2^-24``).
+
+    Forward: the mean and the variance are sums of ``C`` terms, so the normalised value ``xhat``
+    is off by at most ``E = (2 C + 8) u |x|_max rstd`` (the ``+ 8`` counts the roundings of the
+    subtraction, the division, the square root and the product); ``h = xhat (1 + s) + shift``
+    adds ``|1 + s| E`` and two roundings.
+
+    Backward, per row: ``g = g_h (1 + s)``, ``c1 = mean(g xhat)``, ``c2 = mean(g)`` and
+    ``g_ln = rstd (g - xhat c1 - c2)``. ``c1`` and ``c2`` are sums of ``C`` terms (``C u`` of
+    their absolute sums) and ``c1`` also carries ``xhat``'s ``E``; each of the three terms is a
+    product of at most three factors, each off by at most ``E`` relative to the row's scale, so
+    ``|err g_ln| <= 3 E rstd (2 |g|_max + |xhat|_max |g xhat|_max)``. The stream's gradient adds
+    the given one (one rounding), and ``x``'s is the autograd sum of both ops' (one more). The
+    branch's is that times ``gate keep / keep_p`` (two roundings). The modulation's gradients are
+    sums over an image's ``L`` tokens (``(L + 3) u`` of their absolute sums) of products carrying
+    ``E`` or the stream gradient's error."""
+    u = 2.0 ** -24
+    out = {}
+    mod = a["mod"].double()
+    for i, (xs, gh_key, s_idx) in enumerate(((a["x"].double(), "g_h1", 2), (ref["x2"], "g_h2", 3))):
+        rstd = 1 / (xs.var(-1, unbiased=False, keepdim=True) + EPS).sqrt()
+        xhat = (xs - xs.mean(-1, keepdim=True)) * rstd
+        E = (2 * C + 8) * u * xs.abs().amax(-1, keepdim=True) * rstd
+        one_plus = 1 + mod[:, :, s_idx]
+        out[f"h{i + 1}"] = one_plus.abs() * E + 2 * u * (xhat * one_plus).abs() + 2 * u * mod[:, :, s_idx + 2].abs()
+        g_h = a[gh_key].double()
+        g = g_h * one_plus
+        M = rstd * (2 * g.abs().amax(-1, keepdim=True)
+                    + xhat.abs().amax(-1, keepdim=True) * (g * xhat).abs().amax(-1, keepdim=True))
+        out[f"g_ln{i + 1}"] = 3 * E * M
+        out[f"g_scale{i + 1}"] = ((L + 3) * u * (g_h * xhat).abs() + g_h.abs() * E).sum(1, keepdim=True)
+        out[f"g_shift{i + 1}"] = (L + 3) * u * g_h.abs().sum(1, keepdim=True)
+    keep = (a["keep"].double() / a["keep_p"].double()).view(B, 1, 1)
+    gate, y, g_x2 = mod[:, :, 0], a["y"].double(), ref["g_x2"]
+    err_gx2 = out["g_ln2"] + u * g_x2.abs()
+    out["g_x"] = err_gx2 + out["g_ln1"] + u * ref["g_x"].abs()
+    out["g_y"] = (gate * keep).abs() * err_gx2 + 2 * u * ref["g_y"].abs()
+    out["g_gate"] = keep * ((L + 3) * u * (g_x2 * y).abs() + y.abs() * err_gx2).sum(1, keepdim=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kernel_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adaln")
+    a = _inputs()
+    torch.save(a, tmp / "in.pt")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-c", _CHILD, str(tmp / "in.pt"), str(tmp / "out.pt")],
+                   check=True, env=env, cwd=ROOT, timeout=600)
+    return a, torch.load(tmp / "out.pt", weights_only=True)
+
+
+def _within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    excess = (got.double() - want).abs() - bound
+    assert excess.max() <= 0, f"{what}: off by {excess.max().item():.3g} past its bound"
+
+
+def test_forward_and_backward_kernels_match_float64(kernel_run):
+    a, out = kernel_run
+    got, ref, bound = out["fp32"], _reference(a), _bounds(a, _reference(a))
+    x, y, mod = a["x"], a["y"], a["mod"]
+    keep_B11 = a["keep"].view(B, 1, 1)
+    assert torch.equal(got["x2"], x + y.mul(mod[:, :, 0]) * keep_B11 / a["keep_p"])   # float32 eager, bit for bit
+    _within(got["h1"], ref["h1"], bound["h1"], "h1")
+    _within(got["h2"], ref["h2"], bound["h2"], "h2")
+    _within(got["g_x"], ref["g_x"], bound["g_x"], "g_x")
+    _within(got["g_y"], ref["g_y"], bound["g_y"], "g_y")
+    g_mod, r_mod = got["g_mod"], ref["g_mod"]
+    for k, key in ((0, "g_gate"), (2, "g_scale1"), (3, "g_scale2"), (4, "g_shift1"), (5, "g_shift2")):
+        _within(g_mod[:, :, k], r_mod[:, :, k], bound[key], key)
+    assert torch.equal(g_mod[:, :, 1], torch.zeros(B, 1, C))    # gamma2 is not an input of these ops
+    # the dropped image: no gradient into its branch or its gate, the stream's gradient all there
+    assert torch.equal(got["g_y"][1], torch.zeros(L, C)) and torch.equal(g_mod[1, :, 0], torch.zeros(1, C))
+    assert got["g_x"][1].abs().sum() > 0
+
+
+def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):
+    a, out = kernel_run
+    got, ref, bound = out["bf16"], _reference(a), _bounds(a, _reference(a))
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert torch.equal(got["x2"].float(), out["fp32"]["x2"])   # the inputs make the stream exact in bf16
+    step = 2.0 ** -7   # one bf16 rounding (truncation in the interpreter), relative
+    for key in ("h1", "h2", "g_y"):   # rounded once to bf16
+        _within(got[key], ref[key], bound[key] + step * ref[key].abs() * (1 + step), key)
+    # x's gradient: both ops' bf16 outputs (the stream's, the first LayerNorm's), summed in bf16
+    g_ln1 = ref["g_x"] - ref["g_x2"]
+    spread = ref["g_x2"].abs() + g_ln1.abs() + ref["g_x"].abs()
+    _within(got["g_x"], ref["g_x"], bound["g_x"] + step * spread * (1 + step) ** 2, "g_x")
+
+
+def test_plan_block_forward_is_the_block_on_cpu(tiny_var_cfg):
+    """Off CUDA the plan's block and head forwards run the eager composition: the plain model's
+    outputs and gradients bit for bit, drop-path draws included."""
+    cfg = VARConfig(**{**tiny_var_cfg.__dict__, "drop_path_rate": 0.3, "cond_drop_rate": 0.0})
+    torch.manual_seed(0)
+    plain = VAR(cfg).train()
+    fused = apply_plan(copy.deepcopy(plain), ExecutionPlan(norm="fused").resolve(cfg, "cpu", training=True))
+    assert all(b.forward.__func__ is adaln.block_forward for b in fused.blocks)
+    assert fused.head.forward.__func__ is adaln.head_forward
+    label = torch.arange(4) % cfg.num_classes
+    x = torch.randn(4, cfg.L - cfg.first_l, cfg.Cvae)
+    outs = []
+    for m in (plain, fused):
+        torch.manual_seed(3)
+        out = m(label, x)
+        out.square().mean().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), fused.parameters()))
+    reset_plan(fused)
+    assert all("forward" not in b.__dict__ for b in fused.blocks) and "forward" not in fused.head.__dict__
+
+
+def test_norm_is_fused_only_for_training_on_cuda(tiny_var_cfg):
+    resolve = ExecutionPlan().resolve
+    assert resolve(tiny_var_cfg, "cpu", training=True).norm == "plain"
+    assert resolve(tiny_var_cfg, "cuda", training=False).norm == "plain"
+    want = "fused" if adaln.triton is not None else "plain"
+    assert resolve(tiny_var_cfg, "cuda", training=True, amp=torch.bfloat16).norm == want
+    with pytest.raises(ConfigError) as e:
+        ExecutionPlan(norm="triton")
+    assert e.value.field == "norm"
+
+
+def test_kernels_only_for_layouts_they_read():
+    ln = torch.nn.LayerNorm(C, elementwise_affine=False)
+    x = torch.zeros(B, L, C)
+    vec = torch.zeros(B, 1, 6, C).unbind(2)[0]
+    assert not adaln.fused_available(x, ln, vec)                               # CPU
+    if torch.cuda.is_available() and adaln.triton is not None:
+        xc = x.cuda()
+        assert adaln.fused_available(xc, ln, vec.cuda())
+        assert not adaln.fused_available(xc, ln, vec.cuda().transpose(1, 2))    # not (B, 1, C)
+        assert not adaln.fused_available(xc, torch.nn.LayerNorm(C).cuda(), vec.cuda())   # affine LayerNorm

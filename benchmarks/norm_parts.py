@@ -13,6 +13,7 @@ with a float64 evaluation of the same math: the largest difference relative to t
 largest value, per output.
 
     PYTHONPATH=. python benchmarks/norm_parts.py --case 20:64 --case 24:32 --case 30:32
+    PYTHONPATH=. python benchmarks/norm_parts.py --case 20:64 --sweep    # and each tile configuration
 """
 
 from __future__ import annotations
@@ -91,17 +92,60 @@ def run_case(depth: int, B: int, args, device: torch.device) -> None:
               "top": list(top), **env()})
 
 
+def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
+    """Each tile configuration of the kernels alone (no autograd): the forward pair (``h1``; ``x2``
+    and ``h2``) and the backward pair, device time per call, one JSON line per configuration."""
+    import dataclasses
+    import itertools
+    C, L = 64 * depth, VARConfig(depth=depth).L
+    g = torch.Generator(device=device).manual_seed(0)
+    x, y, g_h, g_res = (torch.randn(B, L, C, device=device, generator=g).bfloat16() for _ in range(4))
+    gate, _, scale1, scale2, shift1, shift2 = (torch.randn(B, 1, 6, C, device=device, generator=g) * 0.3
+                                               ).bfloat16().unbind(2)
+    keep = (torch.rand(B, device=device, generator=g) > 0.1).float()
+    keep_p = torch.tensor(0.9, device=device)
+    base = adaln.KERNEL_CONFIG
+    _, _, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1,
+                                            1e-6, torch.bfloat16)
+    fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w) for r, w in itertools.product((1, 2, 4, 8), (4, 8, 16))]
+    bwd = [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w)
+           for n, t, w in itertools.product((16, 32, 64), (1, 2, 4), (4, 8, 16))]
+    for part, configs in (("forward", fwd), ("backward", bwd)):
+        for cfg in configs:
+            def call(cfg=cfg):
+                if part == "forward":
+                    adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1, 1e-6,
+                                         torch.bfloat16, cfg)
+                    adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, keep, keep_p, scale2, shift2, 1e-6,
+                                         torch.bfloat16, cfg)
+                else:
+                    adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, None, x, None, None, None, None, scale1,
+                                          mean, rstd, cfg)
+                    adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, g_res, x, y, gate, keep, keep_p, scale2,
+                                          mean, rstd, cfg)
+            try:
+                top = top_kernels(call, device, steps=args.steps, top=4)
+                rec = {"kernel_ms": top.total_ms}
+            except Exception as e:   # e.g. out of registers or shared memory for a tile
+                rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            emit({"bench": "norm_sweep", "part": part, "depth": depth, "batch": B,
+                  "config": dataclasses.asdict(cfg), **rec, **env()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", default=[], help="depth:batch (default 20:64)")
     ap.add_argument("--steps", type=int, default=5, help="profiled calls per arm")
     ap.add_argument("--top", type=int, default=8, help="kernels listed per arm")
+    ap.add_argument("--sweep", action="store_true", help="also time each tile configuration of the kernels")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     # eager's random draws inside the compiled arm too, so that its drop-path mask is the reference's
     torch._inductor.config.fallback_random = True
     for case in args.case or ["20:64"]:
         depth, B = (int(v) for v in case.split(":"))
+        if args.sweep:
+            sweep_case(depth, B, args, device)
         run_case(depth, B, args, device)
 
 

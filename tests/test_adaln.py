@@ -7,8 +7,9 @@ float64 under bounds derived from the kernels' float32 arithmetic (:func:`_bound
 ``x + drop_path(y * gate)`` is float32 eager's bit for bit. A bf16 run checks the dtypes, with
 inputs whose stream arithmetic is exact in bf16 (the interpreter truncates float32 to bf16 where
 the GPU rounds to nearest; a truncation is under one bf16 step, ``2^-7`` relative).
-Shapes: a width that is not a power of two (masked columns) and 70 tokens per image, so the
-backward's second chunk of rows per image is partial; three images, the middle one dropped.
+Shapes: a width that is not a power of two (masked columns) and 71 tokens per image, so each
+kernel's last tile of rows per image is partial (:data:`varcore.fast.adaln.KERNEL_CONFIG`: 4 rows
+per forward program; 32 per backward program, 2 at a time); three images, the middle one dropped.
 """
 
 import copy
@@ -27,7 +28,7 @@ from varcore.fast.plan import ExecutionPlan, apply_plan, reset_plan
 from varcore.var import VAR, VARConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-B, L, C, EPS, KEEP_P = 3, 70, 96, 1e-6, 0.5   # keep_p 1/2: the drop-path division is exact in bf16
+B, L, C, EPS, KEEP_P = 3, 71, 96, 1e-6, 0.5   # keep_p 1/2: the drop-path division is exact in bf16
 KEEP = (1.0, 0.0, 1.0)
 
 _CHILD = """

@@ -34,6 +34,8 @@ eager composition instead (:func:`fused_available`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -45,109 +47,124 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-__all__ = ["ln_modulate", "add_ln_modulate", "block_forward", "head_forward", "fused_available"]
-# Rows of one image per backward program: each program writes one partial sum per modulation
-# gradient, so fewer rows mean more programs and more partial sums to add up.
-BWD_ROWS = 64
+__all__ = ["ln_modulate", "add_ln_modulate", "block_forward", "head_forward", "fused_available", "KernelConfig"]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles of the kernels: the forward takes ``fwd_rows`` rows of one image per program; the
+    backward ``bwd_rows`` rows of one image per program, ``bwd_tile`` at a time (each program
+    writes one partial sum per modulation gradient, so fewer rows mean more programs and more
+    partial sums to add up)."""
+
+    fwd_rows: int = 4
+    fwd_warps: int = 8
+    bwd_rows: int = 32
+    bwd_tile: int = 2
+    bwd_warps: int = 8
+
+
+KERNEL_CONFIG = KernelConfig()
 
 
 if triton is not None:
     @triton.jit
     def adaln_fwd_kernel(x_ptr, y_ptr, gate_ptr, keep_ptr, keep_p_ptr, scale_ptr, shift_ptr,
                          x_out_ptr, h_ptr, mean_ptr, rstd_ptr, l, C, gate_stride, scale_stride, shift_stride,
-                         EPS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One row of ``(B*l, C)``; the modulation vectors are those of image ``row // l``."""
-        row = tl.program_id(0).to(tl.int64)
-        b = row // l
+                         EPS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+        """Rows ``[chunk * ROWS, (chunk + 1) * ROWS)`` of image ``b`` (a ``(ROWS, BLOCK_C)`` tile),
+        with that image's modulation vectors."""
+        b = tl.program_id(0)
+        r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_C)
-        mask = cols < C
-        at = row * C + cols
-        x = tl.load(x_ptr + at, mask=mask, other=0.0)
+        col_ok = cols < C
+        ok = (r < l)[:, None] & col_ok[None, :]
+        row = b.to(tl.int64) * l + r
+        at = row[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + at, mask=ok, other=0.0)
         if HAS_ADD:
-            y = tl.load(y_ptr + at, mask=mask, other=0.0)
-            gate = tl.load(gate_ptr + b * gate_stride + cols, mask=mask, other=0.0)
-            branch = (y.to(tl.float32) * gate.to(tl.float32)).to(y.dtype)
+            y = tl.load(y_ptr + at, mask=ok, other=0.0)
+            gate = tl.load(gate_ptr + b * gate_stride + cols, mask=col_ok, other=0.0)
+            branch = (y.to(tl.float32) * gate.to(tl.float32)[None, :]).to(y.dtype)
             if HAS_KEEP:
                 keep = tl.load(keep_ptr + b).to(tl.float32)
                 branch = ((branch.to(tl.float32) * keep) / tl.load(keep_p_ptr).to(tl.float32)).to(y.dtype)
             x = (x.to(tl.float32) + branch.to(tl.float32)).to(x_out_ptr.dtype.element_ty)
-            tl.store(x_out_ptr + at, x, mask=mask)
+            tl.store(x_out_ptr + at, x, mask=ok)
         xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=0) / C
-        d = tl.where(mask, xf - mean, 0.0)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / C + EPS)
-        tl.store(mean_ptr + row, mean)
-        tl.store(rstd_ptr + row, rstd)
-        scale = tl.load(scale_ptr + b * scale_stride + cols, mask=mask, other=0.0)
-        shift = tl.load(shift_ptr + b * shift_stride + cols, mask=mask, other=0.0)
+        mean = tl.sum(xf, axis=1) / C
+        d = tl.where(ok, xf - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=1) / C + EPS)
+        tl.store(mean_ptr + row, mean, mask=r < l)
+        tl.store(rstd_ptr + row, rstd, mask=r < l)
+        scale = tl.load(scale_ptr + b * scale_stride + cols, mask=col_ok, other=0.0)
+        shift = tl.load(shift_ptr + b * shift_stride + cols, mask=col_ok, other=0.0)
         one_plus = (scale.to(tl.float32) + 1.0).to(scale.dtype).to(tl.float32)
-        h = (d * rstd) * one_plus + shift.to(tl.float32)
-        tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=mask)
+        h = (d * rstd[:, None]) * one_plus[None, :] + shift.to(tl.float32)[None, :]
+        tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def adaln_bwd_kernel(g_h_ptr, g_res_ptr, x_ptr, y_ptr, gate_ptr, keep_ptr, keep_p_ptr, scale_ptr,
                          mean_ptr, rstd_ptr, g_x_ptr, g_y_ptr, part_ptr, l, C, rows, B, chunks,
                          gate_stride, scale_stride,
                          HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr, HAS_KEEP: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
-        """Rows ``[chunk * rows, (chunk + 1) * rows)`` of image ``b``: the stream's gradient
-        ``g_res + rstd (g - xhat mean(g xhat) - mean(g))`` with ``g = g_h (1 + scale)``, the
-        branch's ``g_x gate keep / keep_p``, and this chunk's sums of ``g_h xhat`` (scale),
-        ``g_h`` (shift) and ``g_x y keep / keep_p`` (gate), written to ``part[k, b, chunk]``."""
+                         TILE: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Rows ``[chunk * rows, (chunk + 1) * rows)`` of image ``b``, ``TILE`` at a time: the
+        stream's gradient ``g_res + rstd (g - xhat mean(g xhat) - mean(g))`` with
+        ``g = g_h (1 + scale)``, the branch's ``g_x gate keep / keep_p``, and this chunk's sums of
+        ``g_h xhat`` (scale), ``g_h`` (shift) and ``g_x y keep / keep_p`` (gate), written to
+        ``part[k, b, chunk]``."""
         b = tl.program_id(0)
         chunk = tl.program_id(1)
         cols = tl.arange(0, BLOCK_C)
-        mask = cols < C
-        scale = tl.load(scale_ptr + b * scale_stride + cols, mask=mask, other=0.0)
-        one_plus = (scale.to(tl.float32) + 1.0).to(scale.dtype).to(tl.float32)
+        col_ok = cols < C
+        scale = tl.load(scale_ptr + b * scale_stride + cols, mask=col_ok, other=0.0)
+        one_plus = (scale.to(tl.float32) + 1.0).to(scale.dtype).to(tl.float32)[None, :]
         acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
         acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
         acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_ADD:
-            gate = tl.load(gate_ptr + b * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + b * gate_stride + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_KEEP:
                 gate_keep = tl.load(keep_ptr + b).to(tl.float32) / tl.load(keep_p_ptr).to(tl.float32)
             else:
                 gate_keep = 1.0
-        first = chunk * rows
-        for i in range(0, rows):
-            r = first + i
-            ok = r < l
-            row = (b * l + r).to(tl.int64)
-            m = mask & ok
-            at = row * C + cols
-            g_h = tl.load(g_h_ptr + at, mask=m, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + at, mask=m, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + row, mask=ok, other=0.0)
-            rstd = tl.load(rstd_ptr + row, mask=ok, other=0.0)
-            xhat = tl.where(m, (x - mean) * rstd, 0.0)
+        last = tl.minimum((chunk + 1) * rows, l)
+        for first in range(chunk * rows, last, TILE):
+            r = first + tl.arange(0, TILE)
+            r_ok = r < last
+            ok = r_ok[:, None] & col_ok[None, :]
+            row = b.to(tl.int64) * l + r
+            at = row[:, None] * C + cols[None, :]
+            g_h = tl.load(g_h_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + row, mask=r_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + row, mask=r_ok, other=0.0)
+            xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
             g = g_h * one_plus
-            c1 = tl.sum(g * xhat, axis=0) / C
-            c2 = tl.sum(g, axis=0) / C
-            g_x = rstd * (g - xhat * c1 - c2)
+            c1 = tl.sum(g * xhat, axis=1) / C
+            c2 = tl.sum(g, axis=1) / C
+            g_x = rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None])
             if HAS_RES:
-                g_x += tl.load(g_res_ptr + at, mask=m, other=0.0).to(tl.float32)
-            tl.store(g_x_ptr + at, g_x.to(g_x_ptr.dtype.element_ty), mask=m)
-            acc_scale += g_h * xhat
-            acc_shift += g_h
+                g_x += tl.load(g_res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            tl.store(g_x_ptr + at, g_x.to(g_x_ptr.dtype.element_ty), mask=ok)
+            acc_scale += tl.sum(g_h * xhat, axis=0)
+            acc_shift += tl.sum(g_h, axis=0)
             if HAS_ADD:
-                y = tl.load(y_ptr + at, mask=m, other=0.0).to(tl.float32)
-                tl.store(g_y_ptr + at, (g_x * (gate * gate_keep)).to(g_y_ptr.dtype.element_ty), mask=m)
-                acc_gate += g_x * y
+                y = tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32)
+                tl.store(g_y_ptr + at, (g_x * (gate * gate_keep)).to(g_y_ptr.dtype.element_ty), mask=ok)
+                acc_gate += tl.sum(g_x * y, axis=0)
         part = (b * chunks + chunk).to(tl.int64) * C + cols
         plane = B * chunks * C
-        tl.store(part_ptr + part, acc_scale, mask=mask)
-        tl.store(part_ptr + plane + part, acc_shift, mask=mask)
+        tl.store(part_ptr + part, acc_scale, mask=col_ok)
+        tl.store(part_ptr + plane + part, acc_shift, mask=col_ok)
         if HAS_ADD:
-            tl.store(part_ptr + 2 * plane + part, acc_gate * gate_keep, mask=mask)
-
-
-def _warps(block_c: int) -> int:
-    return min(max(block_c // 256, 1), 8)
+            tl.store(part_ptr + 2 * plane + part, acc_gate * gate_keep, mask=col_ok)
 
 
 def launch_forward(kernel, x_BlC, y_BlC, gate_B1C, keep_B, keep_p, scale_B1C, shift_B1C, eps: float,
-                   out_dtype: torch.dtype):
+                   out_dtype: torch.dtype, config: KernelConfig = KERNEL_CONFIG):
     """Run the forward ``kernel`` (the Triton kernel, or it wrapped for tracing) over every row:
     ``(x_out, h, mean, rstd)``; without ``y`` (no residual add) ``x_out`` is an empty tensor.
     ``keep_B`` (float 0/1 per image) and ``keep_p`` (0-dim) are the drop-path mask, or ``None``."""
@@ -158,34 +175,34 @@ def launch_forward(kernel, x_BlC, y_BlC, gate_B1C, keep_B, keep_p, scale_B1C, sh
     h_BlC = torch.empty(x_BlC.shape, dtype=out_dtype, device=x_BlC.device)
     mean_N = torch.empty(B * l, dtype=torch.float32, device=x_BlC.device)
     rstd_N = torch.empty_like(mean_N)
-    block_c = triton.next_power_of_2(C)
     none = x_BlC   # a pointer the kernel never reads (its branch is compiled out)
-    kernel[(B * l,)](x_BlC, y_BlC if has_add else none, gate_B1C if has_add else none, keep_B if has_keep else none,
-                     keep_p if has_keep else none, scale_B1C, shift_B1C, x_out if has_add else none, h_BlC,
-                     mean_N, rstd_N, l, C, gate_B1C.stride(0) if has_add else 0, scale_B1C.stride(0),
-                     shift_B1C.stride(0), EPS=eps, HAS_ADD=has_add, HAS_KEEP=has_keep, BLOCK_C=block_c,
-                     num_warps=_warps(block_c))
+    grid = (B, triton.cdiv(l, config.fwd_rows))
+    kernel[grid](x_BlC, y_BlC if has_add else none, gate_B1C if has_add else none, keep_B if has_keep else none,
+                 keep_p if has_keep else none, scale_B1C, shift_B1C, x_out if has_add else none, h_BlC,
+                 mean_N, rstd_N, l, C, gate_B1C.stride(0) if has_add else 0, scale_B1C.stride(0),
+                 shift_B1C.stride(0), EPS=eps, HAS_ADD=has_add, HAS_KEEP=has_keep, ROWS=config.fwd_rows,
+                 BLOCK_C=triton.next_power_of_2(C), num_warps=config.fwd_warps)
     return x_out, h_BlC, mean_N, rstd_N
 
 
 def launch_backward(kernel, g_h_BlC, g_res_BlC, x_BlC, y_BlC, gate_B1C, keep_B, keep_p, scale_B1C, mean_N, rstd_N,
-                    rows: int = BWD_ROWS):
+                    config: KernelConfig = KERNEL_CONFIG):
     """Run the backward ``kernel``: ``(g_x, g_y, g_gate, g_scale, g_shift)``, the modulation's
     gradients ``(B, 1, C)`` in their own dtypes; without ``y`` ``g_y`` and ``g_gate`` are empty."""
     B, l, C = x_BlC.shape
     has_add, has_res, has_keep = y_BlC is not None, g_res_BlC is not None, keep_B is not None
-    chunks = triton.cdiv(l, rows)
+    chunks = triton.cdiv(l, config.bwd_rows)
     g_x = torch.empty(x_BlC.shape, dtype=x_BlC.dtype, device=x_BlC.device)
     g_y = torch.empty(y_BlC.shape if has_add else (0,), dtype=y_BlC.dtype if has_add else x_BlC.dtype,
                       device=x_BlC.device)
     part = torch.empty(3 if has_add else 2, B, chunks, C, dtype=torch.float32, device=x_BlC.device)
-    block_c = triton.next_power_of_2(C)
     none = x_BlC
     kernel[(B, chunks)](g_h_BlC, g_res_BlC if has_res else none, x_BlC, y_BlC if has_add else none,
                         gate_B1C if has_add else none, keep_B if has_keep else none, keep_p if has_keep else none,
-                        scale_B1C, mean_N, rstd_N, g_x, g_y if has_add else none, part, l, C, rows, B, chunks,
-                        gate_B1C.stride(0) if has_add else 0, scale_B1C.stride(0), HAS_ADD=has_add, HAS_RES=has_res,
-                        HAS_KEEP=has_keep, BLOCK_C=block_c, num_warps=_warps(block_c))
+                        scale_B1C, mean_N, rstd_N, g_x, g_y if has_add else none, part, l, C, config.bwd_rows, B,
+                        chunks, gate_B1C.stride(0) if has_add else 0, scale_B1C.stride(0), HAS_ADD=has_add,
+                        HAS_RES=has_res, HAS_KEEP=has_keep, TILE=config.bwd_tile,
+                        BLOCK_C=triton.next_power_of_2(C), num_warps=config.bwd_warps)
     sums_KB1C = part.sum(2, keepdim=True)   # each gradient its own tensor (an op's outputs may not alias)
     g_scale = sums_KB1C[0].to(scale_B1C.dtype, copy=True)
     g_shift = sums_KB1C[1].to(scale_B1C.dtype, copy=True)

@@ -44,7 +44,7 @@ def eager_pair(x, y, mod_B16C, drop_path, ln):
 def kernel_pair(x, y, mod_B16C, drop_path, ln):
     gamma1, _, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
     h1 = adaln.ln_modulate(x, ln, scale1, shift1)
-    x2, h2 = adaln.add_ln_modulate(x, y, gamma1, drop_path, ln, scale2, shift2)
+    x2, h2 = adaln.add_ln_modulate(x, y, gamma1, drop_path.keep_mask(y), drop_path.keep_p, ln, scale2, shift2)
     return h1, x2, h2
 
 

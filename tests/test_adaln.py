@@ -171,15 +171,16 @@ def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):
     _within(got["g_x"], ref["g_x"], bound["g_x"] + step * spread * (1 + step) ** 2, "g_x")
 
 
-def test_plan_block_forward_is_the_block_on_cpu(tiny_var_cfg):
-    """Off CUDA the plan's block and head forwards run the eager composition: the plain model's
-    outputs and gradients bit for bit, drop-path draws included."""
+def test_plan_forwards_are_the_model_on_cpu(tiny_var_cfg):
+    """Off CUDA the plan's model, block and head forwards (each block's last residual add done
+    by the next block, or the head) run the eager composition: the plain model's outputs and
+    gradients bit for bit, drop-path draws included."""
     cfg = VARConfig(**{**tiny_var_cfg.__dict__, "drop_path_rate": 0.3, "cond_drop_rate": 0.0})
     torch.manual_seed(0)
     plain = VAR(cfg).train()
     fused = apply_plan(copy.deepcopy(plain), ExecutionPlan(norm="fused").resolve(cfg, "cpu", training=True))
     assert all(b.forward.__func__ is adaln.block_forward for b in fused.blocks)
-    assert fused.head.forward.__func__ is adaln.head_forward
+    assert fused.head.forward.__func__ is adaln.head_forward and fused.forward.__func__ is adaln.var_forward
     label = torch.arange(4) % cfg.num_classes
     x = torch.randn(4, cfg.L - cfg.first_l, cfg.Cvae)
     outs = []
@@ -191,7 +192,7 @@ def test_plan_block_forward_is_the_block_on_cpu(tiny_var_cfg):
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), fused.parameters()))
     reset_plan(fused)
-    assert all("forward" not in b.__dict__ for b in fused.blocks) and "forward" not in fused.head.__dict__
+    assert all("forward" not in m.__dict__ for m in (*fused.blocks, fused.head, fused))
 
 
 def test_norm_is_fused_only_for_training_on_cuda(tiny_var_cfg):

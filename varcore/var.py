@@ -250,13 +250,14 @@ class DropPath(nn.Module):
             return None
         return torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) < self.keep_p
 
-    def apply_mask(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Zero the dropped samples and rescale the kept ones by ``1 / keep_p``."""
-        return x * keep / self.keep_p
+    @staticmethod
+    def apply_mask(x: torch.Tensor, keep: torch.Tensor | None, keep_p: torch.Tensor) -> torch.Tensor:
+        """Zero the dropped samples and rescale the kept ones by ``1 / keep_p`` (``keep``: a
+        :meth:`keep_mask`; ``None`` keeps ``x`` as it is)."""
+        return x if keep is None else x * keep / keep_p
 
     def forward(self, x):
-        keep = self.keep_mask(x)
-        return x if keep is None else self.apply_mask(x, keep)
+        return self.apply_mask(x, self.keep_mask(x), self.keep_p)
 
 
 # ---- blocks ------------------------------------------------------------------------------------
@@ -402,17 +403,21 @@ class VAR(nn.Module):
     # ---- training: all scales at once under the block-causal mask ----------------------------
     def forward(self, label_B: torch.Tensor, x_BlCvae: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``(B, L, V)`` from labels and ``(B, L - first_l, Cvae)`` inputs."""
+        x_BLC, cond_BC, cond_BD = self.embed(label_B, x_BlCvae)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, cond_BD)
+        return self.head(x_BLC, cond_BC)
+
+    def embed(self, label_B: torch.Tensor, x_BlCvae: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The blocks' input stream ``(B, L, C)``, the class embedding ``(B, C)`` (class dropout
+        applied in training) and what the blocks' AdaLN reads, from the training inputs."""
         cfg = self.cfg
         if x_BlCvae.shape[1:] != (cfg.L - cfg.first_l, cfg.Cvae):
             raise ValueError(f"teacher-forcing input must be (B, {cfg.L - cfg.first_l}, {cfg.Cvae}), "
                              f"got {tuple(x_BlCvae.shape)}")
         cond_BC = self.cond(self.drop_class(label_B))
         x_BLC = torch.cat([self.sos(cond_BC), self.word_embed(x_BlCvae.to(self.word_embed.weight.dtype))], dim=1)
-        x_BLC = self.residual(x_BLC + self.scale_pos(0, cfg.L))
-        cond_BD = self.block_cond(cond_BC)
-        for block in self.blocks:
-            x_BLC = block(x_BLC, cond_BD)
-        return self.head(x_BLC, cond_BC)
+        return self.residual(x_BLC + self.scale_pos(0, cfg.L)), cond_BC, self.block_cond(cond_BC)
 
     # ---- inference: one scale at a time with a KV cache ----------------------------------------
     def new_kv_caches(self) -> list[KVCache]:

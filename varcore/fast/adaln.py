@@ -10,18 +10,20 @@ A block computes (:class:`varcore.var.AdaLNBlock`)::
 
 Compiled, inductor splits each LayerNorm + modulation into a forward kernel, a backward kernel and
 separate reductions over the tokens for the modulation's gradients (``scale``, ``shift``, ``gamma``
-are per image, so their gradients are sums over an image's tokens): at d20, B=64 on an H200 these
-took 27 of a step's 39.5 ms of element-wise work, against about 6 ms of memory traffic (r16-5).
-Here:
+are per image, so their gradients are sums over an image's tokens), and adds the stream's two
+gradients in a kernel of its own. Here:
 
-- :func:`ln_modulate` (``h1``) and :func:`add_ln_modulate` (``x'`` and ``h2``) are one forward
-  kernel each: a program per token row, the row held in registers, so the stream is read once.
-  They also write each row's mean and reciprocal standard deviation (8 bytes per token) for the
-  backward.
+- :func:`ln_modulate` and :func:`add_ln_modulate` (``x'`` and ``h2``) are one forward kernel each;
+  a program takes a tile of rows of one image, with that image's modulation vectors, so the
+  stream is read once. They also write each row's mean and reciprocal standard deviation
+  (8 bytes per token) for the backward.
 - The backward is one kernel: a program per (image, chunk of its rows) recomputes the normalised
-  row from the stored stream, writes the stream's gradient (the residual's gradient added in) and
-  ``y1``'s, and keeps running sums of the gradients of ``scale``, ``shift`` and ``gamma`` in
+  rows from the stored stream, writes the stream's gradient (the residual's gradient added in) and
+  the branch's, and keeps running sums of the gradients of ``scale``, ``shift`` and ``gamma`` in
   registers; the per-chunk sums are added up after it.
+- :func:`var_forward` hands each block's last add (``out = x' + drop_path(y2 gamma2)``) to the next
+  block's first LayerNorm, and the last block's to the head's, through :func:`add_ln_modulate`. So
+  every stream tensor is written by one kernel and read by one, forward and backward.
 
 Roundings follow the eager path under autocast: ``y * gamma`` in ``y``'s dtype, the drop-path
 mask and division by the keep probability in that dtype too, the add in the stream's dtype,
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..var import AdaLNBlock, AdaLNHead, DropPath, modulate
+from ..var import VAR, AdaLNBlock, AdaLNHead, DropPath, modulate
 
 try:
     import triton
@@ -47,7 +49,8 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-__all__ = ["ln_modulate", "add_ln_modulate", "block_forward", "head_forward", "fused_available", "KernelConfig"]
+__all__ = ["ln_modulate", "add_ln_modulate", "block_forward", "head_forward", "var_forward", "fused_available",
+           "KernelConfig"]
 
 
 @dataclass(frozen=True)
@@ -294,35 +297,67 @@ def ln_modulate(x_BlC: torch.Tensor, ln: nn.LayerNorm, scale_B1C: torch.Tensor, 
     return h
 
 
-def add_ln_modulate(x_BlC: torch.Tensor, y_BlC: torch.Tensor, gate_B1C: torch.Tensor, drop_path: DropPath,
-                    ln: nn.LayerNorm, scale_B1C: torch.Tensor, shift_B1C: torch.Tensor
+def add_ln_modulate(x_BlC: torch.Tensor, y_BlC: torch.Tensor, gate_B1C: torch.Tensor, keep_B11: torch.Tensor | None,
+                    keep_p: torch.Tensor, ln: nn.LayerNorm, scale_B1C: torch.Tensor, shift_B1C: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x = x + drop_path(y * gate)`` and ``modulate(ln(x), scale, shift)``: the kernels where
-    they run (``y`` is not changed in place there), the block's eager composition elsewhere."""
-    keep_B11 = drop_path.keep_mask(y_BlC)
+    """``x = x + drop_path(y * gate)`` and ``modulate(ln(x), scale, shift)``, with the drop-path
+    mask ``keep_B11`` already drawn (:meth:`varcore.var.DropPath.keep_mask`; ``None``: all kept):
+    the kernels where they run (``y`` is not changed in place there), eager's composition elsewhere."""
     if not fused_available(x_BlC, ln, gate_B1C, scale_B1C, shift_B1C):
-        branch = y_BlC.mul_(gate_B1C)
-        x_BlC = x_BlC + (branch if keep_B11 is None else drop_path.apply_mask(branch, keep_B11))
+        x_BlC = x_BlC + DropPath.apply_mask(y_BlC.mul_(gate_B1C), keep_B11, keep_p)
         return x_BlC, modulate(ln(x_BlC), scale_B1C, shift_B1C)
     keep_B = None if keep_B11 is None else keep_B11.view(-1).float()
-    keep_p = None if keep_B11 is None else drop_path.keep_p
     x_out, h, _, _ = torch.ops.varscale.adaln_add_ln_fwd(x_BlC.contiguous(), y_BlC.contiguous(), gate_B1C, keep_B,
-                                                         keep_p, scale_B1C, shift_B1C, ln.eps, _out_dtype(x_BlC))
+                                                         None if keep_B is None else keep_p, scale_B1C, shift_B1C,
+                                                         ln.eps, _out_dtype(x_BlC))
     return x_out, h
 
 
-# ---- the block and the head through them (an execution plan sets these as their forwards) -----
-def block_forward(block: AdaLNBlock, x_BLC: torch.Tensor, cond_BD: torch.Tensor, kv_cache=None) -> torch.Tensor:
-    """:meth:`varcore.var.AdaLNBlock.forward` with both LayerNorms through the kernels: the same
-    function, the same random draws in the same order."""
+# ---- the model, its blocks and its head through them (an execution plan sets these forwards) ---
+# A block hands its last residual add to the next LayerNorm: ``Pending`` is that add's branch,
+# gate, drop-path mask and keep probability, so each stream tensor is made by one kernel and read
+# by one (no separate add kernels, forward or backward, and no autograd sum of the stream's gradient).
+Pending = tuple
+
+
+def _stream_in(block_ln: nn.LayerNorm, x_BLC: torch.Tensor, pending: Pending | None, scale_B1C: torch.Tensor,
+               shift_B1C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream after the previous block's pending add, and its LayerNorm + modulation."""
+    if pending is None:
+        return x_BLC, ln_modulate(x_BLC, block_ln, scale_B1C, shift_B1C)
+    return add_ln_modulate(x_BLC, *pending, block_ln, scale_B1C, shift_B1C)
+
+
+def block_forward(block: AdaLNBlock, x_BLC: torch.Tensor, cond_BD: torch.Tensor, kv_cache=None,
+                  pending: Pending | None = None, defer: bool = False):
+    """:meth:`varcore.var.AdaLNBlock.forward` with the LayerNorms through the kernels: the same
+    function, the same random draws in the same order. ``pending``: the previous block's last
+    add, done here; ``defer``: return ``(x, pending)``, this block's last add left to the next."""
     gamma1, gamma2, scale1, scale2, shift1, shift2 = block.modulation(cond_BD)
-    h_BLC = ln_modulate(x_BLC, block.ln, scale1, shift1)
-    x_BLC, h_BLC = add_ln_modulate(x_BLC, block.attn(h_BLC, kv_cache), gamma1, block.drop_path, block.ln,
-                                   scale2, shift2)
-    return x_BLC + block.drop_path(block.ffn(h_BLC).mul_(gamma2))
+    x_BLC, h_BLC = _stream_in(block.ln, x_BLC, pending, scale1, shift1)
+    y_BLC = block.attn(h_BLC, kv_cache)
+    x_BLC, h_BLC = add_ln_modulate(x_BLC, y_BLC, gamma1, block.drop_path.keep_mask(y_BLC), block.drop_path.keep_p,
+                                   block.ln, scale2, shift2)
+    y_BLC = block.ffn(h_BLC)
+    if defer:
+        return x_BLC, (y_BLC, gamma2, block.drop_path.keep_mask(y_BLC), block.drop_path.keep_p)
+    return x_BLC + block.drop_path(y_BLC.mul_(gamma2))
 
 
-def head_forward(head: AdaLNHead, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
-    """:meth:`varcore.var.AdaLNHead.forward` with its LayerNorm through the kernels."""
+def head_forward(head: AdaLNHead, x_BLC: torch.Tensor, cond_BC: torch.Tensor, pending: Pending | None = None
+                 ) -> torch.Tensor:
+    """:meth:`varcore.var.AdaLNHead.forward` with its LayerNorm through the kernels (``pending``:
+    the last block's last add, done here)."""
     scale, shift = head.ada_lin(cond_BC).view(-1, 1, 2, x_BLC.shape[-1]).unbind(2)
-    return head.head(ln_modulate(x_BLC, head.ln, scale, shift))
+    return head.head(_stream_in(head.ln, x_BLC, pending, scale, shift)[1])
+
+
+def var_forward(model: VAR, label_B: torch.Tensor, x_BlCvae: torch.Tensor) -> torch.Tensor:
+    """:meth:`varcore.var.VAR.forward` with each block's last residual add deferred into the next
+    LayerNorm kernel (the blocks' and head's forwards must be :func:`block_forward` and
+    :func:`head_forward`, as :func:`varcore.fast.apply_plan` sets them)."""
+    x_BLC, cond_BC, cond_BD = model.embed(label_B, x_BlCvae)
+    pending = None
+    for block in model.blocks:
+        x_BLC, pending = block(x_BLC, cond_BD, pending=pending, defer=True)
+    return model.head(x_BLC, cond_BC, pending=pending)

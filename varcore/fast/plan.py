@@ -153,6 +153,7 @@ def reset_plan(model: VAR) -> VAR:
             block.ffn = block.ffn.plain()
         restore_forward(block)
     restore_forward(model.head)
+    restore_forward(model)
     model.execution_plan = None
     return model
 
@@ -193,6 +194,8 @@ def apply_plan(model: VAR, plan: ExecutionPlan) -> VAR:
         if i < plan.checkpointing:
             checkpoint_forward(block)
     _route(model.head, plan, adaln.head_forward if fused_norm else None)
+    if fused_norm:
+        use_forward(model, adaln.var_forward)   # the blocks hand their last add to the next kernel
     model.execution_plan = plan
     log.info("execution plan applied to a d%d VAR on %s: %s", model.cfg.depth, device, plan)
     return model

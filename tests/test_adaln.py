@@ -8,8 +8,9 @@ float64 under bounds derived from the kernels' float32 arithmetic (:func:`_bound
 inputs whose stream arithmetic is exact in bf16 (the interpreter truncates float32 to bf16 where
 the GPU rounds to nearest; a truncation is under one bf16 step, ``2^-7`` relative).
 Shapes: a width that is not a power of two (masked columns) and 71 tokens per image, so each
-kernel's last tile of rows per image is partial (:data:`varcore.fast.adaln.KERNEL_CONFIG`: 4 rows
-per forward program; 32 per backward program, 2 at a time); three images, the middle one dropped.
+kernel's last tile of rows per image is partial (:data:`varcore.fast.adaln.KERNEL_CONFIG`: 2 rows
+per forward program, 16 per backward program; the child also runs 4 per forward program and 32 per
+backward program, 2 at a time); three images, the middle one dropped.
 """
 
 import copy
@@ -47,6 +48,16 @@ for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     torch.autograd.backward([h1, x2, h2], [a["g_h1"].to(dt), a["g_x2"].to(dt), a["g_h2"].to(dt)])
     out[name] = {"h1": h1.detach(), "x2": x2.detach(), "h2": h2.detach(),
                  "g_x": x.grad, "g_y": y.grad, "g_mod": mod.grad}
+# the add op's kernels under other tiles: 4 rows per forward program, 32 per backward one, 2 at a time
+cfg = adaln.KernelConfig(fwd_rows=4, fwd_warps=8, bwd_rows=32, bwd_tile=2, bwd_warps=8)
+x, y, mod = (a[k] for k in ("x", "y", "mod"))
+gate, _, _, scale2, _, shift2 = mod.unbind(2)
+x2, h2, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, a["keep"], a["keep_p"], scale2,
+                                          shift2, a["eps"], torch.float32, cfg)
+g_x, g_y, g_gate, g_scale, g_shift = adaln.launch_backward(adaln.adaln_bwd_kernel, a["g_h2"], a["g_x2"], x2, y, gate,
+                                                           a["keep"], a["keep_p"], scale2, mean, rstd, cfg)
+out["tiles"] = {"x2": x2, "h2": h2, "g_x2": g_x, "g_y": g_y, "g_gate": g_gate, "g_scale2": g_scale,
+                "g_shift2": g_shift}
 torch.save(out, sys.argv[2])
 """
 
@@ -155,6 +166,18 @@ def test_forward_and_backward_kernels_match_float64(kernel_run):
     # the dropped image: no gradient into its branch or its gate, the stream's gradient all there
     assert torch.equal(got["g_y"][1], torch.zeros(L, C)) and torch.equal(g_mod[1, :, 0], torch.zeros(1, C))
     assert got["g_x"][1].abs().sum() > 0
+
+
+def test_other_tiles_compute_the_same(kernel_run):
+    """Row tiles change which program computes a row and the order of the per-image sums only."""
+    a, out = kernel_run
+    tiles, got, ref = out["tiles"], out["fp32"], _reference(a)
+    bound = _bounds(a, ref)
+    assert torch.equal(tiles["x2"], got["x2"]) and torch.equal(tiles["h2"], got["h2"])
+    assert torch.equal(tiles["g_y"], got["g_y"])
+    _within(tiles["g_x2"], ref["g_x2"], bound["g_x"], "g_x2")
+    for k, key in ((0, "g_gate"), (3, "g_scale2"), (5, "g_shift2")):
+        _within(tiles[key], ref["g_mod"][:, :, k], bound[key], key)
 
 
 def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):

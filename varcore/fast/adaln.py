@@ -58,13 +58,14 @@ class KernelConfig:
     """Tiles of the kernels: the forward takes ``fwd_rows`` rows of one image per program; the
     backward ``bwd_rows`` rows of one image per program, ``bwd_tile`` at a time (each program
     writes one partial sum per modulation gradient, so fewer rows mean more programs and more
-    partial sums to add up)."""
+    partial sums to add up). The defaults are the sweep's best over d20 (B=64) and d30 (B=32) on an
+    H200 (``benchmarks/norm_parts.py --sweep``, RESULTS.md round 17)."""
 
-    fwd_rows: int = 4
-    fwd_warps: int = 8
-    bwd_rows: int = 32
-    bwd_tile: int = 2
-    bwd_warps: int = 8
+    fwd_rows: int = 2
+    fwd_warps: int = 4
+    bwd_rows: int = 16
+    bwd_tile: int = 1
+    bwd_warps: int = 4
 
 
 KERNEL_CONFIG = KernelConfig()

@@ -8,6 +8,7 @@
 - ``compile``: ``torch.compile`` regions and activation checkpointing of modules.
 - ``static_sampler``: sampling as one CUDA graph per scale over a preallocated KV cache.
 - ``add_norm``: a block's residual add + LayerNorm + AdaLN modulation as one Triton kernel (sampling).
+- ``adaln``: the same in training, forward and backward kernels registered with autograd.
 - ``master_weights``: bf16 working copies of the linear weights, AdamW on float32 masters.
 - ``bicubic``: the quantiser's bicubic upsampling as two matmuls on CUDA.
 - ``subpixel``: the decoder's nearest 2x upsampling + 3x3 convolution as one 2x2 convolution.

@@ -27,10 +27,11 @@ gradients in a kernel of its own. Here:
 
 Roundings: the branch ``y * gamma`` (and the drop-path division) in float32 and the stream
 rounded once to its dtype, as inductor's compiled composition does (eager rounds the product to
-bf16 first: with that extra rounding the d16 bf16 loss curve drifted from the float32 one by
-0.028 in 30 steps instead of 0.011, RESULTS.md round 17); ``1 + scale`` in the modulation's
-dtype, the LayerNorm in float32, and ``h`` rounded once to ``out_dtype`` (what the next autocast
-matmul casts to). Gradients are computed in float32 and rounded once. The ops are registered with their backward (``varscale::adaln_*``), so compiled
+bf16 first); the LayerNorm in float32 over the stream as stored (bf16 under autocast), ``1 +
+scale`` in the modulation's dtype, and ``h`` rounded once to ``out_dtype`` (what the next autocast
+matmul casts to). Gradients are computed in float32 and rounded once. RESULTS.md round 17 has the
+d16 bf16-against-float32 loss check with these kernels (a larger drift than inductor's path,
+flagged there). The ops are registered with their backward (``varscale::adaln_*``), so compiled
 blocks call them inside their graphs; CPU tensors, and layouts the kernels do not read, run the
 eager composition instead (:func:`fused_available`).
 """

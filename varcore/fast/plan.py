@@ -117,8 +117,8 @@ class ExecutionPlan:
                         "needs a training run on one GPU (one worker, no FSDP)")
         master = _switch(self.master_weights, training and one_gpu and amp is not None, "master_weights",
                          "needs a bf16 training run on one GPU (one worker, no FSDP)")
-        out = dataclasses.replace(self, attention=attention, mlp=mlp, norm=norm, compile=compile_on, checkpointing=checkpointing,
-                                  cuda_graph=graph, master_weights=master)
+        out = dataclasses.replace(self, attention=attention, mlp=mlp, norm=norm, compile=compile_on,
+                                  checkpointing=checkpointing, cuda_graph=graph, master_weights=master)
         out.check(cfg)
         return out
 

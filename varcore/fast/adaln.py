@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 
 from ..var import VAR, AdaLNBlock, AdaLNHead, DropPath, modulate
+from . import add_norm
+from .fused_mlp import fused_dtype
 
 try:
     import triton
@@ -275,19 +277,10 @@ if triton is not None:
 
 # ---- when the kernels run, and the eager composition otherwise ---------------------------------
 def fused_available(x_BlC: torch.Tensor, ln: nn.LayerNorm, *vectors_B1C: torch.Tensor) -> bool:
-    """Whether the kernels run: a CUDA stream, Triton importable, a LayerNorm over the last
-    dimension without affine parameters, and ``(B, 1, C)`` modulation vectors with a contiguous
-    last dimension (views of one AdaLN projection are fine)."""
-    B, _, C = x_BlC.shape
-    return (triton is not None and x_BlC.is_cuda and ln.weight is None and ln.bias is None
-            and tuple(ln.normalized_shape) == (C,)
-            and all(v.shape == (B, 1, C) and v.stride(2) == 1 for v in vectors_B1C))
-
-
-def _out_dtype(x_BlC: torch.Tensor) -> torch.dtype:
-    """``h``'s dtype: what the next matmul runs in (the autocast dtype under autocast)."""
-    dev = x_BlC.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BlC.dtype
+    """Whether the kernels run: the sampling kernel's conditions (:mod:`varcore.fast.add_norm`: a
+    CUDA stream, Triton importable, a LayerNorm over the last dimension without affine
+    parameters, ``(B, 1, C)`` modulation vectors with a contiguous last dimension)."""
+    return add_norm.fused_available(x_BlC, ln) and all(add_norm.modulation_ok(v, x_BlC) for v in vectors_B1C)
 
 
 def ln_modulate(x_BlC: torch.Tensor, ln: nn.LayerNorm, scale_B1C: torch.Tensor, shift_B1C: torch.Tensor
@@ -295,7 +288,7 @@ def ln_modulate(x_BlC: torch.Tensor, ln: nn.LayerNorm, scale_B1C: torch.Tensor, 
     """``modulate(ln(x), scale, shift)``: the forward and backward kernels where they run."""
     if not fused_available(x_BlC, ln, scale_B1C, shift_B1C):
         return modulate(ln(x_BlC), scale_B1C, shift_B1C)
-    h, _, _ = torch.ops.varscale.adaln_ln_fwd(x_BlC.contiguous(), scale_B1C, shift_B1C, ln.eps, _out_dtype(x_BlC))
+    h, _, _ = torch.ops.varscale.adaln_ln_fwd(x_BlC.contiguous(), scale_B1C, shift_B1C, ln.eps, fused_dtype(x_BlC))
     return h
 
 
@@ -311,7 +304,7 @@ def add_ln_modulate(x_BlC: torch.Tensor, y_BlC: torch.Tensor, gate_B1C: torch.Te
     keep_B = None if keep_B11 is None else keep_B11.view(-1).float()
     x_out, h, _, _ = torch.ops.varscale.adaln_add_ln_fwd(x_BlC.contiguous(), y_BlC.contiguous(), gate_B1C, keep_B,
                                                          None if keep_B is None else keep_p, scale_B1C, shift_B1C,
-                                                         ln.eps, _out_dtype(x_BlC))
+                                                         ln.eps, fused_dtype(x_BlC))
     return x_out, h
 
 

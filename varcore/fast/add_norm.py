@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-__all__ = ["add_ln_modulate", "fused_available"]
+__all__ = ["add_ln_modulate", "fused_available", "modulation_ok"]
 
 
 if triton is not None:
@@ -93,7 +93,9 @@ def fused_available(x_BlC: torch.Tensor, ln: nn.LayerNorm) -> bool:
             and tuple(ln.normalized_shape) == (x_BlC.shape[-1],))
 
 
-def _modulation_ok(v_B1C: torch.Tensor, x_BlC: torch.Tensor) -> bool:
+def modulation_ok(v_B1C: torch.Tensor, x_BlC: torch.Tensor) -> bool:
+    """Whether the kernels read ``v`` as a modulation vector of ``x``: ``(B, 1, C)`` with a
+    contiguous last dimension (views of one AdaLN projection are fine)."""
     return v_B1C.dim() == 3 and v_B1C.shape[1] == 1 and v_B1C.shape[2] == x_BlC.shape[2] and v_B1C.stride(2) == 1 \
         and v_B1C.shape[0] == x_BlC.shape[0]
 
@@ -105,7 +107,7 @@ def add_ln_modulate(x_BlC: torch.Tensor, y_BlC: torch.Tensor, gate_B1C: torch.Te
     ``out_dtype``, the dtype the next autocast matmul casts to), the eager composition
     elsewhere (``h`` then in the stream's dtype, ``out_dtype`` unused) or when a modulation
     vector is not laid out as the kernel reads it."""
-    if fused_available(x_BlC, ln) and all(_modulation_ok(v, x_BlC) for v in (gate_B1C, scale_B1C, shift_B1C)):
+    if fused_available(x_BlC, ln) and all(modulation_ok(v, x_BlC) for v in (gate_B1C, scale_B1C, shift_B1C)):
         return torch.ops.varscale.add_ln_modulate(x_BlC.contiguous(), y_BlC.contiguous(), gate_B1C, scale_B1C,
                                                   shift_B1C, ln.eps, out_dtype or x_BlC.dtype)
     x_BlC = x_BlC + y_BlC.mul(gate_B1C)

@@ -19,6 +19,8 @@ largest value, per output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -95,9 +97,8 @@ def run_case(depth: int, B: int, args, device: torch.device) -> None:
 def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     """Each tile configuration of the kernels alone (no autograd): the forward pair (``h1``; ``x2``
     and ``h2``) and the backward pair, device time per call, one JSON line per configuration."""
-    import dataclasses
-    import itertools
-    C, L = 64 * depth, VARConfig(depth=depth).L
+    cfg = VARConfig(depth=depth)
+    C, L = cfg.C, cfg.L
     g = torch.Generator(device=device).manual_seed(0)
     x, y, g_h, g_res = (torch.randn(B, L, C, device=device, generator=g).bfloat16() for _ in range(4))
     gate, _, scale1, scale2, shift1, shift2 = (torch.randn(B, 1, 6, C, device=device, generator=g) * 0.3
@@ -111,25 +112,25 @@ def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     bwd = [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w)
            for n, t, w in itertools.product((16, 32, 64), (1, 2, 4), (4, 8, 16))]
     for part, configs in (("forward", fwd), ("backward", bwd)):
-        for cfg in configs:
-            def call(cfg=cfg):
+        for tiles in configs:
+            def call(tiles=tiles):
                 if part == "forward":
                     adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1, 1e-6,
-                                         torch.bfloat16, cfg)
+                                         torch.bfloat16, tiles)
                     adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, keep, keep_p, scale2, shift2, 1e-6,
-                                         torch.bfloat16, cfg)
+                                         torch.bfloat16, tiles)
                 else:
                     adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, None, x, None, None, None, None, scale1,
-                                          mean, rstd, cfg)
+                                          mean, rstd, tiles)
                     adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, g_res, x, y, gate, keep, keep_p, scale2,
-                                          mean, rstd, cfg)
+                                          mean, rstd, tiles)
             try:
                 top = top_kernels(call, device, steps=args.steps, top=4)
                 rec = {"kernel_ms": top.total_ms}
             except Exception as e:   # e.g. out of registers or shared memory for a tile
                 rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             emit({"bench": "norm_sweep", "part": part, "depth": depth, "batch": B,
-                  "config": dataclasses.asdict(cfg), **rec, **env()})
+                  "config": dataclasses.asdict(tiles), **rec, **env()})
 
 
 def main(argv=None):

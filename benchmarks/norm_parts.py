@@ -1,12 +1,16 @@
-"""A training block's two LayerNorm + AdaLN modulations, forward and backward, timed on their own.
+"""A training block's normalisations, forward and backward, timed on their own.
 
-Per ``--case depth:batch``, at the paper's 680 tokens and the block's width, under bf16 autocast
-with the bf16 residual stream the trainer keeps, and drop-path on (the paper's rate at that depth):
+Per ``--case depth:batch``, at the paper's 680 tokens and the block's width, under bf16 autocast.
+``--part adaln``: the two LayerNorm + AdaLN modulations, with the bf16 residual stream the trainer
+keeps and drop-path on (the paper's rate at that depth):
 
     h1 = ln(x) (1 + scale1) + shift1;   x2 = x + drop_path(y gamma1);   h2 = ln(x2) (1 + scale2) + shift2
 
-then the backward from given gradients of ``h1``, ``h2`` and ``x2``. Arms: the Triton kernels of
-``varcore.fast.adaln`` (``kernels``), the block's eager composition compiled as the plan compiles
+then the backward from given gradients of ``h1``, ``h2`` and ``x2``. ``--part qk``: the attention's
+projection to heads with the q/k L2 normalisation and temperature (``SelfAttention.qkv_heads``; the
+projection's matmuls are in every arm, its ``categories`` split them out), then the backward from
+given gradients of q, k and v. Arms: the Triton kernels of ``varcore.fast.adaln`` /
+``varcore.fast.qk_norm`` (``kernels``), the plain composition compiled as the plan compiles
 blocks (``inductor``), and eager. Each arm's device time per call is the sum of its kernels in
 the profiler (so host launch time does not count); each arm's outputs and gradients are compared
 with a float64 evaluation of the same math: the largest difference relative to the reference's
@@ -14,11 +18,13 @@ largest value, per output.
 
     PYTHONPATH=. python benchmarks/norm_parts.py --case 20:64 --case 24:32 --case 30:32
     PYTHONPATH=. python benchmarks/norm_parts.py --case 20:64 --sweep    # and each tile configuration
+    PYTHONPATH=. python benchmarks/norm_parts.py --part qk --case 20:64 --sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import sys
@@ -30,9 +36,9 @@ import torch._inductor.config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_utils import emit, env, top_kernels  # noqa: E402
 from varcore import VARConfig  # noqa: E402
-from varcore.fast import adaln  # noqa: E402
+from varcore.fast import adaln, qk_norm  # noqa: E402
 from varcore.fast.compile import compile_region  # noqa: E402
-from varcore.var import DropPath, modulate  # noqa: E402
+from varcore.var import DropPath, SelfAttention, modulate  # noqa: E402
 
 
 def eager_pair(x, y, mod_B16C, drop_path, ln):
@@ -133,12 +139,97 @@ def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
                   "config": dataclasses.asdict(tiles), **rec, **env()})
 
 
+def plain_qkv(attn: SelfAttention, x):
+    return attn.qkv_heads(x)
+
+
+def qk_setup(depth: int, B: int, device: torch.device):
+    """A block's attention with biases and temperatures (1 to 100) drawn, its input and the
+    gradients of its heads."""
+    cfg = VARConfig(depth=depth)
+    torch.manual_seed(0)
+    attn = SelfAttention(cfg).to(device)
+    with torch.no_grad():
+        attn.q_bias.normal_(0, 0.1)
+        attn.v_bias.normal_(0, 0.1)
+        attn.scale_mul_1H11.uniform_(0.0, 4.6)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, cfg.L, cfg.C, device=device, generator=g).bfloat16().requires_grad_()
+    grads = [torch.randn(B, cfg.H, cfg.L, cfg.C // cfg.H, device=device, generator=g).bfloat16() for _ in range(3)]
+    return cfg, attn, x, grads
+
+
+def qk_case(depth: int, B: int, args, device: torch.device) -> None:
+    cfg, attn, x, grads = qk_setup(depth, B, device)
+    arms = {"kernels": qk_norm.qkv_heads, "inductor": compile_region(plain_qkv, dynamic=False, tuned=True),
+            "eager": plain_qkv}
+    ref_attn = copy.deepcopy(attn).double()
+    ref_x = x.detach().double().requires_grad_()
+    ref_outs = ref_attn.qkv_heads(ref_x)
+    torch.autograd.backward(ref_outs, [gr.double() for gr in grads])
+    params = ("qkv.weight", "q_bias", "v_bias", "scale_mul_1H11")
+    ref_grads = dict(ref_attn.named_parameters())
+
+    def step(fn):
+        def call():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                outs = fn(attn, x)
+            torch.autograd.backward(outs, grads)
+            return outs
+        return call
+
+    for name, fn in arms.items():
+        attn.zero_grad(set_to_none=True)
+        x.grad = None
+        outs = step(fn)()
+        got = dict(attn.named_parameters())
+        err = {key: float((a.double() - b).abs().max() / b.abs().max()) for key, a, b in (
+            ("q", outs[0], ref_outs[0]), ("k", outs[1], ref_outs[1]), ("v", outs[2], ref_outs[2]),
+            ("g_x", x.grad, ref_x.grad), *((f"g_{p}", got[p].grad, ref_grads[p].grad) for p in params))}
+        top = top_kernels(step(fn), device, steps=args.steps, top=args.top)
+        emit({"bench": "norm_parts", "part": "qk", "arm": name, "depth": depth, "batch": B, "C": cfg.C, "L": cfg.L,
+              "kernel_ms": top.total_ms, "categories": top.categories,
+              "rel_err_vs_fp64": {k: round(v, 6) for k, v in err.items()}, "top": list(top), **env()})
+
+
+def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
+    """Each tile configuration of the q/k kernels alone (no autograd, no matmul), device time per
+    call, one JSON line per configuration."""
+    cfg, attn, _, grads = qk_setup(depth, B, device)
+    g = torch.Generator(device=device).manual_seed(1)
+    qkv = torch.randn(B, cfg.L, 3 * cfg.C, device=device, generator=g).bfloat16()
+    temp = attn.temperature_H().detach()
+    q, k, _, rnorm = qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp)
+    g_q, g_k, g_v = (gr.transpose(1, 2) for gr in grads)
+    base = qk_norm.KERNEL_CONFIG
+    fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w) for r, w in itertools.product((1, 2, 4, 8, 16), (2, 4, 8))]
+    bwd = [dataclasses.replace(base, bwd_rows=n, bwd_warps=w) for n, w in itertools.product((8, 16, 32, 64), (2, 4, 8))]
+    for part, configs in (("forward", fwd), ("backward", bwd)):
+        for tiles in configs:
+            def call(tiles=tiles):
+                if part == "forward":
+                    qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp,
+                                           config=tiles)
+                else:
+                    qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, q, k, rnorm, temp,
+                                            config=tiles)
+            try:
+                top = top_kernels(call, device, steps=args.steps, top=4)
+                rec = {"kernel_ms": top.total_ms}
+            except Exception as e:   # e.g. out of registers for a tile
+                rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            emit({"bench": "qk_norm_sweep", "part": part, "depth": depth, "batch": B,
+                  "config": dataclasses.asdict(tiles), **rec, **env()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", default=[], help="depth:batch (default 20:64)")
     ap.add_argument("--steps", type=int, default=5, help="profiled calls per arm")
     ap.add_argument("--top", type=int, default=8, help="kernels listed per arm")
     ap.add_argument("--sweep", action="store_true", help="also time each tile configuration of the kernels")
+    ap.add_argument("--part", choices=("adaln", "qk"), default="adaln",
+                    help="the LayerNorm + AdaLN pair (default) or the q/k normalisation")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     # eager's random draws inside the compiled arm too, so that its drop-path mask is the reference's
@@ -146,8 +237,8 @@ def main(argv=None):
     for case in args.case or ["20:64"]:
         depth, B = (int(v) for v in case.split(":"))
         if args.sweep:
-            sweep_case(depth, B, args, device)
-        run_case(depth, B, args, device)
+            (qk_sweep_case if args.part == "qk" else sweep_case)(depth, B, args, device)
+        (qk_case if args.part == "qk" else run_case)(depth, B, args, device)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ block-causal mask allows), and peak allocated memory.
     PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --case 30:32:30
     PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --plain     # the plain plan: dense mask, eager, foreach AdamW
     PYTHONPATH=. python benchmarks/train_step.py --numerics               # bf16 fast path vs fp32 plain loss
+    PYTHONPATH=. python benchmarks/train_step.py --numerics --numerics-amp none   # the fast path in fp32
     PYTHONPATH=. python benchmarks/train_step.py --graph-check            # CUDA-graph replays vs eager steps
     PYTHONPATH=. python benchmarks/train_step.py --resume-check           # checkpoint + resume vs a straight run
 
@@ -169,21 +170,23 @@ def numerics(args, device: torch.device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
+    amp = None if args.numerics_amp == "none" else torch.bfloat16
     ref, ref_opt, ref_plan = build(depth, B, device, PLAIN, amp=None, **kw)
-    fast, fast_opt, plan = build(depth, B, device, plan_choices(args), **kw, **cfg_kw(args))
+    fast, fast_opt, plan = build(depth, B, device, plan_choices(args), amp=amp, **kw, **cfg_kw(args))
     fast.load_state_dict(ref.state_dict())
     for o in (ref_opt, fast_opt):
         o.param_groups[0]["lr"] = args.numerics_lr
     data = batch_of(ref.cfg, B, device, seed=1)
     ref_step = plan_step(ref, ref_opt, data, ref_plan, amp=None)
-    fast_step = plan_step(fast, fast_opt, data, plan)
+    fast_step = plan_step(fast, fast_opt, data, plan, amp=amp)
     l32 = [ref_step().item() for _ in range(steps)]
     l16 = [fast_step().item() for _ in range(steps)]
     diff = [abs(a - b) for a, b in zip(l32, l16)]
     return {"bench": "train_numerics", "depth": depth, "batch": B, "steps": steps, "lr": args.numerics_lr,
+            "fast_amp": args.numerics_amp,
             "fast_plan": plan.as_dict(), "fast_residual_dtype": fast.cfg.residual_dtype,
             "loss_fp32": [round(x, 4) for x in l32], "loss_bf16": [round(x, 4) for x in l16],
-            "max_abs_diff": round(max(diff), 4), "max_rel_diff": round(max(d / a for d, a in zip(diff, l32)), 5),
+            "max_abs_diff": round(max(diff), 6), "max_rel_diff": round(max(d / a for d, a in zip(diff, l32)), 7),
             "loss_drop_fp32": round(l32[0] - l32[-1], 4), **env()}
 
 
@@ -309,6 +312,8 @@ def main(argv=None):
     ap.add_argument("--numerics-batch", type=int, default=16)
     ap.add_argument("--numerics-steps", type=int, default=30)
     ap.add_argument("--numerics-lr", type=float, default=3e-4)
+    ap.add_argument("--numerics-amp", choices=("bf16", "none"), default="bf16",
+                    help="the fast path's autocast: none compares its kernels with the plain path, both float32")
     ap.add_argument("--graph-check-steps", type=int, default=6)
     ap.add_argument("--resume-check", action="store_true",
                     help="also check that a checkpointed and resumed one-GPU run equals a straight one")

@@ -58,6 +58,13 @@ g_x, g_y, g_gate, g_scale, g_shift = adaln.launch_backward(adaln.adaln_bwd_kerne
                                                            a["keep"], a["keep_p"], scale2, mean, rstd, cfg)
 out["tiles"] = {"x2": x2, "h2": h2, "g_x2": g_x, "g_y": g_y, "g_gate": g_gate, "g_scale2": g_scale,
                 "g_shift2": g_shift}
+# 1 + scale in float32: a float32 stream with bf16 scales too small for bf16 to hold 1 + scale
+small = a["small_scale"].bfloat16()
+_, h, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, a["x"], None, None, None, None, small,
+                                        torch.zeros_like(small), a["eps"], torch.float32)
+g_x, _, _, _, _ = adaln.launch_backward(adaln.adaln_bwd_kernel, a["g_h1"], None, a["x"], None, None, None, None, small,
+                                        mean, rstd)
+out["small_scale"] = {"h": h, "g_x": g_x}
 torch.save(out, sys.argv[2])
 """
 
@@ -73,6 +80,7 @@ def _inputs() -> dict:
             "y": torch.randint(-8, 9, (B, L, C), generator=g) / 4,
             "mod": mod.bfloat16().float(),     # bf16 values, so the bf16 run reads the same numbers
             "keep": torch.tensor(KEEP), "keep_p": torch.tensor(KEEP_P), "eps": EPS,
+            "small_scale": torch.randint(-15, 16, (B, 1, C), generator=g) * 2.0 ** -12,   # |1 + s| - 1 < 2^-8
             **{k: torch.randn(B, L, C, generator=g).bfloat16().float() for k in ("g_h1", "g_x2", "g_h2")}}
 
 
@@ -166,6 +174,24 @@ def test_forward_and_backward_kernels_match_float64(kernel_run):
     # the dropped image: no gradient into its branch or its gate, the stream's gradient all there
     assert torch.equal(got["g_y"][1], torch.zeros(L, C)) and torch.equal(g_mod[1, :, 0], torch.zeros(1, C))
     assert got["g_x"][1].abs().sum() > 0
+
+
+def test_one_plus_scale_is_not_rounded_to_the_modulations_dtype(kernel_run):
+    """A bf16 scale under 2^-8 in size is lost if ``1 + scale`` is rounded to bf16 (as eager's
+    composition does under autocast); the kernels keep it in float32, as inductor's composition
+    does, so a float32 stream's ``h`` and gradient are within the float32 bounds."""
+    a, out = kernel_run
+    got = out["small_scale"]
+    mod = torch.zeros(B, 1, 6, C)
+    mod[:, :, 2] = a["small_scale"]
+    small = {**a, "mod": mod}
+    x = a["x"].double().requires_grad_()
+    s = a["small_scale"].double()
+    h = F.layer_norm(x, (C,), eps=EPS) * (1 + s)
+    h.backward(a["g_h1"].double())
+    bound = _bounds(small, _reference(small))
+    _within(got["h"], h.detach(), bound["h1"], "h")
+    _within(got["g_x"], x.grad, bound["g_ln1"] + 2.0 ** -24 * x.grad.abs(), "g_x")
 
 
 def test_other_tiles_compute_the_same(kernel_run):

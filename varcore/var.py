@@ -193,6 +193,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(C, C)
         self.attn_drop, self.proj_drop = cfg.attn_drop_rate, nn.Dropout(cfg.drop_rate)
 
+    def temperature_H(self) -> torch.Tensor:
+        """The per-head temperature of the normalised queries, ``exp(scale_mul)`` capped at 100."""
+        return self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(self.H)
+
     def qkv_heads(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, C = x_BLC.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
@@ -201,7 +205,7 @@ class SelfAttention(nn.Module):
         # copies of q, k, v or of their gradients are made.
         q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.H, self.hd).unbind(2)
         if self.l2_norm:
-            scale_11H1 = self.scale_mul_1H11.clamp(max=math.log(100.0)).exp().view(1, 1, self.H, 1)
+            scale_11H1 = self.temperature_H().view(1, 1, self.H, 1)
             q = F.normalize(q, dim=-1).mul(scale_11H1).to(v.dtype)
             k = F.normalize(k, dim=-1).to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, L, hd)
@@ -210,14 +214,19 @@ class SelfAttention(nn.Module):
         B, H, L, c = o_BHLc.shape
         return self.proj_drop(self.proj(o_BHLc.transpose(1, 2).reshape(B, L, H * c)))
 
+    def attend(self, q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
+               kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Attention over :meth:`qkv_heads`' heads and the output projection: the whole sequence
+        under the block-causal mask, or (``kv_cache``) one scale at inference."""
+        if kv_cache is None:
+            o_BHLc = self.core(q_BHLc, k_BHLc, v_BHLc, self.attn_drop if self.training else 0.0, self.scale)
+        else:
+            o_BHLc = kv_cache.attend(q_BHLc, k_BHLc, v_BHLc, self.scale)
+        return self.out(o_BHLc)
+
     def forward(self, x_BLC: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Whole sequence under the block-causal mask, or (``kv_cache``) one scale at inference."""
-        q, k, v = self.qkv_heads(x_BLC)
-        if kv_cache is None:
-            o_BHLc = self.core(q, k, v, self.attn_drop if self.training else 0.0, self.scale)
-        else:
-            o_BHLc = kv_cache.attend(q, k, v, self.scale)
-        return self.out(o_BHLc)
+        return self.attend(*self.qkv_heads(x_BLC), kv_cache)
 
 
 class FFN(nn.Module):

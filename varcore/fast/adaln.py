@@ -27,11 +27,12 @@ gradients in a kernel of its own. Here:
 
 Roundings: the branch ``y * gamma`` (and the drop-path division) in float32 and the stream
 rounded once to its dtype, as inductor's compiled composition does (eager rounds the product to
-bf16 first); the LayerNorm in float32 over the stream as stored (bf16 under autocast), ``1 +
-scale`` in the modulation's dtype, and ``h`` rounded once to ``out_dtype`` (what the next autocast
-matmul casts to). Gradients are computed in float32 and rounded once. RESULTS.md round 17 has the
-d16 bf16-against-float32 loss check with these kernels (a larger drift than inductor's path,
-flagged there). The ops are registered with their backward (``varscale::adaln_*``), so compiled
+bf16 first); the LayerNorm in float32 over the stream as stored (bf16 under autocast); ``1 +
+scale`` in float32, as inductor's composition computes it (eager rounds it to the modulation's
+dtype, and in bf16 a scale under 2^-8 in size is then lost: round 17's kernels did so, and their
+bf16 loss curve drifted from float32's 2.6 times as far as inductor's, RESULTS.md round 18); and
+``h`` rounded once to ``out_dtype`` (what the next autocast matmul casts to). Gradients are
+computed in float32 and rounded once. The ops are registered with their backward (``varscale::adaln_*``), so compiled
 blocks call them inside their graphs; CPU tensors, and layouts the kernels do not read, run the
 eager composition instead (:func:`fused_available`).
 """
@@ -44,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..var import VAR, AdaLNBlock, AdaLNHead, DropPath, modulate
-from . import add_norm
+from . import add_norm, qk_norm
 from .fused_mlp import fused_dtype
 
 try:
@@ -107,7 +108,7 @@ if triton is not None:
         tl.store(rstd_ptr + row, rstd, mask=r < l)
         scale = tl.load(scale_ptr + b * scale_stride + cols, mask=col_ok, other=0.0)
         shift = tl.load(shift_ptr + b * shift_stride + cols, mask=col_ok, other=0.0)
-        one_plus = (scale.to(tl.float32) + 1.0).to(scale.dtype).to(tl.float32)
+        one_plus = scale.to(tl.float32) + 1.0
         h = (d * rstd[:, None]) * one_plus[None, :] + shift.to(tl.float32)[None, :]
         tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=ok)
 
@@ -127,7 +128,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         scale = tl.load(scale_ptr + b * scale_stride + cols, mask=col_ok, other=0.0)
-        one_plus = (scale.to(tl.float32) + 1.0).to(scale.dtype).to(tl.float32)[None, :]
+        one_plus = (scale.to(tl.float32) + 1.0)[None, :]
         acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
         acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
         acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -325,12 +326,13 @@ def _stream_in(block_ln: nn.LayerNorm, x_BLC: torch.Tensor, pending: Pending | N
 
 def block_forward(block: AdaLNBlock, x_BLC: torch.Tensor, cond_BD: torch.Tensor, kv_cache=None,
                   pending: Pending | None = None, defer: bool = False):
-    """:meth:`varcore.var.AdaLNBlock.forward` with the LayerNorms through the kernels: the same
-    function, the same random draws in the same order. ``pending``: the previous block's last
+    """:meth:`varcore.var.AdaLNBlock.forward` with the LayerNorms, and the attention's q/k
+    normalisation (:mod:`varcore.fast.qk_norm`), through the kernels: the same function, the same
+    random draws in the same order. ``pending``: the previous block's last
     add, done here; ``defer``: return ``(x, pending)``, this block's last add left to the next."""
     gamma1, gamma2, scale1, scale2, shift1, shift2 = block.modulation(cond_BD)
     x_BLC, h_BLC = _stream_in(block.ln, x_BLC, pending, scale1, shift1)
-    y_BLC = block.attn(h_BLC, kv_cache)
+    y_BLC = qk_norm.attention_forward(block.attn, h_BLC, kv_cache)
     x_BLC, h_BLC = add_ln_modulate(x_BLC, y_BLC, gamma1, block.drop_path.keep_mask(y_BLC), block.drop_path.keep_p,
                                    block.ln, scale2, shift2)
     y_BLC = block.ffn(h_BLC)

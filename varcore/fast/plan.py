@@ -50,8 +50,9 @@ class ExecutionPlan:
     SDPA kernels or ``("fa4",)``).
     ``mlp``: ``fused`` runs the FFN's GELU in cuBLASLt matmul epilogues in training.
     ``norm``: ``fused`` runs each block's LayerNorm + AdaLN modulation (with the residual add
-    before the second one) and the head's as Triton kernels, forward and backward
-    (:mod:`varcore.fast.adaln`; CUDA, the eager composition elsewhere).
+    before the second one) and the head's, and the attention's q/k L2 normalisation, as Triton
+    kernels, forward and backward (:mod:`varcore.fast.adaln`, :mod:`varcore.fast.qk_norm`; CUDA,
+    the plain composition elsewhere).
     ``compile``: blocks, head and loss through ``torch.compile``. ``checkpointing``: recompute
     the first n blocks in backward (``True``: all). ``cuda_graph``, ``master_weights``: the
     training step replays as one CUDA graph / computes with bf16 weight copies (one GPU).

@@ -1,0 +1,215 @@
+"""The training q/k normalisation kernels compute the attention's cosine-normalised heads, forward
+and backward.
+
+The Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is
+imported, so in a child process), called through the registered op with autograd, so the op's
+saved tensors and gradient wiring are checked with the kernels. Float32 inputs are compared with
+float64 under bounds derived from the kernels' float32 arithmetic (:func:`_bounds`); a bf16 run
+checks the dtypes, with one bf16 step (``2^-7`` relative: the interpreter truncates where the GPU
+rounds to nearest) more per stored rounding. Shapes: 3 heads of 24 dims (neither a power of two,
+so heads and dims are masked), 2 images of 37 tokens (74 tokens: the last program of each kernel
+is partial under :data:`varcore.fast.qk_norm.KERNEL_CONFIG` and under the child's other tiles).
+One token's key is all zeros, so ``F.normalize``'s floor on the norm is taken there. The child
+also runs the kernels under other tiles with the incoming gradients in three layouts the
+attention's backward may write (strided reads).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from varcore.fast import qk_norm
+from varcore.var import SelfAttention, VARConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+B, L, H, HD = 2, 37, 3, 24
+C, N = H * HD, B * L
+ZERO_K = (1, 5)   # (image, token) whose key is zero
+U32, STEP = 2.0 ** -24, 2.0 ** -7
+
+_CHILD = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from varcore.fast import qk_norm   # registers the ops
+a = torch.load(sys.argv[1], weights_only=True)
+out = {}
+for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    qkv, q_bias, v_bias, temp = (a[k].to(dt, copy=True).requires_grad_() for k in ("qkv", "q_bias", "v_bias", "temp"))
+    q, k, v, _ = torch.ops.varscale.qkv_norm_fwd(qkv, q_bias, v_bias, temp, qk_norm.EPS)
+    torch.autograd.backward([q, k, v], [a[g].to(dt) for g in ("g_q", "g_k", "g_v")])
+    out[name] = {"q": q.detach(), "k": k.detach(), "v": v.detach(), "g_qkv": qkv.grad, "g_q_bias": q_bias.grad,
+                 "g_v_bias": v_bias.grad, "g_temp": temp.grad}
+# other tiles, the incoming gradients in three different layouts, read through their strides
+cfg = qk_norm.KernelConfig(fwd_rows=5, fwd_warps=2, bwd_rows=7, bwd_warps=2)
+q, k, v, rnorm = qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, a["qkv"], a["q_bias"], a["v_bias"], a["temp"],
+                                        qk_norm.EPS, cfg)
+g_q = a["g_q"].transpose(1, 2).contiguous().transpose(1, 2)            # (B, H, L, hd)-contiguous
+g_k = a["g_k"]                                                          # contiguous
+g_v = torch.cat([a["g_v"], torch.full_like(a["g_v"][..., :8], float("nan"))], -1)[..., :24]   # padded heads
+assert all(len({g.stride(i) for g in (g_q, g_k, g_v)}) == 3 for i in (1, 2))
+g_qkv, g_q_bias, g_v_bias, g_temp = qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, q, k, rnorm,
+                                                            a["temp"], qk_norm.EPS, cfg)
+out["tiles"] = {"q": q, "k": k, "v": v, "g_qkv": g_qkv, "g_q_bias": g_q_bias, "g_v_bias": g_v_bias,
+                "g_temp": g_temp}
+torch.save(out, sys.argv[2])
+"""
+
+
+def _inputs() -> dict:
+    """bf16-representable values (so both runs read the same numbers); heads of q and k of very
+    different sizes; the temperatures a cosine-attention model starts from (4) up to its cap (100)."""
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, L, 3, H, HD, generator=g) * torch.tensor([0.1, 3.0, 40.0]).view(1, 1, 1, H, 1)
+    qkv[ZERO_K[0], ZERO_K[1], 1] = 0.0
+    grads = {k: torch.randn(B, L, H, HD, generator=g).bfloat16().float() for k in ("g_q", "g_k", "g_v")}
+    return {"qkv": qkv.view(B, L, 3 * C).bfloat16().float(),
+            "q_bias": (torch.randn(C, generator=g) * 0.2).bfloat16().float(),
+            "v_bias": (torch.randn(C, generator=g) * 0.2).bfloat16().float(),
+            "temp": torch.tensor([4.0, 17.5, 100.0]), **grads}
+
+
+def _reference(a: dict):
+    """Float64 outputs and gradients of the plain path's math (the biases added before the norm)."""
+    qkv, q_bias, v_bias, temp = (a[k].double().requires_grad_() for k in ("qkv", "q_bias", "v_bias", "temp"))
+    q, k, v = qkv.view(B, L, 3, C).unbind(2)
+    q = F.normalize((q + q_bias).view(B, L, H, HD), dim=-1, eps=qk_norm.EPS) * temp.view(1, 1, H, 1)
+    k = F.normalize(k.reshape(B, L, H, HD), dim=-1, eps=qk_norm.EPS)
+    v = (v + v_bias).view(B, L, H, HD)
+    torch.autograd.backward([q, k, v], [a[g].double() for g in ("g_q", "g_k", "g_v")])
+    return {"q": q.detach(), "k": k.detach(), "v": v.detach(), "g_qkv": qkv.grad, "g_q_bias": q_bias.grad,
+            "g_v_bias": v_bias.grad, "g_temp": temp.grad}
+
+
+def _bounds(a: dict, ref: dict, stored: float = 0.0) -> dict:
+    """Error bounds of the kernels against float64, per element: ``u = 2^-24`` per float32
+    operation, ``stored`` per rounding to the stored dtype (0 in float32, one bf16 step in bf16).
+
+    Forward, per element: the bias add (``u``); the squared norm, a sum of ``hd`` squares (at most
+    ``hd u`` relative, halved by the square root); the square root, the reciprocal and the two
+    products (``u`` each): ``e = (hd / 2 + 6) u`` relative, then the stored rounding.
+
+    Backward, per head and token: ``xhat`` is read back as ``q' / temp`` (``e`` and the stored
+    rounding, one more ``u`` for the division: ``e_x``); ``g = g_q' temp`` (``u``); ``dot = sum
+    g xhat`` (``hd + 2`` roundings of the sum of absolute products, and ``e_x`` of it); the
+    gradient ``r (g - xhat dot)`` adds ``u`` for the product, the difference and the product with
+    ``r``, whose own error is the forward's ``e`` less the two products. The q bias's gradient sums
+    the tokens' (its own error, ``N`` roundings of the absolute sum); the temperature's sums
+    ``g_q' xhat`` over tokens and dims (``e_x + u`` each, ``hd + N`` roundings); v's is a copy."""
+    u = U32
+    e = (HD / 2 + 6) * u
+    e_x = e + stored + u
+    e_r = e - 2 * u
+    out = {"q": (e + stored) * ref["q"].abs(), "k": (e + stored) * ref["k"].abs(), "v": (u + stored) * ref["v"].abs()}
+    temp = a["temp"].double().view(1, 1, H, 1)
+    g_in = ref["g_qkv"].view(B, L, 3, H, HD)
+    errs = []
+    pairs = ((ref["q"] / temp, a["g_q"].double() * temp), (ref["k"], a["g_k"].double()))
+    for i, ((xhat, g), r) in enumerate(zip(pairs, _reciprocal_norms(a))):
+        S = (g.abs() * xhat.abs()).sum(-1, keepdim=True)
+        dot = (g * xhat).sum(-1, keepdim=True)
+        err_dot = (HD + 2) * u * S + e_x * S
+        err = r * (u * g.abs() + xhat.abs() * (err_dot + e_x * dot.abs()) + u * (xhat * dot).abs()
+                   + u * (g - xhat * dot).abs()) + (e_r + u) * g_in[:, :, i].abs()
+        errs.append(err + stored * g_in[:, :, i].abs())
+    out["g_qkv"] = torch.stack([errs[0], errs[1], torch.zeros_like(errs[0])], 2).view(B, L, 3 * C)
+    g_q_in = g_in[:, :, 0].reshape(N, C)
+    out["g_q_bias"] = (errs[0].reshape(N, C) - stored * g_q_in.abs()).sum(0) + N * u * g_q_in.abs().sum(0) \
+        + stored * ref["g_q_bias"].abs()
+    out["g_v_bias"] = N * u * a["g_v"].abs().reshape(N, C).sum(0) + stored * ref["g_v_bias"].abs()
+    t_terms = (a["g_q"].double() * ref["q"] / temp).abs()
+    out["g_temp"] = ((e_x + u + (HD + N) * u) * t_terms).sum((0, 1, 3)) + stored * ref["g_temp"].abs()
+    return out
+
+
+def _reciprocal_norms(a: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 / max(|x|, EPS)`` per (image, token, head) for q (bias added) and k, float64."""
+    qkv = a["qkv"].double().view(B, L, 3, C)
+    q = (qkv[:, :, 0] + a["q_bias"].double()).view(B, L, H, HD)
+    k = qkv[:, :, 1].reshape(B, L, H, HD)
+    return tuple(1 / x.norm(dim=-1, keepdim=True).clamp_min(qk_norm.EPS) for x in (q, k))
+
+
+@pytest.fixture(scope="module")
+def kernel_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qk_norm")
+    a = _inputs()
+    torch.save(a, tmp / "in.pt")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-c", _CHILD, str(tmp / "in.pt"), str(tmp / "out.pt")],
+                   check=True, env=env, cwd=ROOT, timeout=600)
+    return a, torch.load(tmp / "out.pt", weights_only=True)
+
+
+def _within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    excess = (got.double() - want).abs() - bound
+    assert excess.max() <= 0, f"{what}: off by {excess.max().item():.3g} past its bound"
+
+
+def test_forward_and_backward_kernels_match_float64(kernel_run):
+    a, out = kernel_run
+    got, ref = out["fp32"], _reference(a)
+    bound = _bounds(a, ref)
+    for key in ("q", "k", "v", "g_qkv", "g_q_bias", "g_v_bias", "g_temp"):
+        _within(got[key], ref[key], bound[key], key)
+    # invariants: each head of q' has its temperature's length, each of k' length one (the zero key zero)
+    lengths = got["q"].double().norm(dim=-1) / a["temp"].double()
+    assert (lengths - 1).abs().max() < 1e-5
+    k_len = got["k"].double().norm(dim=-1)
+    assert torch.equal(got["k"][ZERO_K], torch.zeros(H, HD))
+    k_len[ZERO_K] = 1.0
+    assert (k_len - 1).abs().max() < 1e-5
+    # v's gradient is the incoming one, copied; the gradient into q and k is orthogonal to them
+    assert torch.equal(got["g_qkv"].view(B, L, 3, H, HD)[:, :, 2], a["g_v"])
+    g_in = got["g_qkv"].double().view(B, L, 3, H, HD)
+    assert (g_in[:, :, 1] * got["k"].double()).sum(-1).abs().max() < 1e-4 * g_in[:, :, 1].abs().sum(-1).max()
+
+
+def test_the_floor_on_the_norm_passes_the_gradient_scaled(kernel_run):
+    """Where ``|k| < EPS`` (a zero key) ``k / EPS`` is the output, so the gradient is ``g / EPS``."""
+    a, out = kernel_run
+    g_k_in = out["fp32"]["g_qkv"].view(B, L, 3, H, HD)[ZERO_K][1]
+    want = a["g_k"][ZERO_K].double() / qk_norm.EPS
+    assert ((g_k_in.double() - want).abs() <= 2 * U32 * want.abs()).all()
+
+
+def test_other_tiles_and_strided_gradients_compute_the_same(kernel_run):
+    """Tiles change which program computes a token and the order of the bias and temperature sums
+    only; gradients in another layout are read through their strides."""
+    a, out = kernel_run
+    tiles, got, ref = out["tiles"], out["fp32"], _reference(a)
+    bound = _bounds(a, ref)
+    for key in ("q", "k", "v", "g_qkv"):
+        assert torch.equal(tiles[key], got[key]), key
+    for key in ("g_q_bias", "g_v_bias", "g_temp"):
+        _within(tiles[key], ref[key], bound[key], key)
+
+
+def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):
+    a, out = kernel_run
+    got, ref = out["bf16"], _reference(a)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    bound = _bounds(a, ref, stored=STEP)
+    for key in ("q", "k", "v", "g_qkv", "g_q_bias", "g_v_bias", "g_temp"):
+        _within(got[key], ref[key], bound[key] * (1 + STEP), key)
+
+
+def test_plain_path_off_cuda_and_without_the_l2_norm(tiny_var_cfg):
+    """On the CPU, or for attention without the L2 normalisation, the heads are the module's own."""
+    attn = SelfAttention(tiny_var_cfg)
+    x = torch.randn(2, tiny_var_cfg.L, tiny_var_cfg.C)   # the whole sequence, for the block-causal mask
+    assert not qk_norm.fused_available(attn, x)
+    for a_, b_ in zip(qk_norm.qkv_heads(attn, x), attn.qkv_heads(x)):
+        assert torch.equal(a_, b_)
+    torch.manual_seed(0)
+    want = attn(x)
+    assert torch.equal(qk_norm.attention_forward(attn, x), want)
+    no_l2 = SelfAttention(VARConfig(**{**tiny_var_cfg.__dict__, "attn_l2_norm": False}))
+    if torch.cuda.is_available() and qk_norm.triton is not None:
+        assert qk_norm.fused_available(attn.cuda(), x.cuda())
+        assert not qk_norm.fused_available(no_l2.cuda(), x.cuda())

@@ -1,0 +1,260 @@
+"""A training block's query/key L2 normalisation, with the projection's biases and the per-head
+temperature, forward and backward as Triton kernels.
+
+Attention in VAR is cosine attention (:class:`varcore.var.SelfAttention`)::
+
+    q, k, v = split(x W_qkv + [q_bias, 0, v_bias])          per head, hd wide
+    q' = q / |q| * temperature_h,   k' = k / |k|            -> attention(q', k', v)
+
+Compiled, inductor fuses the normalisation into flex attention's forward, recomputes the norms for
+the backward in kernels of its own, and computes the gradient in six more kernels: the q and k
+normalisation backwards, the temperature's sum over the tokens, and the bias sums over the
+stacked ``(q, k, v)`` gradient (round 17's d20 profile: 12.9 ms of a 238.8 ms step). Here:
+
+- :func:`qkv_heads` runs the projection without its bias (a plain matmul), then one forward kernel:
+  a program takes a run of tokens and, per token, adds the biases, normalises each head of ``q``
+  and ``k`` in float32, multiplies ``q`` by its head's temperature, and writes ``q'``, ``k'`` and
+  ``v`` (each ``(B, L, H, hd)``, the projection's dtype) and the reciprocal norms (8 bytes per head
+  and token) for the backward. ``v`` is written, not viewed, so that its gradient comes to the
+  backward kernel, which writes the projection's whole gradient in one pass.
+- The backward is one kernel: per token it recovers the normalised rows from the saved outputs
+  (``q' / temperature``, ``k'``; the outputs are saved by the attention anyway, so nothing more is
+  kept), writes ``(B, L, 3C)``: the normalisation's gradient
+  ``(g - xhat (xhat . g)) / |x|`` for q and k and v's gradient as it comes, and keeps running float32
+  sums, over its tokens, of the q and v biases' gradients and of ``g_q' xhat`` per head (the
+  temperature's); the per-program sums are added up after it.
+
+Roundings: the biases are added to the projection's output as stored (the plain path adds them in
+the matmul's float32 epilogue, so its ``q`` and ``v`` are rounded once, ours twice); the norms,
+the normalisation and the products are float32 and each output is rounded once to the
+projection's dtype. The gradients are float32 and rounded once; the normalised rows the backward
+reads back are the outputs as stored (in bf16 one rounding, ``2^-9`` relative, from the
+float32 rows). The ops are registered with their backward (``varscale::qkv_norm_*``), so compiled
+blocks call them inside their graphs; CPU tensors, and attention without the L2 normalisation,
+run :meth:`varcore.var.SelfAttention.qkv_heads` instead (:func:`fused_available`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..var import KVCache, SelfAttention
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+__all__ = ["qkv_heads", "attention_forward", "fused_available", "KernelConfig", "EPS"]
+
+EPS = 1e-12   # F.normalize's floor on the norm, as the plain path uses
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles of the kernels: the forward takes ``fwd_rows`` tokens per program, the backward
+    ``bwd_rows`` (each backward program writes one partial sum per bias and temperature gradient,
+    so fewer tokens mean more programs and more partial sums to add up), one token at a time. The
+    defaults are the sweep's best at d20 (B=64) on an H200 (``benchmarks/norm_parts.py --part qk
+    --sweep``, RESULTS.md round 18)."""
+
+    fwd_rows: int = 1
+    fwd_warps: int = 4
+    bwd_rows: int = 16
+    bwd_warps: int = 8
+
+
+KERNEL_CONFIG = KernelConfig()
+
+
+if triton is not None:
+    @triton.jit
+    def qkv_norm_fwd_kernel(qkv_ptr, q_bias_ptr, v_bias_ptr, temp_ptr, q_ptr, k_ptr, v_ptr, rnorm_ptr, N, H, HD,
+                            rows, EPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Tokens ``[p * rows, (p + 1) * rows)`` (masked past ``N``), one ``(BLOCK_H, BLOCK_D)``
+        tile (heads x head dims) of each of q, k and v at a time."""
+        heads = tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, BLOCK_D)
+        head_ok = heads < H
+        ok = head_ok[:, None] & (dims < HD)[None, :]
+        col = heads[:, None] * HD + dims[None, :]
+        C = H * HD
+        q_bias = tl.load(q_bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
+        v_bias = tl.load(v_bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
+        temp = tl.load(temp_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
+        first = tl.program_id(0).to(tl.int64) * rows
+        for i in range(rows):
+            n = first + i
+            tok_ok = ok & (n < N)
+            src = qkv_ptr + n * (3 * C) + col
+            dst = n * C + col
+            q = tl.load(src, mask=tok_ok, other=0.0).to(tl.float32) + q_bias
+            k = tl.load(src + C, mask=tok_ok, other=0.0).to(tl.float32)
+            v = tl.load(src + 2 * C, mask=tok_ok, other=0.0).to(tl.float32) + v_bias
+            r_q = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(q * q, axis=1)), EPS)
+            r_k = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(k * k, axis=1)), EPS)
+            tl.store(q_ptr + dst, (q * r_q[:, None] * temp[:, None]).to(q_ptr.dtype.element_ty), mask=tok_ok)
+            tl.store(k_ptr + dst, (k * r_k[:, None]).to(k_ptr.dtype.element_ty), mask=tok_ok)
+            tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=tok_ok)
+            head_tok_ok = head_ok & (n < N)
+            tl.store(rnorm_ptr + n * (2 * H) + heads, r_q, mask=head_tok_ok)
+            tl.store(rnorm_ptr + n * (2 * H) + H + heads, r_k, mask=head_tok_ok)
+
+    @triton.jit
+    def _normalise_backward(g, xhat, r, EPS: tl.constexpr):
+        """The gradient through ``x / max(|x|, EPS)`` per head: ``r (g - xhat (xhat . g))``, or
+        ``g r`` where the floor was taken (``r = 1 / EPS``)."""
+        dot = tl.sum(g * xhat, axis=1)
+        return tl.where((r * EPS < 1.0)[:, None], r[:, None] * (g - xhat * dot[:, None]), g * r[:, None])
+
+    @triton.jit
+    def qkv_norm_bwd_kernel(g_q_ptr, g_k_ptr, g_v_ptr, q_ptr, k_ptr, rnorm_ptr, temp_ptr, g_qkv_ptr, part_ptr,
+                            N, L, H, HD, rows, gq_b, gq_l, gq_h, gk_b, gk_l, gk_h, gv_b, gv_l, gv_h,
+                            EPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Tokens ``[p * rows, (p + 1) * rows)``, one at a time: the projection's gradient
+        ``(g_q_in, g_k_in, g_v)``, and this program's sums of ``g_q_in`` (q bias), ``g_v`` (v bias)
+        and ``g_q' xhat_q`` per head (temperature) in ``part[p]``. The incoming gradients are read
+        through their ``(B, L, H, hd)`` strides (last one 1)."""
+        p = tl.program_id(0)
+        heads = tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, BLOCK_D)
+        head_ok = heads < H
+        ok = head_ok[:, None] & (dims < HD)[None, :]
+        col = heads[:, None] * HD + dims[None, :]
+        C = H * HD
+        temp = tl.load(temp_ptr + heads, mask=head_ok, other=1.0).to(tl.float32)
+        acc_q_bias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        acc_v_bias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        acc_temp = tl.zeros([BLOCK_H], dtype=tl.float32)
+        first = p.to(tl.int64) * rows
+        for i in range(rows):
+            n = first + i
+            tok_ok = ok & (n < N)
+            head_tok_ok = head_ok & (n < N)
+            b = n // L
+            t = n % L
+            at = n * C + col
+            dst = g_qkv_ptr + n * (3 * C) + col
+            g_q = tl.load(g_q_ptr + b * gq_b + t * gq_l + heads[:, None] * gq_h + dims[None, :], mask=tok_ok,
+                          other=0.0).to(tl.float32)
+            xhat_q = tl.load(q_ptr + at, mask=tok_ok, other=0.0).to(tl.float32) / temp[:, None]
+            r_q = tl.load(rnorm_ptr + n * (2 * H) + heads, mask=head_tok_ok, other=0.0)
+            acc_temp += tl.sum(g_q * xhat_q, axis=1)
+            g_q_in = _normalise_backward(g_q * temp[:, None], xhat_q, r_q, EPS)
+            tl.store(dst, g_q_in.to(g_qkv_ptr.dtype.element_ty), mask=tok_ok)
+            acc_q_bias += g_q_in
+            g_k = tl.load(g_k_ptr + b * gk_b + t * gk_l + heads[:, None] * gk_h + dims[None, :], mask=tok_ok,
+                          other=0.0).to(tl.float32)
+            xhat_k = tl.load(k_ptr + at, mask=tok_ok, other=0.0).to(tl.float32)
+            r_k = tl.load(rnorm_ptr + n * (2 * H) + H + heads, mask=head_tok_ok, other=0.0)
+            tl.store(dst + C, _normalise_backward(g_k, xhat_k, r_k, EPS).to(g_qkv_ptr.dtype.element_ty),
+                     mask=tok_ok)
+            g_v = tl.load(g_v_ptr + b * gv_b + t * gv_l + heads[:, None] * gv_h + dims[None, :], mask=tok_ok,
+                          other=0.0)
+            tl.store(dst + 2 * C, g_v.to(g_qkv_ptr.dtype.element_ty), mask=tok_ok)
+            acc_v_bias += g_v.to(tl.float32)
+        out = part_ptr + p.to(tl.int64) * (2 * C + H)
+        tl.store(out + col, acc_q_bias, mask=ok)
+        tl.store(out + C + col, acc_v_bias, mask=ok)
+        tl.store(out + 2 * C + heads, acc_temp, mask=head_ok)
+
+
+def _blocks(H: int, hd: int) -> dict:
+    return dict(BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd))
+
+
+def launch_forward(kernel, qkv_BL3C: torch.Tensor, q_bias_C: torch.Tensor, v_bias_C: torch.Tensor,
+                   temp_H: torch.Tensor, eps: float = EPS, config: KernelConfig = KERNEL_CONFIG):
+    """Run the forward ``kernel`` (the Triton kernel, or it wrapped for tracing) over every token:
+    ``(q', k', v, rnorm)``, the first three ``(B, L, H, hd)`` in ``qkv``'s dtype, ``rnorm``
+    ``(B * L, 2, H)`` float32 (q's reciprocal norms, then k's)."""
+    B, L, C3 = qkv_BL3C.shape
+    H = temp_H.numel()
+    C = C3 // 3
+    hd = C // H
+    q = torch.empty(B, L, H, hd, dtype=qkv_BL3C.dtype, device=qkv_BL3C.device)
+    k, v = torch.empty_like(q), torch.empty_like(q)
+    rnorm = torch.empty(B * L, 2, H, dtype=torch.float32, device=qkv_BL3C.device)
+    grid = (triton.cdiv(B * L, config.fwd_rows),)
+    kernel[grid](qkv_BL3C, q_bias_C, v_bias_C, temp_H, q, k, v, rnorm, B * L, H, hd, config.fwd_rows, EPS=eps,
+                 num_warps=config.fwd_warps, **_blocks(H, hd))
+    return q, k, v, rnorm
+
+
+def launch_backward(kernel, g_q: torch.Tensor, g_k: torch.Tensor, g_v: torch.Tensor, q: torch.Tensor,
+                    k: torch.Tensor, rnorm: torch.Tensor, temp_H: torch.Tensor, eps: float = EPS,
+                    config: KernelConfig = KERNEL_CONFIG):
+    """Run the backward ``kernel``: ``(g_qkv (B, L, 3C) in q's dtype, g_q_bias (C), g_v_bias (C),
+    g_temp (H))``, the last three float32. ``g_*`` are ``(B, L, H, hd)`` with any strides but a
+    unit last one; ``q``, ``k``, ``rnorm`` are the forward's outputs."""
+    B, L, H, hd = q.shape
+    C = H * hd
+    g_q, g_k, g_v = (g if g.stride(-1) == 1 else g.contiguous() for g in (g_q, g_k, g_v))
+    g_qkv = torch.empty(B, L, 3 * C, dtype=q.dtype, device=q.device)
+    programs = triton.cdiv(B * L, config.bwd_rows)
+    part = torch.empty(programs, 2 * C + H, dtype=torch.float32, device=q.device)
+    kernel[(programs,)](g_q, g_k, g_v, q, k, rnorm, temp_H, g_qkv, part, B * L, L, H, hd, config.bwd_rows,
+                        *g_q.stride()[:3], *g_k.stride()[:3], *g_v.stride()[:3], EPS=eps,
+                        num_warps=config.bwd_warps, **_blocks(H, hd))
+    sums = part.sum(0)
+    # each gradient its own tensor (an op's outputs may not alias)
+    return g_qkv, sums[:C].clone(), sums[C:2 * C].clone(), sums[2 * C:].clone()
+
+
+# ---- the ops, with their backward --------------------------------------------------------------
+if triton is not None:
+    @torch.library.triton_op("varscale::qkv_norm_fwd", mutates_args=())
+    def _fwd(qkv_BL3C: torch.Tensor, q_bias_C: torch.Tensor, v_bias_C: torch.Tensor, temp_H: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launch_forward(torch.library.wrap_triton(qkv_norm_fwd_kernel), qkv_BL3C, q_bias_C, v_bias_C,
+                              temp_H, eps)
+
+    @torch.library.triton_op("varscale::qkv_norm_bwd", mutates_args=())
+    def _bwd(g_q: torch.Tensor, g_k: torch.Tensor, g_v: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+             rnorm: torch.Tensor, temp_H: torch.Tensor, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launch_backward(torch.library.wrap_triton(qkv_norm_bwd_kernel), g_q, g_k, g_v, q, k, rnorm, temp_H,
+                               eps)
+
+    def _setup(ctx, inputs, output):
+        _, q_bias_C, v_bias_C, temp_H, eps = inputs
+        q, k, _, rnorm = output
+        ctx.save_for_backward(q, k, rnorm, temp_H)
+        ctx.eps = eps
+        ctx.dtypes = (q_bias_C.dtype, v_bias_C.dtype, temp_H.dtype)
+
+    def _backward(ctx, g_q, g_k, g_v, _g_rnorm):
+        q, k, rnorm, temp_H = ctx.saved_tensors
+        g_q, g_k, g_v = (torch.zeros_like(q) if g is None else g for g in (g_q, g_k, g_v))
+        g_qkv, g_q_bias, g_v_bias, g_temp = torch.ops.varscale.qkv_norm_bwd(g_q, g_k, g_v, q, k, rnorm, temp_H,
+                                                                           ctx.eps)
+        q_dt, v_dt, t_dt = ctx.dtypes
+        return g_qkv, g_q_bias.to(q_dt), g_v_bias.to(v_dt), g_temp.to(t_dt), None
+
+    _fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- when the kernels run, and the plain path otherwise ----------------------------------------
+def fused_available(attn: SelfAttention, x_BLC: torch.Tensor) -> bool:
+    """Whether the kernels run: a CUDA input, Triton importable, and the L2-normalised attention."""
+    return triton is not None and x_BLC.is_cuda and attn.l2_norm
+
+
+def qkv_heads(attn: SelfAttention, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`varcore.var.SelfAttention.qkv_heads` through the kernels where they run: ``(B, H, L,
+    hd)`` views of ``(B, L, H, hd)`` q', k', v."""
+    if not fused_available(attn, x_BLC):
+        return attn.qkv_heads(x_BLC)
+    qkv_BL3C = F.linear(x_BLC, attn.qkv.weight)
+    q, k, v, _ = torch.ops.varscale.qkv_norm_fwd(qkv_BL3C, attn.q_bias, attn.v_bias, attn.temperature_H(), EPS)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def attention_forward(attn: SelfAttention, x_BLC: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    """:meth:`varcore.var.SelfAttention.forward` with the q/k normalisation through the kernels
+    (an execution plan sets it as a block's attention forward)."""
+    return attn.attend(*qkv_heads(attn, x_BLC), kv_cache)

@@ -14,21 +14,16 @@ backward program, 2 at a time); three images, the middle one dropped.
 """
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from varcore.errors import ConfigError
 from varcore.fast import adaln
+from tests.interpreted import assert_within, run_child
 from varcore.fast.plan import ExecutionPlan, apply_plan, reset_plan
 from varcore.var import VAR, VARConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 B, L, C, EPS, KEEP_P = 3, 71, 96, 1e-6, 0.5   # keep_p 1/2: the drop-path division is exact in bf16
 KEEP = (1.0, 0.0, 1.0)
 
@@ -143,18 +138,8 @@ def _bounds(a: dict, ref: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def kernel_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adaln")
     a = _inputs()
-    torch.save(a, tmp / "in.pt")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-c", _CHILD, str(tmp / "in.pt"), str(tmp / "out.pt")],
-                   check=True, env=env, cwd=ROOT, timeout=600)
-    return a, torch.load(tmp / "out.pt", weights_only=True)
-
-
-def _within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str) -> None:
-    excess = (got.double() - want).abs() - bound
-    assert excess.max() <= 0, f"{what}: off by {excess.max().item():.3g} past its bound"
+    return a, run_child(_CHILD, a, tmp_path_factory.mktemp("adaln"))
 
 
 def test_forward_and_backward_kernels_match_float64(kernel_run):
@@ -163,13 +148,13 @@ def test_forward_and_backward_kernels_match_float64(kernel_run):
     x, y, mod = a["x"], a["y"], a["mod"]
     keep_B11 = a["keep"].view(B, 1, 1)
     assert torch.equal(got["x2"], x + y.mul(mod[:, :, 0]) * keep_B11 / a["keep_p"])   # float32 eager, bit for bit
-    _within(got["h1"], ref["h1"], bound["h1"], "h1")
-    _within(got["h2"], ref["h2"], bound["h2"], "h2")
-    _within(got["g_x"], ref["g_x"], bound["g_x"], "g_x")
-    _within(got["g_y"], ref["g_y"], bound["g_y"], "g_y")
+    assert_within(got["h1"], ref["h1"], bound["h1"], "h1")
+    assert_within(got["h2"], ref["h2"], bound["h2"], "h2")
+    assert_within(got["g_x"], ref["g_x"], bound["g_x"], "g_x")
+    assert_within(got["g_y"], ref["g_y"], bound["g_y"], "g_y")
     g_mod, r_mod = got["g_mod"], ref["g_mod"]
     for k, key in ((0, "g_gate"), (2, "g_scale1"), (3, "g_scale2"), (4, "g_shift1"), (5, "g_shift2")):
-        _within(g_mod[:, :, k], r_mod[:, :, k], bound[key], key)
+        assert_within(g_mod[:, :, k], r_mod[:, :, k], bound[key], key)
     assert torch.equal(g_mod[:, :, 1], torch.zeros(B, 1, C))    # gamma2 is not an input of these ops
     # the dropped image: no gradient into its branch or its gate, the stream's gradient all there
     assert torch.equal(got["g_y"][1], torch.zeros(L, C)) and torch.equal(g_mod[1, :, 0], torch.zeros(1, C))
@@ -190,8 +175,8 @@ def test_one_plus_scale_is_not_rounded_to_the_modulations_dtype(kernel_run):
     h = F.layer_norm(x, (C,), eps=EPS) * (1 + s)
     h.backward(a["g_h1"].double())
     bound = _bounds(small, _reference(small))
-    _within(got["h"], h.detach(), bound["h1"], "h")
-    _within(got["g_x"], x.grad, bound["g_ln1"] + 2.0 ** -24 * x.grad.abs(), "g_x")
+    assert_within(got["h"], h.detach(), bound["h1"], "h")
+    assert_within(got["g_x"], x.grad, bound["g_ln1"] + 2.0 ** -24 * x.grad.abs(), "g_x")
 
 
 def test_other_tiles_compute_the_same(kernel_run):
@@ -201,9 +186,9 @@ def test_other_tiles_compute_the_same(kernel_run):
     bound = _bounds(a, ref)
     assert torch.equal(tiles["x2"], got["x2"]) and torch.equal(tiles["h2"], got["h2"])
     assert torch.equal(tiles["g_y"], got["g_y"])
-    _within(tiles["g_x2"], ref["g_x2"], bound["g_x"], "g_x2")
+    assert_within(tiles["g_x2"], ref["g_x2"], bound["g_x"], "g_x2")
     for k, key in ((0, "g_gate"), (3, "g_scale2"), (5, "g_shift2")):
-        _within(tiles[key], ref["g_mod"][:, :, k], bound[key], key)
+        assert_within(tiles[key], ref["g_mod"][:, :, k], bound[key], key)
 
 
 def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):
@@ -213,11 +198,11 @@ def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):
     assert torch.equal(got["x2"].float(), out["fp32"]["x2"])   # the inputs make the stream exact in bf16
     step = 2.0 ** -7   # one bf16 rounding (truncation in the interpreter), relative
     for key in ("h1", "h2", "g_y"):   # rounded once to bf16
-        _within(got[key], ref[key], bound[key] + step * ref[key].abs() * (1 + step), key)
+        assert_within(got[key], ref[key], bound[key] + step * ref[key].abs() * (1 + step), key)
     # x's gradient: both ops' bf16 outputs (the stream's, the first LayerNorm's), summed in bf16
     g_ln1 = ref["g_x"] - ref["g_x2"]
     spread = ref["g_x2"].abs() + g_ln1.abs() + ref["g_x"].abs()
-    _within(got["g_x"], ref["g_x"], bound["g_x"] + step * spread * (1 + step) ** 2, "g_x")
+    assert_within(got["g_x"], ref["g_x"], bound["g_x"] + step * spread * (1 + step) ** 2, "g_x")
 
 
 def test_plan_forwards_are_the_model_on_cpu(tiny_var_cfg):

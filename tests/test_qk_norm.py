@@ -14,19 +14,14 @@ also runs the kernels under other tiles with the incoming gradients in three lay
 attention's backward may write (strided reads).
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.interpreted import assert_within, run_child
 from varcore.fast import qk_norm
 from varcore.var import SelfAttention, VARConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 B, L, H, HD = 2, 37, 3, 24
 C, N = H * HD, B * L
 ZERO_K = (1, 5)   # (image, token) whose key is zero
@@ -137,18 +132,8 @@ def _reciprocal_norms(a: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def kernel_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("qk_norm")
     a = _inputs()
-    torch.save(a, tmp / "in.pt")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-c", _CHILD, str(tmp / "in.pt"), str(tmp / "out.pt")],
-                   check=True, env=env, cwd=ROOT, timeout=600)
-    return a, torch.load(tmp / "out.pt", weights_only=True)
-
-
-def _within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str) -> None:
-    excess = (got.double() - want).abs() - bound
-    assert excess.max() <= 0, f"{what}: off by {excess.max().item():.3g} past its bound"
+    return a, run_child(_CHILD, a, tmp_path_factory.mktemp("qk_norm"))
 
 
 def test_forward_and_backward_kernels_match_float64(kernel_run):
@@ -156,7 +141,7 @@ def test_forward_and_backward_kernels_match_float64(kernel_run):
     got, ref = out["fp32"], _reference(a)
     bound = _bounds(a, ref)
     for key in ("q", "k", "v", "g_qkv", "g_q_bias", "g_v_bias", "g_temp"):
-        _within(got[key], ref[key], bound[key], key)
+        assert_within(got[key], ref[key], bound[key], key)
     # invariants: each head of q' has its temperature's length, each of k' length one (the zero key zero)
     lengths = got["q"].double().norm(dim=-1) / a["temp"].double()
     assert (lengths - 1).abs().max() < 1e-5
@@ -187,7 +172,7 @@ def test_other_tiles_and_strided_gradients_compute_the_same(kernel_run):
     for key in ("q", "k", "v", "g_qkv"):
         assert torch.equal(tiles[key], got[key]), key
     for key in ("g_q_bias", "g_v_bias", "g_temp"):
-        _within(tiles[key], ref[key], bound[key], key)
+        assert_within(tiles[key], ref[key], bound[key], key)
 
 
 def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):
@@ -196,7 +181,7 @@ def test_bf16_kernels_keep_each_tensor_in_its_dtype(kernel_run):
     assert all(t.dtype == torch.bfloat16 for t in got.values())
     bound = _bounds(a, ref, stored=STEP)
     for key in ("q", "k", "v", "g_qkv", "g_q_bias", "g_v_bias", "g_temp"):
-        _within(got[key], ref[key], bound[key] * (1 + STEP), key)
+        assert_within(got[key], ref[key], bound[key] * (1 + STEP), key)
 
 
 def test_plain_path_off_cuda_and_without_the_l2_norm(tiny_var_cfg):

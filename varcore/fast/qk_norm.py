@@ -73,15 +73,21 @@ KERNEL_CONFIG = KernelConfig()
 
 if triton is not None:
     @triton.jit
-    def qkv_norm_fwd_kernel(qkv_ptr, q_bias_ptr, v_bias_ptr, temp_ptr, q_ptr, k_ptr, v_ptr, rnorm_ptr, N, H, HD,
-                            rows, EPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Tokens ``[p * rows, (p + 1) * rows)`` (masked past ``N``), one ``(BLOCK_H, BLOCK_D)``
-        tile (heads x head dims) of each of q, k and v at a time."""
+    def _head_tile(H, HD, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One token's ``(BLOCK_H, BLOCK_D)`` tile of heads x head dims: the head and dim
+        indices, which heads and which elements are real, and each element's column in a row."""
         heads = tl.arange(0, BLOCK_H)
         dims = tl.arange(0, BLOCK_D)
         head_ok = heads < H
         ok = head_ok[:, None] & (dims < HD)[None, :]
-        col = heads[:, None] * HD + dims[None, :]
+        return heads, dims, head_ok, ok, heads[:, None] * HD + dims[None, :]
+
+    @triton.jit
+    def qkv_norm_fwd_kernel(qkv_ptr, q_bias_ptr, v_bias_ptr, temp_ptr, q_ptr, k_ptr, v_ptr, rnorm_ptr, N, H, HD,
+                            rows, EPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Tokens ``[p * rows, (p + 1) * rows)`` (masked past ``N``), one ``(BLOCK_H, BLOCK_D)``
+        tile (heads x head dims) of each of q, k and v at a time."""
+        heads, dims, head_ok, ok, col = _head_tile(H, HD, BLOCK_H, BLOCK_D)
         C = H * HD
         q_bias = tl.load(q_bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
         v_bias = tl.load(v_bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
@@ -120,11 +126,7 @@ if triton is not None:
         and ``g_q' xhat_q`` per head (temperature) in ``part[p]``. The incoming gradients are read
         through their ``(B, L, H, hd)`` strides (last one 1)."""
         p = tl.program_id(0)
-        heads = tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, BLOCK_D)
-        head_ok = heads < H
-        ok = head_ok[:, None] & (dims < HD)[None, :]
-        col = heads[:, None] * HD + dims[None, :]
+        heads, dims, head_ok, ok, col = _head_tile(H, HD, BLOCK_H, BLOCK_D)
         C = H * HD
         temp = tl.load(temp_ptr + heads, mask=head_ok, other=1.0).to(tl.float32)
         acc_q_bias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)

@@ -14,13 +14,14 @@ backward program, 2 at a time); three images, the middle one dropped.
 """
 
 import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.interpreted import assert_within, run_child
 from varcore.errors import ConfigError
 from varcore.fast import adaln
-from tests.interpreted import assert_within, run_child
 from varcore.fast.plan import ExecutionPlan, apply_plan, reset_plan
 from varcore.var import VAR, VARConfig
 
@@ -75,7 +76,7 @@ def _inputs() -> dict:
             "y": torch.randint(-8, 9, (B, L, C), generator=g) / 4,
             "mod": mod.bfloat16().float(),     # bf16 values, so the bf16 run reads the same numbers
             "keep": torch.tensor(KEEP), "keep_p": torch.tensor(KEEP_P), "eps": EPS,
-            "small_scale": torch.randint(-15, 16, (B, 1, C), generator=g) * 2.0 ** -12,   # |1 + s| - 1 < 2^-8
+            "small_scale": torch.randint(-15, 16, (B, 1, C), generator=g) * 2.0 ** -12,   # |s| < 2^-8
             **{k: torch.randn(B, L, C, generator=g).bfloat16().float() for k in ("g_h1", "g_x2", "g_h2")}}
 
 
@@ -162,7 +163,7 @@ def test_forward_and_backward_kernels_match_float64(kernel_run):
 
 
 def test_one_plus_scale_is_not_rounded_to_the_modulations_dtype(kernel_run):
-    """A bf16 scale under 2^-8 in size is lost if ``1 + scale`` is rounded to bf16 (as eager's
+    """A bf16 scale under 2^-8 (2^-9 if negative) is lost if ``1 + scale`` is rounded to bf16 (as eager's
     composition does under autocast); the kernels keep it in float32, as inductor's composition
     does, so a float32 stream's ``h`` and gradient are within the float32 bounds."""
     a, out = kernel_run

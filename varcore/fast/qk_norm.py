@@ -18,14 +18,15 @@ stacked ``(q, k, v)`` gradient (round 17's d20 profile: 12.9 ms of a 238.8 ms st
   and token) for the backward. ``v`` is written, not viewed, so that its gradient comes to the
   backward kernel, which writes the projection's whole gradient in one pass.
 - The backward is one kernel: per token it recovers the normalised rows from the saved outputs
-  (``q' / temperature``, ``k'``; the outputs are saved by the attention anyway, so nothing more is
-  kept), writes ``(B, L, 3C)``: the normalisation's gradient
-  ``(g - xhat (xhat . g)) / |x|`` for q and k and v's gradient as it comes, and keeps running float32
+  (``q' / temperature``, ``k'``; the attention saves the outputs anyway, so only the reciprocal
+  norms are kept besides), writes ``(B, L, 3C)``: the normalisation's gradient
+  ``(g - xhat (xhat . g)) / |x|`` for q and k (``g / EPS`` where the norm's floor was taken) and v's gradient as it comes, and keeps running float32
   sums, over its tokens, of the q and v biases' gradients and of ``g_q' xhat`` per head (the
   temperature's); the per-program sums are added up after it.
 
-Roundings: the biases are added to the projection's output as stored (the plain path adds them in
-the matmul's float32 epilogue, so its ``q`` and ``v`` are rounded once, ours twice); the norms,
+Roundings: the biases are added, in float32, to the projection's output as stored (the plain path
+adds them, rounded to the autocast dtype, in the matmul's float32 epilogue, so its ``q`` and ``v``
+are rounded once after the add, ours before and after it); the norms,
 the normalisation and the products are float32 and each output is rounded once to the
 projection's dtype. The gradients are float32 and rounded once; the normalised rows the backward
 reads back are the outputs as stored (in bf16 one rounding, ``2^-9`` relative, from the
@@ -101,26 +102,35 @@ if triton is not None:
             q = tl.load(src, mask=tok_ok, other=0.0).to(tl.float32) + q_bias
             k = tl.load(src + C, mask=tok_ok, other=0.0).to(tl.float32)
             v = tl.load(src + 2 * C, mask=tok_ok, other=0.0).to(tl.float32) + v_bias
-            r_q = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(q * q, axis=1)), EPS)
-            r_k = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(k * k, axis=1)), EPS)
-            tl.store(q_ptr + dst, (q * r_q[:, None] * temp[:, None]).to(q_ptr.dtype.element_ty), mask=tok_ok)
-            tl.store(k_ptr + dst, (k * r_k[:, None]).to(k_ptr.dtype.element_ty), mask=tok_ok)
+            r_q = _reciprocal_norm(q, EPS)
+            r_k = _reciprocal_norm(k, EPS)
+            tl.store(q_ptr + dst, (q * tl.abs(r_q)[:, None] * temp[:, None]).to(q_ptr.dtype.element_ty),
+                     mask=tok_ok)
+            tl.store(k_ptr + dst, (k * tl.abs(r_k)[:, None]).to(k_ptr.dtype.element_ty), mask=tok_ok)
             tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=tok_ok)
             head_tok_ok = head_ok & (n < N)
             tl.store(rnorm_ptr + n * (2 * H) + heads, r_q, mask=head_tok_ok)
             tl.store(rnorm_ptr + n * (2 * H) + H + heads, r_k, mask=head_tok_ok)
 
     @triton.jit
-    def _normalise_backward(g, xhat, r, EPS: tl.constexpr):
-        """The gradient through ``x / max(|x|, EPS)`` per head: ``r (g - xhat (xhat . g))``, or
-        ``g r`` where the floor was taken (``r = 1 / EPS``)."""
+    def _reciprocal_norm(x, EPS: tl.constexpr):
+        """Per head (row of ``x``): ``1 / |x|``, or ``-1 / EPS`` where ``|x| < EPS`` (F.normalize's
+        floor; the sign tells the backward the floor was taken, without comparing roundings)."""
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        return tl.where(norm >= EPS, 1.0 / tl.maximum(norm, EPS), -1.0 / EPS)   # no 1/0 in either branch
+
+    @triton.jit
+    def _normalise_backward(g, xhat, r):
+        """The gradient through ``x / max(|x|, EPS)`` per head, from :func:`_reciprocal_norm`'s
+        ``r``: ``r (g - xhat (xhat . g))``, or ``g / EPS`` where the floor was taken (``r < 0``)."""
         dot = tl.sum(g * xhat, axis=1)
-        return tl.where((r * EPS < 1.0)[:, None], r[:, None] * (g - xhat * dot[:, None]), g * r[:, None])
+        r_abs = tl.abs(r)[:, None]
+        return tl.where((r > 0)[:, None], r_abs * (g - xhat * dot[:, None]), g * r_abs)
 
     @triton.jit
     def qkv_norm_bwd_kernel(g_q_ptr, g_k_ptr, g_v_ptr, q_ptr, k_ptr, rnorm_ptr, temp_ptr, g_qkv_ptr, part_ptr,
                             N, L, H, HD, rows, gq_b, gq_l, gq_h, gk_b, gk_l, gk_h, gv_b, gv_l, gv_h,
-                            EPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         """Tokens ``[p * rows, (p + 1) * rows)``, one at a time: the projection's gradient
         ``(g_q_in, g_k_in, g_v)``, and this program's sums of ``g_q_in`` (q bias), ``g_v`` (v bias)
         and ``g_q' xhat_q`` per head (temperature) in ``part[p]``. The incoming gradients are read
@@ -146,14 +156,14 @@ if triton is not None:
             xhat_q = tl.load(q_ptr + at, mask=tok_ok, other=0.0).to(tl.float32) / temp[:, None]
             r_q = tl.load(rnorm_ptr + n * (2 * H) + heads, mask=head_tok_ok, other=0.0)
             acc_temp += tl.sum(g_q * xhat_q, axis=1)
-            g_q_in = _normalise_backward(g_q * temp[:, None], xhat_q, r_q, EPS)
+            g_q_in = _normalise_backward(g_q * temp[:, None], xhat_q, r_q)
             tl.store(dst, g_q_in.to(g_qkv_ptr.dtype.element_ty), mask=tok_ok)
             acc_q_bias += g_q_in
             g_k = tl.load(g_k_ptr + b * gk_b + t * gk_l + heads[:, None] * gk_h + dims[None, :], mask=tok_ok,
                           other=0.0).to(tl.float32)
             xhat_k = tl.load(k_ptr + at, mask=tok_ok, other=0.0).to(tl.float32)
             r_k = tl.load(rnorm_ptr + n * (2 * H) + H + heads, mask=head_tok_ok, other=0.0)
-            tl.store(dst + C, _normalise_backward(g_k, xhat_k, r_k, EPS).to(g_qkv_ptr.dtype.element_ty),
+            tl.store(dst + C, _normalise_backward(g_k, xhat_k, r_k).to(g_qkv_ptr.dtype.element_ty),
                      mask=tok_ok)
             g_v = tl.load(g_v_ptr + b * gv_b + t * gv_l + heads[:, None] * gv_h + dims[None, :], mask=tok_ok,
                           other=0.0)
@@ -166,6 +176,7 @@ if triton is not None:
 
 
 def _blocks(H: int, hd: int) -> dict:
+    """The kernels' tile: heads x head dims, each rounded up to a power of two (masked past)."""
     return dict(BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd))
 
 
@@ -173,38 +184,38 @@ def launch_forward(kernel, qkv_BL3C: torch.Tensor, q_bias_C: torch.Tensor, v_bia
                    temp_H: torch.Tensor, eps: float = EPS, config: KernelConfig = KERNEL_CONFIG):
     """Run the forward ``kernel`` (the Triton kernel, or it wrapped for tracing) over every token:
     ``(q', k', v, rnorm)``, the first three ``(B, L, H, hd)`` in ``qkv``'s dtype, ``rnorm``
-    ``(B * L, 2, H)`` float32 (q's reciprocal norms, then k's)."""
+    ``(B * L, 2, H)`` float32 (q's reciprocal norms, then k's; negative where the floor was taken)."""
     B, L, C3 = qkv_BL3C.shape
     H = temp_H.numel()
     C = C3 // 3
     hd = C // H
-    q = torch.empty(B, L, H, hd, dtype=qkv_BL3C.dtype, device=qkv_BL3C.device)
-    k, v = torch.empty_like(q), torch.empty_like(q)
-    rnorm = torch.empty(B * L, 2, H, dtype=torch.float32, device=qkv_BL3C.device)
+    q_BLHc = torch.empty(B, L, H, hd, dtype=qkv_BL3C.dtype, device=qkv_BL3C.device)
+    k_BLHc, v_BLHc = torch.empty_like(q_BLHc), torch.empty_like(q_BLHc)
+    rnorm_N2H = torch.empty(B * L, 2, H, dtype=torch.float32, device=qkv_BL3C.device)
     grid = (triton.cdiv(B * L, config.fwd_rows),)
-    kernel[grid](qkv_BL3C, q_bias_C, v_bias_C, temp_H, q, k, v, rnorm, B * L, H, hd, config.fwd_rows, EPS=eps,
-                 num_warps=config.fwd_warps, **_blocks(H, hd))
-    return q, k, v, rnorm
+    kernel[grid](qkv_BL3C, q_bias_C, v_bias_C, temp_H, q_BLHc, k_BLHc, v_BLHc, rnorm_N2H, B * L, H, hd,
+                 config.fwd_rows, EPS=eps, num_warps=config.fwd_warps, **_blocks(H, hd))
+    return q_BLHc, k_BLHc, v_BLHc, rnorm_N2H
 
 
-def launch_backward(kernel, g_q: torch.Tensor, g_k: torch.Tensor, g_v: torch.Tensor, q: torch.Tensor,
-                    k: torch.Tensor, rnorm: torch.Tensor, temp_H: torch.Tensor, eps: float = EPS,
+def launch_backward(kernel, g_q_BLHc: torch.Tensor, g_k_BLHc: torch.Tensor, g_v_BLHc: torch.Tensor,
+                    q_BLHc: torch.Tensor, k_BLHc: torch.Tensor, rnorm_N2H: torch.Tensor, temp_H: torch.Tensor,
                     config: KernelConfig = KERNEL_CONFIG):
     """Run the backward ``kernel``: ``(g_qkv (B, L, 3C) in q's dtype, g_q_bias (C), g_v_bias (C),
     g_temp (H))``, the last three float32. ``g_*`` are ``(B, L, H, hd)`` with any strides but a
     unit last one; ``q``, ``k``, ``rnorm`` are the forward's outputs."""
-    B, L, H, hd = q.shape
+    B, L, H, hd = q_BLHc.shape
     C = H * hd
-    g_q, g_k, g_v = (g if g.stride(-1) == 1 else g.contiguous() for g in (g_q, g_k, g_v))
-    g_qkv = torch.empty(B, L, 3 * C, dtype=q.dtype, device=q.device)
+    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (g_q_BLHc, g_k_BLHc, g_v_BLHc)]
+    g_qkv_BL3C = torch.empty(B, L, 3 * C, dtype=q_BLHc.dtype, device=q_BLHc.device)
     programs = triton.cdiv(B * L, config.bwd_rows)
-    part = torch.empty(programs, 2 * C + H, dtype=torch.float32, device=q.device)
-    kernel[(programs,)](g_q, g_k, g_v, q, k, rnorm, temp_H, g_qkv, part, B * L, L, H, hd, config.bwd_rows,
-                        *g_q.stride()[:3], *g_k.stride()[:3], *g_v.stride()[:3], EPS=eps,
+    part_P2CH = torch.empty(programs, 2 * C + H, dtype=torch.float32, device=q_BLHc.device)
+    kernel[(programs,)](*grads, q_BLHc, k_BLHc, rnorm_N2H, temp_H, g_qkv_BL3C, part_P2CH, B * L, L, H, hd,
+                        config.bwd_rows, *(st for g in grads for st in g.stride()[:3]),
                         num_warps=config.bwd_warps, **_blocks(H, hd))
-    sums = part.sum(0)
+    sums = part_P2CH.sum(0)
     # each gradient its own tensor (an op's outputs may not alias)
-    return g_qkv, sums[:C].clone(), sums[C:2 * C].clone(), sums[2 * C:].clone()
+    return g_qkv_BL3C, sums[:C].clone(), sums[C:2 * C].clone(), sums[2 * C:].clone()
 
 
 # ---- the ops, with their backward --------------------------------------------------------------
@@ -212,28 +223,31 @@ if triton is not None:
     @torch.library.triton_op("varscale::qkv_norm_fwd", mutates_args=())
     def _fwd(qkv_BL3C: torch.Tensor, q_bias_C: torch.Tensor, v_bias_C: torch.Tensor, temp_H: torch.Tensor,
              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward kernel as an op: ``(q', k', v, rnorm)`` (:func:`launch_forward`)."""
         return launch_forward(torch.library.wrap_triton(qkv_norm_fwd_kernel), qkv_BL3C, q_bias_C, v_bias_C,
                               temp_H, eps)
 
     @torch.library.triton_op("varscale::qkv_norm_bwd", mutates_args=())
-    def _bwd(g_q: torch.Tensor, g_k: torch.Tensor, g_v: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-             rnorm: torch.Tensor, temp_H: torch.Tensor, eps: float
+    def _bwd(g_q_BLHc: torch.Tensor, g_k_BLHc: torch.Tensor, g_v_BLHc: torch.Tensor, q_BLHc: torch.Tensor,
+             k_BLHc: torch.Tensor, rnorm_N2H: torch.Tensor, temp_H: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launch_backward(torch.library.wrap_triton(qkv_norm_bwd_kernel), g_q, g_k, g_v, q, k, rnorm, temp_H,
-                               eps)
+        """The backward kernel as an op (:func:`launch_backward`)."""
+        return launch_backward(torch.library.wrap_triton(qkv_norm_bwd_kernel), g_q_BLHc, g_k_BLHc, g_v_BLHc,
+                               q_BLHc, k_BLHc, rnorm_N2H, temp_H)
 
     def _setup(ctx, inputs, output):
-        _, q_bias_C, v_bias_C, temp_H, eps = inputs
-        q, k, _, rnorm = output
-        ctx.save_for_backward(q, k, rnorm, temp_H)
-        ctx.eps = eps
+        """Save the outputs q', k' (the attention keeps them anyway) and the reciprocal norms."""
+        _, q_bias_C, v_bias_C, temp_H, _ = inputs
+        q_BLHc, k_BLHc, _, rnorm_N2H = output
+        ctx.save_for_backward(q_BLHc, k_BLHc, rnorm_N2H, temp_H)
         ctx.dtypes = (q_bias_C.dtype, v_bias_C.dtype, temp_H.dtype)
 
-    def _backward(ctx, g_q, g_k, g_v, _g_rnorm):
-        q, k, rnorm, temp_H = ctx.saved_tensors
-        g_q, g_k, g_v = (torch.zeros_like(q) if g is None else g for g in (g_q, g_k, g_v))
-        g_qkv, g_q_bias, g_v_bias, g_temp = torch.ops.varscale.qkv_norm_bwd(g_q, g_k, g_v, q, k, rnorm, temp_H,
-                                                                           ctx.eps)
+    def _backward(ctx, g_q_BLHc, g_k_BLHc, g_v_BLHc, _g_rnorm):
+        """Gradients of ``(qkv, q_bias, v_bias, temp, eps)``, each in its input's dtype."""
+        q_BLHc, k_BLHc, rnorm_N2H, temp_H = ctx.saved_tensors
+        grads = [torch.zeros_like(q_BLHc) if g is None else g for g in (g_q_BLHc, g_k_BLHc, g_v_BLHc)]
+        g_qkv, g_q_bias, g_v_bias, g_temp = torch.ops.varscale.qkv_norm_bwd(*grads, q_BLHc, k_BLHc, rnorm_N2H,
+                                                                           temp_H)
         q_dt, v_dt, t_dt = ctx.dtypes
         return g_qkv, g_q_bias.to(q_dt), g_v_bias.to(v_dt), g_temp.to(t_dt), None
 
@@ -247,10 +261,16 @@ def fused_available(attn: SelfAttention, x_BLC: torch.Tensor) -> bool:
 
 
 def qkv_heads(attn: SelfAttention, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:meth:`varcore.var.SelfAttention.qkv_heads` through the kernels where they run: ``(B, H, L,
-    hd)`` views of ``(B, L, H, hd)`` q', k', v."""
+    """:meth:`varcore.var.SelfAttention.qkv_heads` through the kernels where they run
+    (:func:`fused_qkv_heads`), the module's own elsewhere."""
     if not fused_available(attn, x_BLC):
         return attn.qkv_heads(x_BLC)
+    return fused_qkv_heads(attn, x_BLC)
+
+
+def fused_qkv_heads(attn: SelfAttention, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The projection without its bias, then the forward kernel: ``(B, H, L, hd)`` views of
+    ``(B, L, H, hd)`` q', k', v (any device the ops run on: the tests run it in the interpreter)."""
     qkv_BL3C = F.linear(x_BLC, attn.qkv.weight)
     q, k, v, _ = torch.ops.varscale.qkv_norm_fwd(qkv_BL3C, attn.q_bias, attn.v_bias, attn.temperature_H(), EPS)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -202,7 +202,8 @@ def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     q, k, _, rnorm = qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp)
     g_q, g_k, g_v = (gr.transpose(1, 2) for gr in grads)
     base = qk_norm.KERNEL_CONFIG
-    fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w) for r, w in itertools.product((1, 2, 4, 8, 16), (2, 4, 8))]
+    fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w)
+           for r, w in itertools.product((1, 2, 4, 8, 16), (2, 4, 8))]
     bwd = [dataclasses.replace(base, bwd_rows=n, bwd_warps=w) for n, w in itertools.product((8, 16, 32, 64), (2, 4, 8))]
     for part, configs in (("forward", fwd), ("backward", bwd)):
         for tiles in configs:

@@ -95,7 +95,8 @@ def _wrapper_inputs(g: torch.Generator) -> dict:
         attn.q_bias.normal_(0, 0.2, generator=g)
         attn.v_bias.normal_(0, 0.2, generator=g)
         attn.scale_mul_1H11.uniform_(0.0, 4.6, generator=g)
-    return {"wrap_cfg": WRAP, "wrap_state": attn.state_dict(), "wrap_x": torch.randn(2, 11, attn.H * attn.hd, generator=g)}
+    x = torch.randn(2, 11, attn.H * attn.hd, generator=g)
+    return {"wrap_cfg": WRAP, "wrap_state": attn.state_dict(), "wrap_x": x}
 
 
 def _reference(a: dict):
@@ -200,7 +201,7 @@ def test_the_floor_on_the_norm_passes_the_gradient_scaled(kernel_run):
     for at in (ZERO_K, TINY_K):
         want = a["g_k"][at].double() / qk_norm.EPS
         assert ((g_in[at][1].double() - want).abs() <= 2 * U32 * want.abs()).all(), at
-    want = a["g_q"][TINY_K][0].double() * a["temp"][0].double() / qk_norm.EPS   # q's head 0 there, times its temperature
+    want = a["g_q"][TINY_K][0].double() * a["temp"][0].double() / qk_norm.EPS   # q's head 0, times its temperature
     assert ((g_in[TINY_K][0, 0].double() - want).abs() <= 3 * U32 * want.abs()).all()
 
 

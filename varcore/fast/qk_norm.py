@@ -21,8 +21,9 @@ stacked ``(q, k, v)`` gradient (round 17's d20 profile: 12.9 ms of a 238.8 ms st
   (``q' / temperature``, ``k'``; the attention saves the outputs anyway, so only the reciprocal
   norms are kept besides), writes ``(B, L, 3C)``: the normalisation's gradient
   ``(g - xhat (xhat . g)) / |x|`` for q and k (``g / EPS`` where the norm's floor was taken) and
-  v's gradient as it comes, and keeps running float32 sums, over its tokens, of the q and v biases' gradients and of ``g_q' xhat`` per head (the
-  temperature's); the per-program sums are added up after it.
+  v's gradient as it comes, and keeps running float32 sums, over its tokens, of the q and v
+  biases' gradients and of ``g_q' xhat`` per head (the temperature's); the per-program sums are
+  added up after it.
 
 Roundings: the biases are added, in float32, to the projection's output as stored (the plain path
 adds them, rounded to the autocast dtype, in the matmul's float32 epilogue, so its ``q`` and ``v``

@@ -56,6 +56,25 @@ def kernel_pair(x, y, mod_B16C, drop_path, ln):
     return h1, x2, h2
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference from the reference, relative to the reference's largest value."""
+    return float((got.detach().double() - want).abs().max() / want.abs().max())
+
+
+def time_tiles(bench: str, depth: int, B: int, parts: dict, args, device: torch.device) -> None:
+    """One JSON line per tile configuration: ``parts`` maps a part ("forward", "backward") to its
+    configurations and a function running that part's kernels under one of them."""
+    for part, (configs, run) in parts.items():
+        for tiles in configs:
+            try:
+                top = top_kernels(lambda tiles=tiles: run(tiles), device, steps=args.steps, top=4)
+                rec = {"kernel_ms": top.total_ms}
+            except Exception as e:   # e.g. out of registers or shared memory for a tile
+                rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            emit({"bench": bench, "part": part, "depth": depth, "batch": B,
+                  "config": dataclasses.asdict(tiles), **rec, **env()})
+
+
 def run_case(depth: int, B: int, args, device: torch.device) -> None:
     cfg = VARConfig(depth=depth)
     C, L = cfg.C, cfg.L
@@ -89,11 +108,9 @@ def run_case(depth: int, B: int, args, device: torch.device) -> None:
         for t in ref_in:
             t.grad = None
         torch.autograd.backward(ref_outs, [gr.double() for gr in grads])
-        err = {}
-        for key, a, b in (("h1", outs[0], ref_outs[0]), ("x2", outs[1], ref_outs[1]), ("h2", outs[2], ref_outs[2]),
-                          ("g_x", x.grad, ref_in[0].grad), ("g_y", y.grad, ref_in[1].grad),
-                          ("g_mod", mod.grad, ref_in[2].grad)):
-            err[key] = float((a.double() - b).abs().max() / b.abs().max())
+        err = {key: rel_err(a, b) for key, a, b in (
+            ("h1", outs[0], ref_outs[0]), ("x2", outs[1], ref_outs[1]), ("h2", outs[2], ref_outs[2]),
+            ("g_x", x.grad, ref_in[0].grad), ("g_y", y.grad, ref_in[1].grad), ("g_mod", mod.grad, ref_in[2].grad))}
         top = top_kernels(step(fn), device, steps=args.steps, top=args.top)
         emit({"bench": "norm_parts", "arm": name, "depth": depth, "batch": B, "C": C, "L": L,
               "kernel_ms": top.total_ms, "rel_err_vs_fp64": {k: round(v, 6) for k, v in err.items()},
@@ -117,26 +134,19 @@ def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w) for r, w in itertools.product((1, 2, 4, 8), (4, 8, 16))]
     bwd = [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w)
            for n, t, w in itertools.product((16, 32, 64), (1, 2, 4), (4, 8, 16))]
-    for part, configs in (("forward", fwd), ("backward", bwd)):
-        for tiles in configs:
-            def call(tiles=tiles):
-                if part == "forward":
-                    adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1, 1e-6,
-                                         torch.bfloat16, tiles)
-                    adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, keep, keep_p, scale2, shift2, 1e-6,
-                                         torch.bfloat16, tiles)
-                else:
-                    adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, None, x, None, None, None, None, scale1,
-                                          mean, rstd, tiles)
-                    adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, g_res, x, y, gate, keep, keep_p, scale2,
-                                          mean, rstd, tiles)
-            try:
-                top = top_kernels(call, device, steps=args.steps, top=4)
-                rec = {"kernel_ms": top.total_ms}
-            except Exception as e:   # e.g. out of registers or shared memory for a tile
-                rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            emit({"bench": "norm_sweep", "part": part, "depth": depth, "batch": B,
-                  "config": dataclasses.asdict(tiles), **rec, **env()})
+
+    def forward(tiles):
+        adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1, 1e-6,
+                             torch.bfloat16, tiles)
+        adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, keep, keep_p, scale2, shift2, 1e-6,
+                             torch.bfloat16, tiles)
+
+    def backward(tiles):
+        adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, None, x, None, None, None, None, scale1, mean, rstd, tiles)
+        adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, g_res, x, y, gate, keep, keep_p, scale2, mean, rstd,
+                              tiles)
+
+    time_tiles("norm_sweep", depth, B, {"forward": (fwd, forward), "backward": (bwd, backward)}, args, device)
 
 
 def plain_qkv(attn: SelfAttention, x):
@@ -183,7 +193,7 @@ def qk_case(depth: int, B: int, args, device: torch.device) -> None:
         x.grad = None
         outs = step(fn)()
         got = dict(attn.named_parameters())
-        err = {key: float((a.double() - b).abs().max() / b.abs().max()) for key, a, b in (
+        err = {key: rel_err(a, b) for key, a, b in (
             ("q", outs[0], ref_outs[0]), ("k", outs[1], ref_outs[1]), ("v", outs[2], ref_outs[2]),
             ("g_x", x.grad, ref_x.grad), *((f"g_{p}", got[p].grad, ref_grads[p].grad) for p in params))}
         top = top_kernels(step(fn), device, steps=args.steps, top=args.top)
@@ -205,22 +215,14 @@ def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w)
            for r, w in itertools.product((1, 2, 4, 8, 16), (2, 4, 8))]
     bwd = [dataclasses.replace(base, bwd_rows=n, bwd_warps=w) for n, w in itertools.product((8, 16, 32, 64), (2, 4, 8))]
-    for part, configs in (("forward", fwd), ("backward", bwd)):
-        for tiles in configs:
-            def call(tiles=tiles):
-                if part == "forward":
-                    qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp,
-                                           config=tiles)
-                else:
-                    qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, q, k, rnorm, temp,
-                                            config=tiles)
-            try:
-                top = top_kernels(call, device, steps=args.steps, top=4)
-                rec = {"kernel_ms": top.total_ms}
-            except Exception as e:   # e.g. out of registers for a tile
-                rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            emit({"bench": "qk_norm_sweep", "part": part, "depth": depth, "batch": B,
-                  "config": dataclasses.asdict(tiles), **rec, **env()})
+
+    def forward(tiles):
+        qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp, config=tiles)
+
+    def backward(tiles):
+        qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, q, k, rnorm, temp, config=tiles)
+
+    time_tiles("qk_norm_sweep", depth, B, {"forward": (fwd, forward), "backward": (bwd, backward)}, args, device)
 
 
 def main(argv=None):

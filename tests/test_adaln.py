@@ -44,8 +44,8 @@ for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     torch.autograd.backward([h1, x2, h2], [a["g_h1"].to(dt), a["g_x2"].to(dt), a["g_h2"].to(dt)])
     out[name] = {"h1": h1.detach(), "x2": x2.detach(), "h2": h2.detach(),
                  "g_x": x.grad, "g_y": y.grad, "g_mod": mod.grad}
-# the add op's kernels under other tiles: 4 rows per forward program, 32 per backward one, 2 at a time
-cfg = adaln.KernelConfig(fwd_rows=4, fwd_warps=8, bwd_rows=32, bwd_tile=2, bwd_warps=8)
+# the add op's kernels under other tiles: 4 rows per forward program, 32 per backward one, 2 at a time, pipelined
+cfg = adaln.KernelConfig(fwd_rows=4, fwd_warps=8, bwd_rows=32, bwd_tile=2, bwd_warps=8, bwd_stages=2)
 x, y, mod = (a[k] for k in ("x", "y", "mod"))
 gate, _, _, scale2, _, shift2 = mod.unbind(2)
 x2, h2, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, a["keep"], a["keep_p"], scale2,

@@ -92,3 +92,47 @@ def test_multi_gpu_scaling_efficiency_is_per_gpu_rate_over_one_gpu():
               "tokens_per_s_per_gpu": 133_000}]
     out = with_efficiency(rows)
     assert [r.get("scaling_efficiency") for r in out] == [1.0, 0.95, 0.9, None, 1.0, 0.95]
+
+
+def test_grad_error_splits_a_shrunk_gradient_from_noise():
+    """``along`` is the error's component on the true gradient: a gradient shrunk by 1% reads -0.01
+    (and rel_err 0.01); noise orthogonal to it reads 0 with its own size as rel_err. Groups drop
+    the block index, and "all" pools every parameter."""
+    import torch
+    from grad_error import compare, group_of
+    assert group_of("blocks.12.attn.proj.weight") == "blocks.attn.proj.weight"
+    assert group_of("blocks.3.ada_lin.1.bias") == "blocks.ada_lin.1.bias" and group_of("head.weight") == "head.weight"
+    want = {"blocks.0.w": torch.tensor([3.0, 4.0], dtype=torch.float64),
+            "blocks.1.w": torch.tensor([0.0, 5.0], dtype=torch.float64),
+            "head.w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    got = {"blocks.0.w": want["blocks.0.w"] * 0.99, "blocks.1.w": want["blocks.1.w"] * 0.99,
+           "head.w": torch.tensor([1.0, 0.02], dtype=torch.float64)}      # orthogonal, 2% of its norm
+    out = compare(got, want)
+    assert out["blocks.w"] == {"rel_err": 0.01, "along": -0.01, "norm": round(50 ** 0.5, 2)}
+    assert out["head.w"] == {"rel_err": 0.02, "along": 0.0, "norm": 1.0}
+    # pooled: squared errors 0.01^2 * 50 + 0.02^2 over squared norm 51; along -0.01 * 50 / 51
+    assert out["all"]["rel_err"] == float(f"{(0.0054 / 51) ** 0.5:.3g}")
+    assert out["all"]["along"] == float(f"{-0.5 / 51:.3g}")
+
+
+def test_grad_error_tells_float32_from_bf16():
+    """End to end on the CPU (a one-block model): float32's gradients are far inside bf16's
+    rounding (unit roundoff 2^-9) and bf16 autocast's are not; the same weights and batch reach
+    both arms (their losses equal float64's to each dtype's rounding)."""
+    import json
+    import contextlib
+    import io
+    from grad_error import main
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["--depth", "1", "--batch", "2", "--after", "1", "--arm", "f32:plain:fp32", "--arm", "b16:plain:bf16",
+              "--device", "cpu"])
+    rows = {(r["arm"], r["step"]): r for r in map(json.loads, buf.getvalue().splitlines())}
+    assert set(rows) == {("f32", 0), ("f32", 1), ("b16", 0), ("b16", 1)}
+    bf16_u = 2.0 ** -9
+    for step in (0, 1):
+        f32, b16 = rows["f32", step], rows["b16", step]
+        assert f32["groups"]["all"]["rel_err"] < bf16_u / 100 < b16["groups"]["all"]["rel_err"] < 10 * bf16_u
+        assert abs(f32["loss"] - f32["loss_float64"]) < 1e-5 * f32["loss_float64"]
+        assert abs(b16["loss"] - b16["loss_float64"]) < 10 * bf16_u * b16["loss_float64"]
+    assert rows["f32", 0]["loss_float64"] != rows["f32", 1]["loss_float64"]   # the second point is after a step

@@ -48,7 +48,7 @@ for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     out[name] = {"q": q.detach(), "k": k.detach(), "v": v.detach(), "g_qkv": qkv.grad, "g_q_bias": q_bias.grad,
                  "g_v_bias": v_bias.grad, "g_temp": temp.grad}
 # other tiles, the incoming gradients in three different layouts, read through their strides
-cfg = qk_norm.KernelConfig(fwd_rows=5, fwd_warps=2, bwd_rows=7, bwd_warps=2)
+cfg = qk_norm.KernelConfig(fwd_rows=5, fwd_warps=2, bwd_rows=7, bwd_warps=2, bwd_stages=2)
 q, k, v, rnorm = qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, a["qkv"], a["q_bias"], a["v_bias"], a["temp"],
                                         qk_norm.EPS, cfg)
 g_q = a["g_q"].transpose(1, 2).contiguous().transpose(1, 2)            # (B, H, L, hd)-contiguous

@@ -65,14 +65,17 @@ class KernelConfig:
     """Tiles of the kernels: the forward takes ``fwd_rows`` rows of one image per program; the
     backward ``bwd_rows`` rows of one image per program, ``bwd_tile`` at a time (each program
     writes one partial sum per modulation gradient, so fewer rows mean more programs and more
-    partial sums to add up). The defaults are the sweep's best over d20 (B=64) and d30 (B=32) on an
-    H200 (``benchmarks/norm_parts.py --sweep``, RESULTS.md round 17)."""
+    partial sums to add up). ``bwd_stages`` > 1 software-pipelines the backward's loop over its
+    rows (``tl.range(num_stages=...)``: the next rows' loads in flight while one is computed). The
+    defaults are the sweep's best over d20 (B=64) and d30 (B=32) on an H200
+    (``benchmarks/norm_parts.py --sweep``, RESULTS.md round 17)."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
     bwd_rows: int = 16
     bwd_tile: int = 1
     bwd_warps: int = 4
+    bwd_stages: int = 1
 
 
 KERNEL_CONFIG = KernelConfig()
@@ -119,7 +122,7 @@ if triton is not None:
                          mean_ptr, rstd_ptr, g_x_ptr, g_y_ptr, part_ptr, l, C, rows, B, chunks,
                          gate_stride, scale_stride,
                          HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr, HAS_KEEP: tl.constexpr,
-                         TILE: tl.constexpr, BLOCK_C: tl.constexpr):
+                         TILE: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """Rows ``[chunk * rows, (chunk + 1) * rows)`` of image ``b``, ``TILE`` at a time: the
         stream's gradient ``g_res + rstd (g - xhat mean(g xhat) - mean(g))`` with
         ``g = g_h (1 + scale)``, the branch's ``g_x gate keep / keep_p``, and this chunk's sums of
@@ -141,7 +144,7 @@ if triton is not None:
             else:
                 gate_keep = 1.0
         last = tl.minimum((chunk + 1) * rows, l)
-        for first in range(chunk * rows, last, TILE):
+        for first in tl.range(chunk * rows, last, TILE, num_stages=STAGES):
             r = first + tl.arange(0, TILE)
             r_ok = r < last
             ok = r_ok[:, None] & col_ok[None, :]
@@ -212,7 +215,7 @@ def launch_backward(kernel, g_h_BlC, g_res_BlC, x_BlC, y_BlC, gate_B1C, keep_B, 
                         scale_B1C, mean_N, rstd_N, g_x, g_y if has_add else none, part, l, C, config.bwd_rows, B,
                         chunks, gate_B1C.stride(0) if has_add else 0, scale_B1C.stride(0), HAS_ADD=has_add,
                         HAS_RES=has_res, HAS_KEEP=has_keep, TILE=config.bwd_tile,
-                        BLOCK_C=triton.next_power_of_2(C), num_warps=config.bwd_warps)
+                        BLOCK_C=triton.next_power_of_2(C), STAGES=config.bwd_stages, num_warps=config.bwd_warps)
     sums_KB1C = part.sum(2, keepdim=True)   # each gradient its own tensor (an op's outputs may not alias)
     g_scale = sums_KB1C[0].to(scale_B1C.dtype, copy=True)
     g_shift = sums_KB1C[1].to(scale_B1C.dtype, copy=True)

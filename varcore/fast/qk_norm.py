@@ -60,14 +60,16 @@ EPS = 1e-12   # F.normalize's floor on the norm, as the plain path uses
 class KernelConfig:
     """Tiles of the kernels: the forward takes ``fwd_rows`` tokens per program, the backward
     ``bwd_rows`` (each backward program writes one partial sum per bias and temperature gradient,
-    so fewer tokens mean more programs and more partial sums to add up), one token at a time. The
-    defaults are the sweep's best at d20 (B=64) on an H200 (``benchmarks/norm_parts.py --part qk
+    so fewer tokens mean more programs and more partial sums to add up), one token at a time;
+    ``bwd_stages`` > 1 software-pipelines that loop (``tl.range(num_stages=...)``). The defaults
+    are the sweep's best at d20 (B=64) on an H200 (``benchmarks/norm_parts.py --part qk
     --sweep``, RESULTS.md round 18)."""
 
     fwd_rows: int = 1
     fwd_warps: int = 4
     bwd_rows: int = 16
     bwd_warps: int = 8
+    bwd_stages: int = 1
 
 
 KERNEL_CONFIG = KernelConfig()
@@ -131,7 +133,7 @@ if triton is not None:
     @triton.jit
     def qkv_norm_bwd_kernel(g_q_ptr, g_k_ptr, g_v_ptr, q_ptr, k_ptr, rnorm_ptr, temp_ptr, g_qkv_ptr, part_ptr,
                             N, L, H, HD, rows, gq_b, gq_l, gq_h, gk_b, gk_l, gk_h, gv_b, gv_l, gv_h,
-                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
         """Tokens ``[p * rows, (p + 1) * rows)``, one at a time: the projection's gradient
         ``(g_q_in, g_k_in, g_v)``, and this program's sums of ``g_q_in`` (q bias), ``g_v`` (v bias)
         and ``g_q' xhat_q`` per head (temperature) in ``part[p]``. The incoming gradients are read
@@ -144,7 +146,7 @@ if triton is not None:
         acc_v_bias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
         acc_temp = tl.zeros([BLOCK_H], dtype=tl.float32)
         first = p.to(tl.int64) * rows
-        for i in range(rows):
+        for i in tl.range(0, rows, 1, num_stages=STAGES):
             n = first + i
             tok_ok = ok & (n < N)
             head_tok_ok = head_ok & (n < N)
@@ -213,7 +215,7 @@ def launch_backward(kernel, g_q_BLHc: torch.Tensor, g_k_BLHc: torch.Tensor, g_v_
     part_P2CH = torch.empty(programs, 2 * C + H, dtype=torch.float32, device=q_BLHc.device)
     kernel[(programs,)](*grads, q_BLHc, k_BLHc, rnorm_N2H, temp_H, g_qkv_BL3C, part_P2CH, B * L, L, H, hd,
                         config.bwd_rows, *(st for g in grads for st in g.stride()[:3]),
-                        num_warps=config.bwd_warps, **_blocks(H, hd))
+                        STAGES=config.bwd_stages, num_warps=config.bwd_warps, **_blocks(H, hd))
     sums = part_P2CH.sum(0)
     # each gradient its own tensor (an op's outputs may not alias)
     return g_qkv_BL3C, sums[:C].clone(), sums[C:2 * C].clone(), sums[2 * C:].clone()

@@ -56,11 +56,14 @@ def gradients(model: torch.nn.Module, data, amp: torch.dtype | None) -> tuple[fl
 
 
 def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per group and over all parameters: ``rel_err``, ``along`` (module docstring) and the reference's norm."""
+    """Per group, per block (``block.<i>``: all of block i's parameters, so an error that grows
+    towards the input shows) and over all parameters: ``rel_err``, ``along`` (module docstring)
+    and the reference's norm."""
     sums: dict[str, list[float]] = {}
     for name, g64 in want.items():
         d = got[name] - g64
-        for key in (group_of(name), "all"):
+        block = re.match(r"^blocks\.(\d+)\.", name)
+        for key in (group_of(name), "all") + ((f"block.{block.group(1)}",) if block else ()):
             s = sums.setdefault(key, [0.0, 0.0, 0.0])
             s[0] += float((d * d).sum())
             s[1] += float((d * g64).sum())
@@ -101,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--arm", action="append", default=[],
                     help="tag:norm:amp, norm in auto/plain/fused, amp in bf16/fp32 "
                          "(default: plain:plain:bf16 and fused:fused:bf16)")
+    ap.add_argument("--residual-dtype", default="autocast", choices=["autocast", "float32"],
+                    help="the arms' VARConfig.residual_dtype (the stream's dtype under autocast)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -116,11 +121,12 @@ def main(argv=None):
         amp = AMPS[amp_name]
         model, _, plan = build(args.depth, args.batch, device, {"norm": norm, "cuda_graph": False,
                                                                 "master_weights": False},
-                               amp=amp, drop_path_rate=0.0, cond_drop_rate=0.0)
+                               amp=amp, drop_path_rate=0.0, cond_drop_rate=0.0, residual_dtype=args.residual_dtype)
         for step, weights, loss64, g64 in points:
             model.load_state_dict(weights)
             loss, g = gradients(model, data, amp)
-            emit({"bench": "grad_error", "arm": tag, "norm": norm, "amp": amp_name, "depth": args.depth,
+            emit({"bench": "grad_error", "arm": tag, "norm": norm, "amp": amp_name,
+                  "residual_dtype": args.residual_dtype, "depth": args.depth,
                   "batch": args.batch, "step": step, "plan": plan.as_dict(), "loss": round(loss, 6),
                   "loss_float64": round(loss64, 6), "groups": compare(g, g64), **env()})
 

@@ -110,6 +110,7 @@ def test_grad_error_splits_a_shrunk_gradient_from_noise():
     out = compare(got, want)
     assert out["blocks.w"] == {"rel_err": 0.01, "along": -0.01, "norm": round(50 ** 0.5, 2)}
     assert out["head.w"] == {"rel_err": 0.02, "along": 0.0, "norm": 1.0}
+    assert out["block.1"] == {"rel_err": 0.01, "along": -0.01, "norm": 5.0} and "block.head" not in out
     # pooled: squared errors 0.01^2 * 50 + 0.02^2 over squared norm 51; along -0.01 * 50 / 51
     assert out["all"]["rel_err"] == float(f"{(0.0054 / 51) ** 0.5:.3g}")
     assert out["all"]["along"] == float(f"{-0.5 / 51:.3g}")

@@ -211,7 +211,7 @@ def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     g = torch.Generator(device=device).manual_seed(1)
     qkv = torch.randn(B, cfg.L, 3 * cfg.C, device=device, generator=g).bfloat16()
     temp = attn.temperature_H().detach()
-    q, k, _, rnorm = qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp)
+    _, _, _, rnorm = qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp)
     g_q, g_k, g_v = (gr.transpose(1, 2) for gr in grads)
     base = qk_norm.KERNEL_CONFIG
     fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w)
@@ -225,7 +225,8 @@ def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
         qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp, config=tiles)
 
     def backward(tiles):
-        qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, q, k, rnorm, temp, config=tiles)
+        qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, qkv, attn.q_bias, rnorm, temp,
+                                config=tiles)
 
     time_tiles("qk_norm_sweep", depth, B, {"forward": (fwd, forward), "backward": (bwd, backward)}, args, device)
 

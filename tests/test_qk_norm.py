@@ -30,6 +30,7 @@ C, N = H * HD, B * L
 ZERO_K = (1, 5)   # (image, token) whose key is zero
 TINY_K = (0, 9)   # (image, token) whose key, and first query head, are shorter than EPS
 SMALL_K = (1, 20)   # (image, token) whose key is short (1e-10) but longer than EPS
+RADIAL = (0, 30)    # (image, token) whose incoming q and k gradients are mostly along q and k
 WRAP = dict(depth=2, num_heads=8)   # the module of the wrapper's check: C = 128, 8 heads of 16
 U32, STEP = 2.0 ** -24, 2.0 ** -7
 
@@ -55,8 +56,8 @@ g_q = a["g_q"].transpose(1, 2).contiguous().transpose(1, 2)            # (B, H, 
 g_k = a["g_k"]                                                          # contiguous
 g_v = torch.cat([a["g_v"], torch.full_like(a["g_v"][..., :8], float("nan"))], -1)[..., :24]   # padded heads
 assert all(len({g.stride(i) for g in (g_q, g_k, g_v)}) == 3 for i in (1, 2))
-g_qkv, g_q_bias, g_v_bias, g_temp = qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, q, k, rnorm,
-                                                            a["temp"], cfg)
+g_qkv, g_q_bias, g_v_bias, g_temp = qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, a["qkv"],
+                                                            a["q_bias"], rnorm, a["temp"], cfg)
 out["tiles"] = {"q": q, "k": k, "v": v, "g_qkv": g_qkv, "g_q_bias": g_q_bias, "g_v_bias": g_v_bias,
                 "g_temp": g_temp}
 # the wrapper on a module: its projection, biases and temperatures fed to the kernel
@@ -80,7 +81,11 @@ def _inputs() -> dict:
     qkv[SMALL_K[0], SMALL_K[1], 1] = torch.randn(H, HD, generator=g) * 2e-11    # |k| about 1e-10
     q_bias = (torch.randn(C, generator=g) * 0.2).bfloat16().float()
     q_bias[:HD] = 0.0
-    grads = {k: torch.randn(B, L, H, HD, generator=g).bfloat16().float() for k in ("g_q", "g_k", "g_v")}
+    grads = {k: torch.randn(B, L, H, HD, generator=g) for k in ("g_q", "g_k", "g_v")}
+    q_k = (qkv[RADIAL[0], RADIAL[1], :2].bfloat16().float() + torch.stack([q_bias.view(H, HD), torch.zeros(H, HD)]))
+    for i, name in enumerate(("g_q", "g_k")):   # 300 times the head's own direction, added
+        grads[name][RADIAL] += 300 * F.normalize(q_k[i], dim=-1)
+    grads = {k: v.bfloat16().float() for k, v in grads.items()}
     return {"qkv": qkv.view(B, L, 3 * C).bfloat16().float(),
             "q_bias": q_bias,
             "v_bias": (torch.randn(C, generator=g) * 0.2).bfloat16().float(),
@@ -121,8 +126,10 @@ def _bounds(a: dict, ref: dict, stored: float = 0.0) -> dict:
     ``hd u`` relative, halved by the square root); the square root, the reciprocal and the two
     products (``u`` each): ``e = (hd / 2 + 5) u`` relative, then the stored rounding.
 
-    Backward, per head and token: ``xhat`` is read back as ``q' / temp`` (``e`` and the stored
-    rounding, one more ``u`` for the division: ``e_x``); ``g = g_q' temp`` (``u``); ``dot = sum
+    Backward, per head and token: ``xhat`` is recomputed as the forward computes it,
+    ``(qkv + bias) |r|`` in float32, from the same stored inputs (the forward's ``e`` less the
+    temperature's product: ``e_x = e`` has a ``u`` to spare; no stored rounding, in bf16 too);
+    ``g = g_q' temp`` (``u``); ``dot = sum
     g xhat`` (``hd + 2`` roundings of the sum of absolute products, and ``e_x`` of it); the
     gradient ``r (g - xhat dot)`` adds ``u`` for the product, the difference and the product with
     ``r``, whose own error is the forward's ``e`` less the two products. The q bias's gradient sums
@@ -130,7 +137,7 @@ def _bounds(a: dict, ref: dict, stored: float = 0.0) -> dict:
     ``g_q' xhat`` over tokens and dims (``e_x + u`` each, ``hd + N`` roundings); v's is a copy."""
     u = U32
     e = (HD / 2 + 5) * u
-    e_x = e + stored + u
+    e_x = e
     e_r = e - 2 * u
     out = {"q": (e + stored) * ref["q"].abs(), "k": (e + stored) * ref["k"].abs(), "v": (u + stored) * ref["v"].abs()}
     temp = a["temp"].double().view(1, 1, H, 1)
@@ -203,6 +210,21 @@ def test_the_floor_on_the_norm_passes_the_gradient_scaled(kernel_run):
         assert ((g_in[at][1].double() - want).abs() <= 2 * U32 * want.abs()).all(), at
     want = a["g_q"][TINY_K][0].double() * a["temp"][0].double() / qk_norm.EPS   # q's head 0, times its temperature
     assert ((g_in[TINY_K][0, 0].double() - want).abs() <= 3 * U32 * want.abs()).all()
+
+
+def test_a_mostly_radial_gradient_keeps_its_tangential_part(kernel_run):
+    """At ``RADIAL`` the incoming q and k gradients are 300 times the head's own direction plus
+    the drawn part; the normalisation's backward removes the 300 and keeps the drawn part's
+    tangential component. In bf16 the kernel's error there is the stored rounding of its output
+    (one bf16 step) and float32 terms about ``300 (hd + 2 + e/u) u`` of the kept part (2e-4).
+    A backward reading ``xhat`` back from the bf16 outputs (round 18) left 300 times their
+    rounding (``2^-9``), about half the kept part, as error there."""
+    a, out = kernel_run
+    got = out["bf16"]["g_qkv"].double().view(B, L, 3, H, HD)[RADIAL]
+    want = _reference(a)["g_qkv"].view(B, L, 3, H, HD)[RADIAL]
+    for i in (0, 1):
+        rel = (got[i] - want[i]).norm(dim=-1) / want[i].norm(dim=-1)
+        assert (rel < 2 * STEP).all(), ("qk"[i], rel)
 
 
 def test_other_tiles_and_strided_gradients_compute_the_same(kernel_run):

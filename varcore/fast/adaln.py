@@ -67,15 +67,17 @@ class KernelConfig:
     writes one partial sum per modulation gradient, so fewer rows mean more programs and more
     partial sums to add up). ``bwd_stages`` > 1 software-pipelines the backward's loop over its
     rows (``tl.range(num_stages=...)``: the next rows' loads in flight while one is computed). The
-    defaults are the sweep's best over d20 (B=64) and d30 (B=32) on an H200
-    (``benchmarks/norm_parts.py --sweep``, RESULTS.md round 17)."""
+    tiles are the sweep's best over d20 (B=64) and d30 (B=32) on an H200
+    (``benchmarks/norm_parts.py --sweep``, RESULTS.md round 17); three stages took the pair of
+    backward kernels from 0.453 to 0.351 ms at d20 (round 19; 0.323 with 32 rows 2 at a time,
+    not swept at d30)."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
     bwd_rows: int = 16
     bwd_tile: int = 1
     bwd_warps: int = 4
-    bwd_stages: int = 1
+    bwd_stages: int = 3
 
 
 KERNEL_CONFIG = KernelConfig()

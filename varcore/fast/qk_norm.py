@@ -17,9 +17,9 @@ stacked ``(q, k, v)`` gradient (round 17's d20 profile: 12.9 ms of a 238.8 ms st
   ``v`` (each ``(B, L, H, hd)``, the projection's dtype) and the reciprocal norms (8 bytes per head
   and token) for the backward. ``v`` is written, not viewed, so that its gradient comes to the
   backward kernel, which writes the projection's whole gradient in one pass.
-- The backward is one kernel: per token it recovers the normalised rows from the saved outputs
-  (``q' / temperature``, ``k'``; the attention saves the outputs anyway, so only the reciprocal
-  norms are kept besides), writes ``(B, L, 3C)``: the normalisation's gradient
+- The backward is one kernel: per token it recomputes the normalised rows from the projection's
+  output (kept from the forward, with the reciprocal norms) exactly as the forward computed them
+  in float32, writes ``(B, L, 3C)``: the normalisation's gradient
   ``(g - xhat (xhat . g)) / |x|`` for q and k (``g / EPS`` where the norm's floor was taken) and
   v's gradient as it comes, and keeps running float32 sums, over its tokens, of the q and v
   biases' gradients and of ``g_q' xhat`` per head (the temperature's); the per-program sums are
@@ -29,9 +29,14 @@ Roundings: the biases are added, in float32, to the projection's output as store
 adds them, rounded to the autocast dtype, in the matmul's float32 epilogue, so its ``q`` and ``v``
 are rounded once after the add, ours before and after it); the norms,
 the normalisation and the products are float32 and each output is rounded once to the
-projection's dtype. The gradients are float32 and rounded once; the normalised rows the backward
-reads back are the outputs as stored (in bf16 one rounding, ``2^-9`` relative, from the
-float32 rows). The ops are registered with their backward (``varscale::qkv_norm_*``), so compiled
+projection's dtype. The gradients are float32 and rounded once. The backward's normalised rows
+are the forward's float32 ones, not the outputs read back: rounded to bf16 (``2^-9`` relative),
+the projection ``g - xhat (xhat . g)`` keeps that error times the gradient's radial part, which
+in training grows to many times the tangential part the projection keeps (round 18 read the
+outputs back; ``benchmarks/grad_error.py`` then found the q bias's and the projection weight's
+gradients off by 20% and 13% after 15 steps at d16, against 2% and 1.5% for the plain path,
+RESULTS.md round 19). Keeping the projection's output costs ``3C`` values per token and block
+of memory, no traffic: the backward reads it in place of ``q'`` and ``k'``. The ops are registered with their backward (``varscale::qkv_norm_*``), so compiled
 blocks call them inside their graphs; CPU tensors, and attention without the L2 normalisation,
 run :meth:`varcore.var.SelfAttention.qkv_heads` instead (:func:`fused_available`).
 """
@@ -63,13 +68,13 @@ class KernelConfig:
     so fewer tokens mean more programs and more partial sums to add up), one token at a time;
     ``bwd_stages`` > 1 software-pipelines that loop (``tl.range(num_stages=...)``). The defaults
     are the sweep's best at d20 (B=64) on an H200 (``benchmarks/norm_parts.py --part qk
-    --sweep``, RESULTS.md round 18)."""
+    --sweep``, RESULTS.md round 18; three stages, round 19: the backward 0.353 -> 0.253 ms)."""
 
     fwd_rows: int = 1
     fwd_warps: int = 4
     bwd_rows: int = 16
     bwd_warps: int = 8
-    bwd_stages: int = 1
+    bwd_stages: int = 3
 
 
 KERNEL_CONFIG = KernelConfig()
@@ -131,16 +136,18 @@ if triton is not None:
         return tl.where((r > 0)[:, None], r_abs * (g - xhat * dot[:, None]), g * r_abs)
 
     @triton.jit
-    def qkv_norm_bwd_kernel(g_q_ptr, g_k_ptr, g_v_ptr, q_ptr, k_ptr, rnorm_ptr, temp_ptr, g_qkv_ptr, part_ptr,
-                            N, L, H, HD, rows, gq_b, gq_l, gq_h, gk_b, gk_l, gk_h, gv_b, gv_l, gv_h,
+    def qkv_norm_bwd_kernel(g_q_ptr, g_k_ptr, g_v_ptr, qkv_ptr, q_bias_ptr, rnorm_ptr, temp_ptr, g_qkv_ptr,
+                            part_ptr, N, L, H, HD, rows, gq_b, gq_l, gq_h, gk_b, gk_l, gk_h, gv_b, gv_l, gv_h,
                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
         """Tokens ``[p * rows, (p + 1) * rows)``, one at a time: the projection's gradient
         ``(g_q_in, g_k_in, g_v)``, and this program's sums of ``g_q_in`` (q bias), ``g_v`` (v bias)
-        and ``g_q' xhat_q`` per head (temperature) in ``part[p]``. The incoming gradients are read
-        through their ``(B, L, H, hd)`` strides (last one 1)."""
+        and ``g_q' xhat_q`` per head (temperature) in ``part[p]``. ``xhat`` is the forward's
+        (``(qkv + bias) |r|``, float32). The incoming gradients are read through their
+        ``(B, L, H, hd)`` strides (last one 1)."""
         p = tl.program_id(0)
         heads, dims, head_ok, ok, col = _head_tile(H, HD, BLOCK_H, BLOCK_D)
         C = H * HD
+        q_bias = tl.load(q_bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
         temp = tl.load(temp_ptr + heads, mask=head_ok, other=1.0).to(tl.float32)
         acc_q_bias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
         acc_v_bias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
@@ -152,20 +159,20 @@ if triton is not None:
             head_tok_ok = head_ok & (n < N)
             b = n // L
             t = n % L
-            at = n * C + col
+            src = qkv_ptr + n * (3 * C) + col
             dst = g_qkv_ptr + n * (3 * C) + col
             g_q = tl.load(g_q_ptr + b * gq_b + t * gq_l + heads[:, None] * gq_h + dims[None, :], mask=tok_ok,
                           other=0.0).to(tl.float32)
-            xhat_q = tl.load(q_ptr + at, mask=tok_ok, other=0.0).to(tl.float32) / temp[:, None]
             r_q = tl.load(rnorm_ptr + n * (2 * H) + heads, mask=head_tok_ok, other=0.0)
+            xhat_q = (tl.load(src, mask=tok_ok, other=0.0).to(tl.float32) + q_bias) * tl.abs(r_q)[:, None]
             acc_temp += tl.sum(g_q * xhat_q, axis=1)
             g_q_in = _normalise_backward(g_q * temp[:, None], xhat_q, r_q)
             tl.store(dst, g_q_in.to(g_qkv_ptr.dtype.element_ty), mask=tok_ok)
             acc_q_bias += g_q_in
             g_k = tl.load(g_k_ptr + b * gk_b + t * gk_l + heads[:, None] * gk_h + dims[None, :], mask=tok_ok,
                           other=0.0).to(tl.float32)
-            xhat_k = tl.load(k_ptr + at, mask=tok_ok, other=0.0).to(tl.float32)
             r_k = tl.load(rnorm_ptr + n * (2 * H) + H + heads, mask=head_tok_ok, other=0.0)
+            xhat_k = tl.load(src + C, mask=tok_ok, other=0.0).to(tl.float32) * tl.abs(r_k)[:, None]
             tl.store(dst + C, _normalise_backward(g_k, xhat_k, r_k).to(g_qkv_ptr.dtype.element_ty),
                      mask=tok_ok)
             g_v = tl.load(g_v_ptr + b * gv_b + t * gv_l + heads[:, None] * gv_h + dims[None, :], mask=tok_ok,
@@ -202,18 +209,19 @@ def launch_forward(kernel, qkv_BL3C: torch.Tensor, q_bias_C: torch.Tensor, v_bia
 
 
 def launch_backward(kernel, g_q_BLHc: torch.Tensor, g_k_BLHc: torch.Tensor, g_v_BLHc: torch.Tensor,
-                    q_BLHc: torch.Tensor, k_BLHc: torch.Tensor, rnorm_N2H: torch.Tensor, temp_H: torch.Tensor,
+                    qkv_BL3C: torch.Tensor, q_bias_C: torch.Tensor, rnorm_N2H: torch.Tensor, temp_H: torch.Tensor,
                     config: KernelConfig = KERNEL_CONFIG):
-    """Run the backward ``kernel``: ``(g_qkv (B, L, 3C) in q's dtype, g_q_bias (C), g_v_bias (C),
+    """Run the backward ``kernel``: ``(g_qkv (B, L, 3C) in qkv's dtype, g_q_bias (C), g_v_bias (C),
     g_temp (H))``, the last three float32. ``g_*`` are ``(B, L, H, hd)`` with any strides but a
-    unit last one; ``q``, ``k``, ``rnorm`` are the forward's outputs."""
-    B, L, H, hd = q_BLHc.shape
-    C = H * hd
+    unit last one; ``qkv``, ``q_bias`` and ``temp`` are the forward's inputs, ``rnorm`` its output."""
+    B, L, C3 = qkv_BL3C.shape
+    H, C = temp_H.numel(), C3 // 3
+    hd = C // H
     grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (g_q_BLHc, g_k_BLHc, g_v_BLHc)]
-    g_qkv_BL3C = torch.empty(B, L, 3 * C, dtype=q_BLHc.dtype, device=q_BLHc.device)
+    g_qkv_BL3C = torch.empty(B, L, 3 * C, dtype=qkv_BL3C.dtype, device=qkv_BL3C.device)
     programs = triton.cdiv(B * L, config.bwd_rows)
-    part_P2CH = torch.empty(programs, 2 * C + H, dtype=torch.float32, device=q_BLHc.device)
-    kernel[(programs,)](*grads, q_BLHc, k_BLHc, rnorm_N2H, temp_H, g_qkv_BL3C, part_P2CH, B * L, L, H, hd,
+    part_P2CH = torch.empty(programs, 2 * C + H, dtype=torch.float32, device=qkv_BL3C.device)
+    kernel[(programs,)](*grads, qkv_BL3C, q_bias_C, rnorm_N2H, temp_H, g_qkv_BL3C, part_P2CH, B * L, L, H, hd,
                         config.bwd_rows, *(st for g in grads for st in g.stride()[:3]),
                         STAGES=config.bwd_stages, num_warps=config.bwd_warps, **_blocks(H, hd))
     sums = part_P2CH.sum(0)
@@ -231,25 +239,28 @@ if triton is not None:
                               temp_H, eps)
 
     @torch.library.triton_op("varscale::qkv_norm_bwd", mutates_args=())
-    def _bwd(g_q_BLHc: torch.Tensor, g_k_BLHc: torch.Tensor, g_v_BLHc: torch.Tensor, q_BLHc: torch.Tensor,
-             k_BLHc: torch.Tensor, rnorm_N2H: torch.Tensor, temp_H: torch.Tensor
+    def _bwd(g_q_BLHc: torch.Tensor, g_k_BLHc: torch.Tensor, g_v_BLHc: torch.Tensor, qkv_BL3C: torch.Tensor,
+             q_bias_C: torch.Tensor, rnorm_N2H: torch.Tensor, temp_H: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The backward kernel as an op (:func:`launch_backward`)."""
         return launch_backward(torch.library.wrap_triton(qkv_norm_bwd_kernel), g_q_BLHc, g_k_BLHc, g_v_BLHc,
-                               q_BLHc, k_BLHc, rnorm_N2H, temp_H)
+                               qkv_BL3C, q_bias_C, rnorm_N2H, temp_H)
 
     def _setup(ctx, inputs, output):
-        """Save the outputs q', k' (the attention keeps them anyway) and the reciprocal norms."""
-        _, q_bias_C, v_bias_C, temp_H, _ = inputs
-        q_BLHc, k_BLHc, _, rnorm_N2H = output
-        ctx.save_for_backward(q_BLHc, k_BLHc, rnorm_N2H, temp_H)
+        """Save the projection's output, the q bias, the temperatures and the reciprocal norms:
+        what the backward recomputes the forward's normalised rows from."""
+        qkv_BL3C, q_bias_C, v_bias_C, temp_H, _ = inputs
+        ctx.save_for_backward(qkv_BL3C, q_bias_C, output[3], temp_H)
         ctx.dtypes = (q_bias_C.dtype, v_bias_C.dtype, temp_H.dtype)
 
     def _backward(ctx, g_q_BLHc, g_k_BLHc, g_v_BLHc, _g_rnorm):
         """Gradients of ``(qkv, q_bias, v_bias, temp, eps)``, each in its input's dtype."""
-        q_BLHc, k_BLHc, rnorm_N2H, temp_H = ctx.saved_tensors
-        grads = [torch.zeros_like(q_BLHc) if g is None else g for g in (g_q_BLHc, g_k_BLHc, g_v_BLHc)]
-        g_qkv, g_q_bias, g_v_bias, g_temp = torch.ops.varscale.qkv_norm_bwd(*grads, q_BLHc, k_BLHc, rnorm_N2H,
+        qkv_BL3C, q_bias_C, rnorm_N2H, temp_H = ctx.saved_tensors
+        B, L, C3 = qkv_BL3C.shape
+        H = temp_H.numel()
+        grads = [qkv_BL3C.new_zeros(B, L, H, C3 // (3 * H)) if g is None else g
+                 for g in (g_q_BLHc, g_k_BLHc, g_v_BLHc)]
+        g_qkv, g_q_bias, g_v_bias, g_temp = torch.ops.varscale.qkv_norm_bwd(*grads, qkv_BL3C, q_bias_C, rnorm_N2H,
                                                                            temp_H)
         q_dt, v_dt, t_dt = ctx.dtypes
         return g_qkv, g_q_bias.to(q_dt), g_v_bias.to(v_dt), g_temp.to(t_dt), None

@@ -30,13 +30,14 @@ adds them, rounded to the autocast dtype, in the matmul's float32 epilogue, so i
 are rounded once after the add, ours before and after it); the norms,
 the normalisation and the products are float32 and each output is rounded once to the
 projection's dtype. The gradients are float32 and rounded once. The backward's normalised rows
-are the forward's float32 ones, not the outputs read back: rounded to bf16 (``2^-9`` relative),
-the projection ``g - xhat (xhat . g)`` keeps that error times the gradient's radial part, which
-in training grows to many times the tangential part the projection keeps (round 18 read the
-outputs back; ``benchmarks/grad_error.py`` then found the q bias's and the projection weight's
-gradients off by 20% and 13% after 15 steps at d16, against 2% and 1.5% for the plain path,
-RESULTS.md round 19). Keeping the projection's output costs ``3C`` values per token and block
-of memory, no traffic: the backward reads it in place of ``q'`` and ``k'``. The ops are registered with their backward (``varscale::qkv_norm_*``), so compiled
+are the forward's float32 ones, as the plain path's recomputation has them, not the outputs read
+back (round 18): rounded to bf16 (``2^-9`` relative), the projection ``g - xhat (xhat . g)``
+keeps that error times the gradient's radial part, about half the kept part where the radial
+part is 300 times it (the tests). In the d16 training run of ``benchmarks/grad_error.py`` the
+gradients did not change measurably with it (RESULTS.md round 19: the radial parts there are
+small). Keeping the projection's output costs ``3C`` values per token and block of memory (4.5
+GiB more peak at d24, B=32) and no traffic: the backward reads it in place of ``q'`` and
+``k'``. The ops are registered with their backward (``varscale::qkv_norm_*``), so compiled
 blocks call them inside their graphs; CPU tensors, and attention without the L2 normalisation,
 run :meth:`varcore.var.SelfAttention.qkv_heads` instead (:func:`fused_available`).
 """

@@ -17,6 +17,11 @@ the same batch, where the modulation and the gates are no longer at their initia
 
     PYTHONPATH=. python benchmarks/grad_error.py                       # d16, B=16, norm plain and fused
     PYTHONPATH=. python benchmarks/grad_error.py --arm fused:fused:fp32   # an arm is tag:norm:amp
+    PYTHONPATH=. python benchmarks/grad_error.py --arm eager:plain:bf16:compile=false \
+        --arm dense:plain:bf16:attention=dense     # more plan fields after a fourth colon
+
+Eager bf16 (``compile=false``) is how the official code trains; inductor's compiled composition
+skips some of eager's intermediate roundings, so the plain compiled path is not the only yardstick.
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ from train_step import PLAIN, batch_of, build  # noqa: E402
 from varcore.step import var_loss  # noqa: E402
 
 AMPS = {"bf16": torch.bfloat16, "fp32": None}
+
+
+def parse_arm(spec: str) -> tuple[str, dict, str]:
+    """``tag:norm:amp[:field=value,...]`` -> (tag, execution-plan choices, amp name); values
+    ``true``/``false`` are booleans (``compile=false``), others strings (``attention=dense``)."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or parts[2] not in AMPS:
+        raise ValueError(f"--arm must be tag:norm:amp[:field=value,...] with amp in {sorted(AMPS)}, got {spec!r}")
+    tag, norm, amp = parts[:3]
+    choices = {"norm": norm, "cuda_graph": False, "master_weights": False}
+    for item in (parts[3].split(",") if len(parts) == 4 else []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--arm {spec!r}: plan fields are field=value, got {item!r}")
+        choices[key] = {"true": True, "false": False}.get(value, value)
+    return tag, choices, amp
 
 
 def group_of(name: str) -> str:
@@ -112,20 +133,19 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    arms = [a.split(":") for a in (args.arm or ["plain:plain:bf16", "fused:fused:bf16"])]
-    for arm in arms:
-        if len(arm) != 3 or arm[2] not in AMPS:
-            ap.error(f"--arm must be tag:norm:amp with amp in {sorted(AMPS)}, got {':'.join(arm)!r}")
+    try:
+        arms = [parse_arm(a) for a in (args.arm or ["plain:plain:bf16", "fused:fused:bf16"])]
+    except ValueError as e:
+        ap.error(str(e))
     points, data = reference(args.depth, args.batch, device, args.after, args.lr, args.seed)
-    for tag, norm, amp_name in arms:
+    for tag, choices, amp_name in arms:
         amp = AMPS[amp_name]
-        model, _, plan = build(args.depth, args.batch, device, {"norm": norm, "cuda_graph": False,
-                                                                "master_weights": False},
-                               amp=amp, drop_path_rate=0.0, cond_drop_rate=0.0, residual_dtype=args.residual_dtype)
+        model, _, plan = build(args.depth, args.batch, device, choices, amp=amp, drop_path_rate=0.0,
+                               cond_drop_rate=0.0, residual_dtype=args.residual_dtype)
         for step, weights, loss64, g64 in points:
             model.load_state_dict(weights)
             loss, g = gradients(model, data, amp)
-            emit({"bench": "grad_error", "arm": tag, "norm": norm, "amp": amp_name,
+            emit({"bench": "grad_error", "arm": tag, "norm": plan.norm, "amp": amp_name,
                   "residual_dtype": args.residual_dtype, "depth": args.depth,
                   "batch": args.batch, "step": step, "plan": plan.as_dict(), "loss": round(loss, 6),
                   "loss_float64": round(loss64, 6), "groups": compare(g, g64), **env()})

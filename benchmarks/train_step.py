@@ -13,6 +13,7 @@ block-causal mask allows), and peak allocated memory.
     PYTHONPATH=. python benchmarks/train_step.py --case 16:64 --plain     # the plain plan: dense mask, eager, foreach AdamW
     PYTHONPATH=. python benchmarks/train_step.py --numerics               # bf16 fast path vs fp32 plain loss
     PYTHONPATH=. python benchmarks/train_step.py --numerics --numerics-amp none   # the fast path in fp32
+    PYTHONPATH=. python benchmarks/train_step.py --numerics --norm-impl plain --no-compile   # eager bf16's drift
     PYTHONPATH=. python benchmarks/train_step.py --graph-check            # CUDA-graph replays vs eager steps
     PYTHONPATH=. python benchmarks/train_step.py --resume-check           # checkpoint + resume vs a straight run
 
@@ -64,6 +65,8 @@ def plan_choices(args) -> dict:
         out["cuda_graph"] = False
     if args.no_master:
         out["master_weights"] = False
+    if args.no_compile:
+        out["compile"] = False
     return out
 
 
@@ -303,6 +306,8 @@ def main(argv=None):
                     help="launch the step's kernels one by one (default on GPU: one CUDA graph, as the trainer)")
     ap.add_argument("--no-master", action="store_true",
                     help="autocast casts float32 weights (default on GPU: bf16 working copies, as the trainer)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="blocks, head and loss eager, as the official code trains (attention auto: per_scale SDPA)")
     ap.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (trainer: 2.0)")
     ap.add_argument("--graph-check", action="store_true",
                     help="also check that CUDA-graph replays give the eager step's losses and weights")

@@ -137,3 +137,20 @@ def test_grad_error_tells_float32_from_bf16():
         assert abs(f32["loss"] - f32["loss_float64"]) < 1e-5 * f32["loss_float64"]
         assert abs(b16["loss"] - b16["loss_float64"]) < 10 * bf16_u * b16["loss_float64"]
     assert rows["f32", 0]["loss_float64"] != rows["f32", 1]["loss_float64"]   # the second point is after a step
+
+
+def test_grad_error_arms_take_plan_fields():
+    """An arm is tag:norm:amp, with plan fields after a fourth colon (booleans spelled true/false);
+    the arms never replay a CUDA graph nor keep bf16 weight copies, so every arm's gradients are
+    of the float64 reference's weights as given."""
+    import pytest
+    from grad_error import parse_arm
+    assert parse_arm("fused:fused:bf16") == ("fused", {"norm": "fused", "cuda_graph": False,
+                                                       "master_weights": False}, "bf16")
+    tag, choices, amp = parse_arm("eager:plain:fp32:compile=false,attention=dense")
+    assert (tag, amp) == ("eager", "fp32")
+    assert choices == {"norm": "plain", "cuda_graph": False, "master_weights": False, "compile": False,
+                       "attention": "dense"}
+    for bad in ("a:plain", "a:plain:fp16", "a:plain:bf16:compile", "a:plain:bf16:=x", "a:b:bf16:x=1:y"):
+        with pytest.raises(ValueError, match="--arm"):
+            parse_arm(bad)

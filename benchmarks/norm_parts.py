@@ -135,7 +135,7 @@ def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     bwd = [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w, bwd_stages=1)
            for n, t, w in itertools.product((16, 32, 64), (1, 2, 4), (4, 8, 16))]
     bwd += [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w, bwd_stages=s)   # the loop pipelined
-            for n, t, w, s in itertools.product((16, 32), (1, 2), (4, 8), (2, 3))]
+            for n, t, w, s in itertools.product((16, 32), (1, 2), (4, 8), (2, 3, 4))]
 
     def forward(tiles):
         adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1, 1e-6,
@@ -216,10 +216,10 @@ def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     base = qk_norm.KERNEL_CONFIG
     fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w)
            for r, w in itertools.product((1, 2, 4, 8, 16), (2, 4, 8))]
-    bwd = [dataclasses.replace(base, bwd_rows=n, bwd_warps=w, bwd_stages=s)
-           for n, w, s in itertools.product((8, 16, 32, 64), (2, 4, 8), (1,))]
+    bwd = [dataclasses.replace(base, bwd_rows=n, bwd_warps=w, bwd_stages=1)
+           for n, w in itertools.product((8, 16, 32, 64), (2, 4, 8))]
     bwd += [dataclasses.replace(base, bwd_rows=n, bwd_warps=w, bwd_stages=s)   # the loop pipelined
-            for n, w, s in itertools.product((16, 32), (4, 8), (2, 3))]
+            for n, w, s in itertools.product((16, 32), (4, 8), (2, 3, 4))]
 
     def forward(tiles):
         qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp, config=tiles)

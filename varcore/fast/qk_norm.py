@@ -251,7 +251,8 @@ if triton is not None:
         """Save the projection's output, the q bias, the temperatures and the reciprocal norms:
         what the backward recomputes the forward's normalised rows from."""
         qkv_BL3C, q_bias_C, v_bias_C, temp_H, _ = inputs
-        ctx.save_for_backward(qkv_BL3C, q_bias_C, output[3], temp_H)
+        _, _, _, rnorm_N2H = output
+        ctx.save_for_backward(qkv_BL3C, q_bias_C, rnorm_N2H, temp_H)
         ctx.dtypes = (q_bias_C.dtype, v_bias_C.dtype, temp_H.dtype)
 
     def _backward(ctx, g_q_BLHc, g_k_BLHc, g_v_BLHc, _g_rnorm):

@@ -27,6 +27,7 @@ skips some of eager's intermediate roundings, so the plain compiled path is not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ from train_step import PLAIN, batch_of, build  # noqa: E402
 from varcore.step import var_loss  # noqa: E402
 
 AMPS = {"bf16": torch.bfloat16, "fp32": None}
+BLOCK = re.compile(r"^blocks\.(\d+)\.")   # a block's parameter, with the block's index
 
 
 def parse_arm(spec: str) -> tuple[str, dict, str]:
@@ -60,15 +62,14 @@ def parse_arm(spec: str) -> tuple[str, dict, str]:
 def group_of(name: str) -> str:
     """A parameter's group: its name with the block index removed (``blocks.3.attn.proj.weight``
     -> ``blocks.attn.proj.weight``)."""
-    return re.sub(r"^blocks\.\d+\.", "blocks.", name)
+    return BLOCK.sub("blocks.", name)
 
 
 def gradients(model: torch.nn.Module, data, amp: torch.dtype | None) -> tuple[float, dict[str, torch.Tensor]]:
     """The loss and every parameter's gradient (float64 copies) of one forward and backward."""
     label_B, x_BlCvae, target_BL = data
     model.zero_grad(set_to_none=True)
-    ctx = torch.autocast(x_BlCvae.device.type, dtype=amp) if amp is not None else torch.autocast("cpu", enabled=False)
-    with ctx:
+    with torch.autocast(x_BlCvae.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
         logits_BLV = model(label_B, x_BlCvae.to(next(model.parameters()).dtype))
     loss = var_loss(logits_BLV, target_BL)
     loss.backward()
@@ -83,7 +84,7 @@ def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict
     sums: dict[str, list[float]] = {}
     for name, g64 in want.items():
         d = got[name] - g64
-        block = re.match(r"^blocks\.(\d+)\.", name)
+        block = BLOCK.match(name)
         for key in (group_of(name), "all") + ((f"block.{block.group(1)}",) if block else ()):
             s = sums.setdefault(key, [0.0, 0.0, 0.0])
             s[0] += float((d * d).sum())

@@ -29,11 +29,24 @@ ray = pytest.importorskip("ray")
 STEPS = 10
 
 
+def start_local_ray() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def no_local_ray(ray_local):
+    """This process's Ray stopped for the test and started again after it: a test whose stage runs
+    in a child process (with a Ray of its own) then has the machine's two cores to itself."""
+    ray.shutdown()
+    yield
+    start_local_ray()
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +246,7 @@ def test_state_file_with_a_flipped_bit_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_stage_resumes_from_its_last_checkpoint(one_worker_run, artifacts, tmp_path):
+def test_killed_stage_resumes_from_its_last_checkpoint(one_worker_run, artifacts, no_local_ray, tmp_path):
     """kill -9 of the stage's process group (driver, Ray, workers) once Ray has registered a
     checkpoint; the rerun resumes at a checkpointed step, not 0, and ends with the uninterrupted
     run's numbers."""

@@ -38,8 +38,8 @@ inside the kernels it fuses (``emulate_precision_casts`` off); with them kept it
 and errs in every gradient as eager and these kernels do. With a float32 stream
 (``residual_dtype="float32"``) the kernels' curve drifts by 0.0007: the drift is the bf16
 stream's, as the official code has it (RESULTS.md round 20). The ops are registered with their
-backward (``varscale::adaln_*``), so compiled blocks call them inside their graphs; CPU tensors, and layouts the kernels do not read, run the
-eager composition instead (:func:`fused_available`).
+backward (``varscale::adaln_*``), so compiled blocks call them inside their graphs; CPU tensors,
+and layouts the kernels do not read, run the eager composition instead (:func:`fused_available`).
 """
 
 from __future__ import annotations

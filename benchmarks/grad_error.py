@@ -22,9 +22,8 @@ the same batch, where the modulation and the gates are no longer at their initia
 
 Eager bf16 (``compile=false``) is how the official code trains. Inductor's compiled composition
 skips the roundings to bf16 that fall inside the kernels it fuses, so the plain compiled path is
-more accurate than the program it compiles; with
-``TORCHINDUCTOR_EMULATE_PRECISION_CASTS=1`` it keeps them, and errs as eager does (RESULTS.md
-round 20). ``--residual-dtype float32`` takes the stream's roundings out of every arm.
+more accurate than the program it compiles; with ``TORCHINDUCTOR_EMULATE_PRECISION_CASTS=1`` it
+keeps them, and errs as eager does (RESULTS.md round 20). ``--residual-dtype float32`` takes the stream's roundings out of every arm.
 """
 
 from __future__ import annotations
@@ -127,7 +126,8 @@ def main(argv=None):
     ap.add_argument("--after", type=int, default=20, help="float64 AdamW steps before the second comparison")
     ap.add_argument("--lr", type=float, default=3e-4, help="their learning rate (train_step.py --numerics' own)")
     ap.add_argument("--arm", action="append", default=[],
-                    help="tag:norm:amp, norm in auto/plain/fused, amp in bf16/fp32 "
+                    help="tag:norm:amp[:field=value,...], norm in auto/plain/fused, amp in bf16/fp32, "
+                         "plan fields e.g. compile=false,attention=dense "
                          "(default: plain:plain:bf16 and fused:fused:bf16)")
     ap.add_argument("--residual-dtype", default="autocast", choices=["autocast", "float32"],
                     help="the arms' VARConfig.residual_dtype (the stream's dtype under autocast)")

@@ -136,7 +136,8 @@ class _Plan:
     of the fastest algorithm once timed (building these costs more host time than a launch)."""
 
     def __init__(self, device: int, epilogue: int, in_dtype: int, out_dtype: int, transa: int, transb: int,
-                 a_shape: tuple[int, int], b_shape: tuple[int, int], m: int, n: int, align: tuple[int, int, int]):
+                 a_shape: tuple[int, int], b_shape: tuple[int, int], m: int, n: int, align: tuple[int, int, int],
+                 requested: int = MAX_ALGOS):
         lib = _lib()
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _CUBLAS_COMPUTE_32F, _CUDA_R_32F), "desc create")
@@ -155,9 +156,9 @@ class _Plan:
              ctypes.c_uint64(MAX_WORKSPACE_BYTES))
         for name, a in zip("ABCD", (*align, align[2])):
             _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(a))
-        results, count = (_HeuristicResult * MAX_ALGOS)(), ctypes.c_int(0)
+        results, count = (_HeuristicResult * requested)(), ctypes.c_int(0)
         A, B, D = self.layouts
-        _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), self.desc, A, B, D, D, pref, MAX_ALGOS, results,
+        _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), self.desc, A, B, D, D, pref, requested, results,
                                                   ctypes.byref(count)), "heuristic")
         if count.value < 1:
             raise CublasLtError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m} n={n}")
@@ -177,11 +178,13 @@ def _op_dims(shape: tuple[int, int], trans: int) -> tuple[int, int]:
 
 
 def gemm(epilogue: int, a: torch.Tensor, transa: int, b: torch.Tensor, transb: int, d: torch.Tensor,
-         bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, algo: int | None = None) -> int:
+         bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, algo: int | None = None,
+         requested: int = MAX_ALGOS) -> int:
     """Column-major ``D = epilogue(op(A) op(B))`` where A, B, D are the column-major matrices
     that the contiguous row-major tensors ``a``, ``b``, ``d`` are (``d`` row-major ``(n, m)``).
-    ``algo``: index into the heuristic's algorithms; None: the fastest, timed on the first
-    call of each shape (outside CUDA graph capture). Returns the number of algorithms."""
+    ``algo``: index into the heuristic's algorithms (at most ``requested`` of them); None: the
+    fastest, timed on the first call of each shape (outside CUDA graph capture). Returns the
+    number of algorithms."""
     lib = _lib()
     m, k = _op_dims(tuple(a.shape), transa)
     k2, n = _op_dims(tuple(b.shape), transb)
@@ -190,7 +193,7 @@ def gemm(epilogue: int, a: torch.Tensor, transa: int, b: torch.Tensor, transb: i
     dev = d.device.index if d.device.index is not None else torch.cuda.current_device()
     out_align = _alignment(d) if aux is None else min(_alignment(d), _alignment(aux))
     plan = _plan(dev, epilogue, _DTYPES[a.dtype], _DTYPES[d.dtype], transa, transb, tuple(a.shape), tuple(b.shape),
-                 m, n, (_alignment(a), _alignment(b), out_align))
+                 m, n, (_alignment(a), _alignment(b), out_align), requested)
     if bias is not None:
         _set(lib.cublasLtMatmulDescSetAttribute, plan.desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
     if aux is not None:

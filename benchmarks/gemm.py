@@ -1,0 +1,186 @@
+"""Every matmul of a training step (or of a sampling batch) at the paper shapes, alone: torch's
+own call as the step makes it against each algorithm cuBLASLt's heuristic offers for it.
+
+The matmuls are most of a step (two thirds at d20 on the H200) and run below the tensor
+cores' sustained rate; torch takes cuBLAS's first choice per shape. This prints, per matmul,
+torch's time, cuBLASLt's first and fastest algorithm (of ``--algos`` requested) and the
+TFLOP/s of each, then a line that weighs them by how often a step (or a batch) calls them:
+what choosing the fastest algorithm per shape could save, before building anything for it.
+
+    PYTHONPATH=. python benchmarks/gemm.py --case 20:64 --case 24:32 --algos 32
+    PYTHONPATH=. python benchmarks/gemm.py --sample-case 30:64 --algos 32
+
+Training: per block the q/k/v and output projections and the FFN's two matmuls, each forward,
+input gradient (dgrad) and weight gradient (wgrad), in the layouts the step's autograd uses
+(the FFN's first forward with the GELU in its epilogue and its second dgrad with the GELU
+derivative, as ``varcore.fast.fused_mlp`` runs them); the head's three once per step.
+Sampling: the forwards per scale on the CFG-doubled rows (``2 B n_k^2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_utils import emit, env, time_ms  # noqa: E402
+from varcore.fast import cublaslt as L  # noqa: E402
+from varcore.var import PAPER_PATCH_NUMS  # noqa: E402
+
+VOCAB = 4096
+# matmuls the step already runs through cuBLASLt (its fastest of the first 8 algorithms), not torch
+VIA_CUBLASLT = ("gelu",)
+
+
+def event_ms(fn, iters: int) -> float:
+    """Median ms over ``iters`` synchronised calls after 3 warm-up calls (CUDA events)."""
+    return sorted(time_ms(fn, torch.device("cuda"), 3, iters))[iters // 2]
+
+
+class Mats:
+    """Random bf16 operands for one width, reused across matmuls (their values do not change a
+    matmul's time)."""
+
+    def __init__(self, rows: int, C: int, dev):
+        g = torch.Generator(device=dev).manual_seed(0)
+        self.dev = dev
+
+        def r(*shape):
+            return torch.randn(*shape, device=dev, generator=g).bfloat16()
+        self.x_NC, self.dy_NC = r(rows, C), r(rows, C)
+        self.dy_N3C, self.h_NH, self.dh_NH = r(rows, 3 * C), r(rows, 4 * C), r(rows, 4 * C)
+        self.dlog_NV = r(rows, VOCAB)
+        self.w_qkv, self.w_proj, self.w1, self.w2, self.w_head = (r(3 * C, C), r(C, C), r(4 * C, C), r(C, 4 * C),
+                                                                  r(VOCAB, C))
+        self.b_C, self.b_H, self.b_V = r(C), r(4 * C), r(VOCAB)
+
+    def out(self, *shape):
+        return torch.empty(*shape, device=self.dev, dtype=torch.bfloat16)
+
+
+def training_matmuls(m: Mats, N: int, C: int, depth: int) -> list[tuple]:
+    """(name, calls per step, flop, torch callable, cuBLASLt gemm args) for one step."""
+    H, V = 4 * C, VOCAB
+    o = m.out
+    per_block = [
+        ("qkv_fwd", 2 * N * C * 3 * C, lambda: F.linear(m.x_NC, m.w_qkv),
+         (L.EPILOGUE_DEFAULT, m.w_qkv, L.OP_T, m.x_NC, L.OP_N, o(N, 3 * C))),
+        ("qkv_dgrad", 2 * N * C * 3 * C, lambda: m.dy_N3C @ m.w_qkv,
+         (L.EPILOGUE_DEFAULT, m.w_qkv, L.OP_N, m.dy_N3C, L.OP_N, o(N, C))),
+        ("qkv_wgrad", 2 * N * C * 3 * C, lambda: m.dy_N3C.t() @ m.x_NC,
+         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dy_N3C, L.OP_T, o(3 * C, C))),
+        ("proj_fwd", 2 * N * C * C, lambda: F.linear(m.x_NC, m.w_proj, m.b_C),
+         (L.EPILOGUE_BIAS, m.w_proj, L.OP_T, m.x_NC, L.OP_N, o(N, C), m.b_C)),
+        ("proj_dgrad", 2 * N * C * C, lambda: m.dy_NC @ m.w_proj,
+         (L.EPILOGUE_DEFAULT, m.w_proj, L.OP_N, m.dy_NC, L.OP_N, o(N, C))),
+        ("proj_wgrad", 2 * N * C * C, lambda: m.dy_NC.t() @ m.x_NC,
+         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dy_NC, L.OP_T, o(C, C))),
+        ("fc1_fwd_gelu_aux", 2 * N * C * H, lambda: F.linear(m.x_NC, m.w1, m.b_H),
+         (L.EPILOGUE_GELU_AUX_BIAS, m.w1, L.OP_T, m.x_NC, L.OP_N, o(N, H), m.b_H, o(N, H))),
+        ("fc1_dgrad", 2 * N * C * H, lambda: m.dh_NH @ m.w1,
+         (L.EPILOGUE_DEFAULT, m.w1, L.OP_N, m.dh_NH, L.OP_N, o(N, C))),
+        ("fc1_wgrad", 2 * N * C * H, lambda: m.dh_NH.t() @ m.x_NC,
+         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dh_NH, L.OP_T, o(H, C))),
+        ("fc2_fwd", 2 * N * C * H, lambda: F.linear(m.h_NH, m.w2, m.b_C),
+         (L.EPILOGUE_BIAS, m.w2, L.OP_T, m.h_NH, L.OP_N, o(N, C), m.b_C)),
+        ("fc2_dgrad_dgelu", 2 * N * C * H, lambda: m.dy_NC @ m.w2,
+         (L.EPILOGUE_DGELU, m.w2, L.OP_N, m.dy_NC, L.OP_N, o(N, H), None, m.h_NH)),
+        ("fc2_wgrad", 2 * N * C * H, lambda: m.dy_NC.t() @ m.h_NH,
+         (L.EPILOGUE_DEFAULT, m.h_NH, L.OP_N, m.dy_NC, L.OP_T, o(C, H))),
+    ]
+    head = [
+        ("head_fwd", 2 * N * C * V, lambda: F.linear(m.x_NC, m.w_head, m.b_V),
+         (L.EPILOGUE_BIAS, m.w_head, L.OP_T, m.x_NC, L.OP_N, o(N, V), m.b_V)),
+        ("head_dgrad", 2 * N * C * V, lambda: m.dlog_NV @ m.w_head,
+         (L.EPILOGUE_DEFAULT, m.w_head, L.OP_N, m.dlog_NV, L.OP_N, o(N, C))),
+        ("head_wgrad", 2 * N * C * V, lambda: m.dlog_NV.t() @ m.x_NC,
+         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dlog_NV, L.OP_T, o(V, C))),
+    ]
+    return [(n, depth, f, t, a) for n, f, t, a in per_block] + [(n, 1, f, t, a) for n, f, t, a in head]
+
+
+def sampling_matmuls(m: Mats, rows: int, C: int, depth: int, scale: int) -> list[tuple]:
+    """The forwards of one scale's ``rows`` tokens (CFG-doubled), all blocks and the head."""
+    H, V, o = 4 * C, VOCAB, m.out
+    x, h = m.x_NC[:rows], m.h_NH[:rows]
+    return [
+        (f"s{scale}_qkv", depth, 2 * rows * C * 3 * C, lambda: F.linear(x, m.w_qkv),
+         (L.EPILOGUE_DEFAULT, m.w_qkv, L.OP_T, x, L.OP_N, o(rows, 3 * C))),
+        (f"s{scale}_proj", depth, 2 * rows * C * C, lambda: F.linear(x, m.w_proj, m.b_C),
+         (L.EPILOGUE_BIAS, m.w_proj, L.OP_T, x, L.OP_N, o(rows, C), m.b_C)),
+        (f"s{scale}_fc1_gelu", depth, 2 * rows * C * H, lambda: F.linear(x, m.w1, m.b_H),
+         (L.EPILOGUE_GELU_BIAS, m.w1, L.OP_T, x, L.OP_N, o(rows, H), m.b_H)),
+        (f"s{scale}_fc2", depth, 2 * rows * C * H, lambda: F.linear(h, m.w2, m.b_C),
+         (L.EPILOGUE_BIAS, m.w2, L.OP_T, h, L.OP_N, o(rows, C), m.b_C)),
+        (f"s{scale}_head", 1, 2 * rows * C * V, lambda: F.linear(x, m.w_head, m.b_V),
+         (L.EPILOGUE_BIAS, m.w_head, L.OP_T, x, L.OP_N, o(rows, V), m.b_V)),
+    ]
+
+
+def survey(matmuls: list[tuple], base: dict, algos: int, iters: int) -> None:
+    """One line per matmul and one weighted total."""
+    tot = dict.fromkeys(("torch_ms", "torch_lt_ms", "lt_first_ms", "lt_best_ms", "lt_picked_ms", "now_ms",
+                         "best_of_ms"), 0.0)
+    flop_total = 0.0
+    for name, calls, flop, torch_fn, lt_args in matmuls:
+        ms = {"torch_ms": event_ms(torch_fn, iters)}
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            ms["torch_lt_ms"] = event_ms(torch_fn, iters)
+        finally:
+            torch.backends.cuda.preferred_blas_library("cublas")
+        n = L.gemm(*lt_args, algo=0, requested=algos)
+        per_algo = [event_ms(lambda: L.gemm(*lt_args, algo=i, requested=algos), iters) for i in range(n)]
+        best = min(range(n), key=per_algo.__getitem__)
+        L.gemm(*lt_args)   # the step's own choice: the fastest of the first 8, timed on this first call
+        ms.update(lt_first_ms=per_algo[0], lt_best_ms=per_algo[best],
+                  lt_picked_ms=event_ms(lambda: L.gemm(*lt_args), iters))
+        # what the step runs now: torch's call, or cuBLASLt's fastest of 8 for the epilogue matmuls
+        ms["now_ms"] = ms["lt_picked_ms"] if any(v in name for v in VIA_CUBLASLT) else ms["torch_ms"]
+        ms["best_of_ms"] = min(ms["now_ms"], ms["lt_best_ms"])
+        for k in tot:
+            tot[k] += calls * ms[k]
+        flop_total += calls * flop
+        emit({**base, "matmul": name, "calls": calls, "gflop": round(flop / 1e9, 2), "algos": n, "best_algo": best,
+              **{k: round(v, 4) for k, v in ms.items()},
+              **{k.replace("_ms", "_tflops"): round(flop / v / 1e9, 1) for k, v in ms.items()},
+              "algo_ms": [round(t, 4) for t in per_algo]})
+    emit({**base, "matmul": "total", "tflop": round(flop_total / 1e12, 3),
+          **{k: round(v, 2) for k, v in tot.items()},
+          **{k.replace("_ms", "_tflops"): round(flop_total / v / 1e9, 1) for k, v in tot.items()},
+          "saving_ms": round(tot["now_ms"] - tot["best_of_ms"], 2)})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", action="append", default=[], help="DEPTH:BATCH of a training step")
+    ap.add_argument("--sample-case", action="append", default=[], help="DEPTH:BATCH of a CFG sampling batch")
+    ap.add_argument("--algos", type=int, default=32, help="algorithms to request from cuBLASLt's heuristic")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args(argv)
+    if not L.available():
+        raise SystemExit("gemm.py needs CUDA and cuBLASLt")
+    dev = torch.device("cuda")
+    tokens = sum(p * p for p in PAPER_PATCH_NUMS)
+    for case in args.case:
+        depth, batch = map(int, case.split(":"))
+        C, N = 64 * depth, batch * tokens
+        base = {"bench": "gemm", "mode": "train", "depth": depth, "batch": batch, "tokens": N, **env()}
+        survey(training_matmuls(Mats(N, C, dev), N, C, depth), base, args.algos, args.iters)
+    for case in args.sample_case:
+        depth, batch = map(int, case.split(":"))
+        C = 64 * depth
+        m = Mats(2 * batch * PAPER_PATCH_NUMS[-1] ** 2, C, dev)
+        mats = [mm for k, p in enumerate(PAPER_PATCH_NUMS)
+                for mm in sampling_matmuls(m, 2 * batch * p * p, C, depth, k)]
+        survey(mats, {"bench": "gemm", "mode": "sample", "depth": depth, "batch": batch, **env()}, args.algos,
+               args.iters)
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()

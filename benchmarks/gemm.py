@@ -121,26 +121,10 @@ def sampling_matmuls(m: Mats, rows: int, C: int, depth: int, scale: int) -> list
     ]
 
 
-def legacy_pick(lt_args, n: int, reps: int = 3) -> int:
-    """The algorithm cuBLASLt's plan picked before round 21: each algorithm's median of ``reps``
-    back-to-back launches, one algorithm after the other (kept to compare the picks)."""
-    stream, times = torch.cuda.current_stream(), []
-    for i in range(n):
-        L.gemm(*lt_args, algo=i)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
-        for j in range(reps):
-            ev[j].record(stream)
-            L.gemm(*lt_args, algo=i)
-        ev[reps].record(stream)
-        ev[reps].synchronize()
-        times.append(sorted(ev[j].elapsed_time(ev[j + 1]) for j in range(reps))[reps // 2])
-    return min(range(n), key=times.__getitem__)
-
-
 def survey(matmuls: list[tuple], base: dict, algos: int, iters: int) -> None:
     """One line per matmul and one weighted total."""
     tot = dict.fromkeys(("torch_ms", "torch_lt_ms", "lt_first_ms", "lt_best_ms", "lt_best8_ms", "lt_picked_ms",
-                         "lt_picked_legacy_ms", "now_ms", "best_of_ms"), 0.0)
+                         "now_ms", "best_of_ms"), 0.0)
     flop_total = 0.0
     for name, calls, flop, torch_fn, lt_args in matmuls:
         ms = {"torch_ms": event_ms(torch_fn, iters)}
@@ -153,11 +137,10 @@ def survey(matmuls: list[tuple], base: dict, algos: int, iters: int) -> None:
         per_algo = [event_ms(lambda: L.gemm(*lt_args, algo=i, requested=algos), iters) for i in range(n)]
         best = min(range(n), key=per_algo.__getitem__)
         L.gemm(*lt_args)   # the step's own choice of the first 8, timed on this first call
-        old = legacy_pick(lt_args, min(n, L.MAX_ALGOS))
         ms.update(lt_first_ms=per_algo[0], lt_best_ms=per_algo[best], lt_best8_ms=min(per_algo[:L.MAX_ALGOS]),
-                  lt_picked_ms=event_ms(lambda: L.gemm(*lt_args), iters), lt_picked_legacy_ms=per_algo[old])
-        # what the step ran before: torch's call, or the legacy pick of 8 for the epilogue matmuls
-        ms["now_ms"] = ms["lt_picked_legacy_ms"] if any(v in name for v in VIA_CUBLASLT) else ms["torch_ms"]
+                  lt_picked_ms=event_ms(lambda: L.gemm(*lt_args), iters))
+        # what the step runs: torch's call, or cuBLASLt's pick for the epilogue matmuls
+        ms["now_ms"] = ms["lt_picked_ms"] if any(v in name for v in VIA_CUBLASLT) else ms["torch_ms"]
         ms["best_of_ms"] = min(ms["now_ms"], ms["lt_best_ms"])
         for k in tot:
             tot[k] += calls * ms[k]

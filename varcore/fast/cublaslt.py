@@ -46,7 +46,6 @@ EPILOGUE_BGRADB = 512          # D = AB, bias = sum of op(B) over k
 MAX_ALGOS = 8
 _DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F, torch.float32: _CUDA_R_32F}
 MAX_WORKSPACE_BYTES = 32 << 20
-SLEEP_CYCLES = 50_000_000   # about 25 ms at 2 GHz: longer than queueing the timed launches takes the host
 
 
 class _HeuristicResult(ctypes.Structure):
@@ -216,26 +215,19 @@ def gemm(epilogue: int, a: torch.Tensor, transa: int, b: torch.Tensor, transb: i
     return len(plan.algos)
 
 
-def _fastest(launch, count: int, stream, rounds: int = 7) -> int:
-    """Index of the algorithm with the least median time over ``rounds`` rounds, each of which
-    launches every algorithm once, in turn (after one warm-up launch each). Interleaved, a
-    drift of the clocks over the timing (a GPU warming up, or slowing down at its power limit)
-    falls on every algorithm alike instead of on the ones timed last. A sleep kernel first lets
-    the host queue every launch before the device reaches them, so the events time the device
-    even where a launch takes the host longer than the matmul takes the device (the small
-    matmuls of sampling's first scales). Each call overwrites the same outputs, so timing on
-    the caller's tensors is harmless."""
+def _fastest(launch, count: int, stream, reps: int = 3) -> int:
+    """Index of the algorithm with the least median time over ``reps`` launches (each call
+    overwrites the same outputs, so timing on the caller's tensors is harmless)."""
+    times = []
     for i in range(count):
         launch(i)
-    torch.cuda._sleep(SLEEP_CYCLES)
-    events = [[torch.cuda.Event(enable_timing=True) for _ in range(count + 1)] for _ in range(rounds)]
-    for row in events:
-        for i in range(count):
-            row[i].record(stream)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+        for j in range(reps):
+            events[j].record(stream)
             launch(i)
-        row[count].record(stream)
-    events[-1][count].synchronize()
-    times = [sorted(row[i].elapsed_time(row[i + 1]) for row in events)[rounds // 2] for i in range(count)]
+        events[reps].record(stream)
+        events[reps].synchronize()
+        times.append(sorted(events[j].elapsed_time(events[j + 1]) for j in range(reps))[reps // 2])
     log.debug("cuBLASLt algorithm times (ms): %s", times)
     return min(range(count), key=times.__getitem__)
 

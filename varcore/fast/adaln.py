@@ -71,14 +71,14 @@ class KernelConfig:
     partial sums to add up). ``bwd_stages`` > 1 software-pipelines the backward's loop over its
     rows (``tl.range(num_stages=...)``: the next rows' loads in flight while one is computed). The
     tiles are the sweep's best over d20 (B=64) and d30 (B=32) on an H200
-    (``benchmarks/norm_parts.py --sweep``, RESULTS.md round 17); three stages took the pair of
-    backward kernels from 0.453 to 0.351 ms at d20 (round 19; 0.323 with 32 rows 2 at a time,
-    not swept at d30)."""
+    (``benchmarks/norm_parts.py --sweep``, RESULTS.md rounds 17, 19 and 21): three stages took
+    the pair of backward kernels from 0.453 to 0.351 ms at d20 (round 19) and 32 rows, 2 at a
+    time, to 0.323 ms (d30: 0.237 -> 0.226 ms, round 21)."""
 
     fwd_rows: int = 2
     fwd_warps: int = 4
-    bwd_rows: int = 16
-    bwd_tile: int = 1
+    bwd_rows: int = 32
+    bwd_tile: int = 2
     bwd_warps: int = 4
     bwd_stages: int = 3
 

@@ -9,8 +9,8 @@ inputs whose stream arithmetic is exact in bf16 (the interpreter truncates float
 the GPU rounds to nearest; a truncation is under one bf16 step, ``2^-7`` relative).
 Shapes: a width that is not a power of two (masked columns) and 71 tokens per image, so each
 kernel's last tile of rows per image is partial (:data:`varcore.fast.adaln.KERNEL_CONFIG`: 2 rows
-per forward program, 16 per backward program; the child also runs 4 per forward program and 32 per
-backward program, 2 at a time); three images, the middle one dropped.
+per forward program, 32 per backward program, 2 at a time; the child also runs 4 per forward
+program and 16 per backward program, 1 at a time); three images, the middle one dropped.
 """
 
 import copy
@@ -44,8 +44,8 @@ for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     torch.autograd.backward([h1, x2, h2], [a["g_h1"].to(dt), a["g_x2"].to(dt), a["g_h2"].to(dt)])
     out[name] = {"h1": h1.detach(), "x2": x2.detach(), "h2": h2.detach(),
                  "g_x": x.grad, "g_y": y.grad, "g_mod": mod.grad}
-# the add op's kernels under other tiles: 4 rows per forward program, 32 per backward one, 2 at a time, pipelined
-cfg = adaln.KernelConfig(fwd_rows=4, fwd_warps=8, bwd_rows=32, bwd_tile=2, bwd_warps=8, bwd_stages=2)
+# the add op's kernels under other tiles: 4 rows per forward program, 16 per backward one, 1 at a time, pipelined
+cfg = adaln.KernelConfig(fwd_rows=4, fwd_warps=8, bwd_rows=16, bwd_tile=1, bwd_warps=8, bwd_stages=2)
 x, y, mod = (a[k] for k in ("x", "y", "mod"))
 gate, _, _, scale2, _, shift2 = mod.unbind(2)
 x2, h2, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, a["keep"], a["keep_p"], scale2,

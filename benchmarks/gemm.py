@@ -62,44 +62,34 @@ class Mats:
         return torch.empty(*shape, device=self.dev, dtype=torch.bfloat16)
 
 
+def linear_matmuls(m: Mats, name: str, x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor | None,
+                   dy_NM: torch.Tensor) -> list[tuple]:
+    """(name, flop, torch callable, cuBLASLt gemm args) of one linear layer's forward (bias in the
+    epilogue where it has one), input gradient and weight gradient."""
+    (N, K), M = x_NK.shape, w_MK.shape[0]
+    flop = 2 * N * K * M
+    fwd = (L.EPILOGUE_DEFAULT if b_M is None else L.EPILOGUE_BIAS, w_MK, L.OP_T, x_NK, L.OP_N, m.out(N, M), b_M)
+    return [(f"{name}_fwd", flop, lambda: F.linear(x_NK, w_MK, b_M), fwd),
+            (f"{name}_dgrad", flop, lambda: dy_NM @ w_MK, (L.EPILOGUE_DEFAULT, w_MK, L.OP_N, dy_NM, L.OP_N,
+                                                             m.out(N, K))),
+            (f"{name}_wgrad", flop, lambda: dy_NM.t() @ x_NK, (L.EPILOGUE_DEFAULT, x_NK, L.OP_N, dy_NM, L.OP_T,
+                                                                 m.out(M, K)))]
+
+
 def training_matmuls(m: Mats, N: int, C: int, depth: int) -> list[tuple]:
-    """(name, calls per step, flop, torch callable, cuBLASLt gemm args) for one step."""
-    H, V = 4 * C, VOCAB
-    o = m.out
-    per_block = [
-        ("qkv_fwd", 2 * N * C * 3 * C, lambda: F.linear(m.x_NC, m.w_qkv),
-         (L.EPILOGUE_DEFAULT, m.w_qkv, L.OP_T, m.x_NC, L.OP_N, o(N, 3 * C))),
-        ("qkv_dgrad", 2 * N * C * 3 * C, lambda: m.dy_N3C @ m.w_qkv,
-         (L.EPILOGUE_DEFAULT, m.w_qkv, L.OP_N, m.dy_N3C, L.OP_N, o(N, C))),
-        ("qkv_wgrad", 2 * N * C * 3 * C, lambda: m.dy_N3C.t() @ m.x_NC,
-         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dy_N3C, L.OP_T, o(3 * C, C))),
-        ("proj_fwd", 2 * N * C * C, lambda: F.linear(m.x_NC, m.w_proj, m.b_C),
-         (L.EPILOGUE_BIAS, m.w_proj, L.OP_T, m.x_NC, L.OP_N, o(N, C), m.b_C)),
-        ("proj_dgrad", 2 * N * C * C, lambda: m.dy_NC @ m.w_proj,
-         (L.EPILOGUE_DEFAULT, m.w_proj, L.OP_N, m.dy_NC, L.OP_N, o(N, C))),
-        ("proj_wgrad", 2 * N * C * C, lambda: m.dy_NC.t() @ m.x_NC,
-         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dy_NC, L.OP_T, o(C, C))),
-        ("fc1_fwd_gelu_aux", 2 * N * C * H, lambda: F.linear(m.x_NC, m.w1, m.b_H),
-         (L.EPILOGUE_GELU_AUX_BIAS, m.w1, L.OP_T, m.x_NC, L.OP_N, o(N, H), m.b_H, o(N, H))),
-        ("fc1_dgrad", 2 * N * C * H, lambda: m.dh_NH @ m.w1,
-         (L.EPILOGUE_DEFAULT, m.w1, L.OP_N, m.dh_NH, L.OP_N, o(N, C))),
-        ("fc1_wgrad", 2 * N * C * H, lambda: m.dh_NH.t() @ m.x_NC,
-         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dh_NH, L.OP_T, o(H, C))),
-        ("fc2_fwd", 2 * N * C * H, lambda: F.linear(m.h_NH, m.w2, m.b_C),
-         (L.EPILOGUE_BIAS, m.w2, L.OP_T, m.h_NH, L.OP_N, o(N, C), m.b_C)),
-        ("fc2_dgrad_dgelu", 2 * N * C * H, lambda: m.dy_NC @ m.w2,
-         (L.EPILOGUE_DGELU, m.w2, L.OP_N, m.dy_NC, L.OP_N, o(N, H), None, m.h_NH)),
-        ("fc2_wgrad", 2 * N * C * H, lambda: m.dy_NC.t() @ m.h_NH,
-         (L.EPILOGUE_DEFAULT, m.h_NH, L.OP_N, m.dy_NC, L.OP_T, o(C, H))),
-    ]
-    head = [
-        ("head_fwd", 2 * N * C * V, lambda: F.linear(m.x_NC, m.w_head, m.b_V),
-         (L.EPILOGUE_BIAS, m.w_head, L.OP_T, m.x_NC, L.OP_N, o(N, V), m.b_V)),
-        ("head_dgrad", 2 * N * C * V, lambda: m.dlog_NV @ m.w_head,
-         (L.EPILOGUE_DEFAULT, m.w_head, L.OP_N, m.dlog_NV, L.OP_N, o(N, C))),
-        ("head_wgrad", 2 * N * C * V, lambda: m.dlog_NV.t() @ m.x_NC,
-         (L.EPILOGUE_DEFAULT, m.x_NC, L.OP_N, m.dlog_NV, L.OP_T, o(V, C))),
-    ]
+    """(name, calls per step, flop, torch callable, cuBLASLt gemm args) for one step. The FFN's first
+    forward keeps the GELU input and its second dgrad applies the GELU derivative, both in the
+    epilogue (torch's call for them is the plain matmul)."""
+    H = 4 * C
+    fc1 = linear_matmuls(m, "fc1", m.x_NC, m.w1, m.b_H, m.dh_NH)
+    fc2 = linear_matmuls(m, "fc2", m.h_NH, m.w2, m.b_C, m.dy_NC)
+    fc1[0] = ("fc1_fwd_gelu_aux", *fc1[0][1:3],
+              (L.EPILOGUE_GELU_AUX_BIAS, m.w1, L.OP_T, m.x_NC, L.OP_N, m.out(N, H), m.b_H, m.out(N, H)))
+    fc2[1] = ("fc2_dgrad_dgelu", *fc2[1][1:3],
+              (L.EPILOGUE_DGELU, m.w2, L.OP_N, m.dy_NC, L.OP_N, m.out(N, H), None, m.h_NH))
+    per_block = [*linear_matmuls(m, "qkv", m.x_NC, m.w_qkv, None, m.dy_N3C),
+                 *linear_matmuls(m, "proj", m.x_NC, m.w_proj, m.b_C, m.dy_NC), *fc1, *fc2]
+    head = linear_matmuls(m, "head", m.x_NC, m.w_head, m.b_V, m.dlog_NV)
     return [(n, depth, f, t, a) for n, f, t, a in per_block] + [(n, 1, f, t, a) for n, f, t, a in head]
 
 

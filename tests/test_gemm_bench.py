@@ -33,6 +33,14 @@ def test_training_matmuls_shapes_and_flops():
     N, C, depth = 12, 8, 3
     mats = gemm.training_matmuls(gemm.Mats(N, C, torch.device("cpu")), N, C, depth)
     _check(mats)
+    names = [n for n, *_ in mats]
+    assert names == [f"{layer}_{part}" for layer in ("qkv", "proj", "fc1", "fc2") for part in ("fwd", "dgrad", "wgrad")
+                     ][:6] + ["fc1_fwd_gelu_aux", "fc1_dgrad", "fc1_wgrad", "fc2_fwd", "fc2_dgrad_dgelu", "fc2_wgrad",
+                              "head_fwd", "head_dgrad", "head_wgrad"]
+    epilogues = {n: args[0] for n, _, _, _, args in mats}
+    assert epilogues["fc1_fwd_gelu_aux"] == L.EPILOGUE_GELU_AUX_BIAS
+    assert epilogues["fc2_dgrad_dgelu"] == L.EPILOGUE_DGELU
+    assert epilogues["proj_fwd"] == L.EPILOGUE_BIAS and epilogues["qkv_fwd"] == L.EPILOGUE_DEFAULT
     # per block 3 x (qkv 3C^2 + proj C^2 + fc1 4C^2 + fc2 4C^2) x 2N, and the head's three
     per_block = sum(f for _, c, f, _, _ in mats if c == depth)
     assert per_block == 3 * 2 * N * C * C * (3 + 1 + 4 + 4)

@@ -78,6 +78,11 @@ def time_ms(fn, device: torch.device, warmup: int, iters: int, host_sync: bool =
     return times
 
 
+def event_ms(fn, iters: int = 20) -> float:
+    """Median ms of ``fn`` on the GPU over ``iters`` synchronised calls after 3 warm-up calls."""
+    return sorted(time_ms(fn, torch.device("cuda"), 3, iters))[iters // 2]
+
+
 def summary(times: list[float]) -> dict:
     return {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
             "ms_max": round(max(times), 3), "iters": len(times)}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import emit, env, summary, time_ms  # noqa: E402
+from bench_utils import emit, env, event_ms, summary, time_ms  # noqa: E402
 from varcore.fast import cublaslt, fused_mlp  # noqa: E402
 from varcore.var import FFN, PAPER_PATCH_NUMS  # noqa: E402
 
@@ -50,11 +50,6 @@ def op_errors(N: int, C: int, dev) -> dict:
             "dh_rel_err": rel(dhl, dh32), "dh_rel_err_torch_bf16": rel(dhb, dh32),
             "wgrad_fp32_rel_err": rel(dw, dhb.float().t() @ x.float()),
             "bgradb_rel_err": rel(db, dhb.float().sum(0))}
-
-
-def event_ms(fn, iters: int = 20) -> float:
-    """Median ms of ``fn`` over ``iters`` calls (bench_utils.time_ms: CUDA events, 3 warm-up calls)."""
-    return sorted(time_ms(fn, torch.device("cuda"), 3, iters))[iters // 2]
 
 
 def sweep(N: int, C: int, dev, base: dict) -> None:

@@ -23,7 +23,8 @@ the same batch, where the modulation and the gates are no longer at their initia
 Eager bf16 (``compile=false``) is how the official code trains. Inductor's compiled composition
 skips the roundings to bf16 that fall inside the kernels it fuses, so the plain compiled path is
 more accurate than the program it compiles; with ``TORCHINDUCTOR_EMULATE_PRECISION_CASTS=1`` it
-keeps them, and errs as eager does (RESULTS.md round 20). ``--residual-dtype float32`` takes the stream's roundings out of every arm.
+keeps them, and errs as eager does (RESULTS.md round 20). ``--residual-dtype float32`` takes the
+stream's roundings out of every arm.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Per ``--case depth:batch``, at the paper's 680 tokens and the block's width, under bf16 autocast.
 ``--part adaln``: the two LayerNorm + AdaLN modulations, with the bf16 residual stream the trainer
-keeps and drop-path on (the paper's rate at that depth):
+keeps and drop-path on (the paper's rate at that depth), the branch's bias (the output projection's,
+which the trainer's kernels add) added with it:
 
-    h1 = ln(x) (1 + scale1) + shift1;   x2 = x + drop_path(y gamma1);   h2 = ln(x2) (1 + scale2) + shift2
+    h1 = ln(x) (1 + scale1) + shift1;   x2 = x + drop_path((y + b) gamma1);   h2 = ln(x2) (1 + scale2) + shift2
 
 then the backward from given gradients of ``h1``, ``h2`` and ``x2``. ``--part qk``: the attention's
 projection to heads with the q/k L2 normalisation and temperature (``SelfAttention.qkv_heads``; the
@@ -41,18 +42,20 @@ from varcore.fast.compile import compile_region  # noqa: E402
 from varcore.var import DropPath, SelfAttention, modulate  # noqa: E402
 
 
-def eager_pair(x, y, mod_B16C, drop_path, ln):
-    """The block's two LayerNorm + modulations as :class:`varcore.var.AdaLNBlock` writes them."""
+def eager_pair(x, y, bias, mod_B16C, drop_path, ln):
+    """The block's two LayerNorm + modulations as :class:`varcore.var.AdaLNBlock` writes them
+    (``y + bias``: the output projection's output)."""
     gamma1, _, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
     h1 = modulate(ln(x), scale1, shift1)
-    x2 = x + drop_path(y * gamma1)
+    x2 = x + drop_path((y + bias) * gamma1)
     return h1, x2, modulate(ln(x2), scale2, shift2)
 
 
-def kernel_pair(x, y, mod_B16C, drop_path, ln):
+def kernel_pair(x, y, bias, mod_B16C, drop_path, ln):
     gamma1, _, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
     h1 = adaln.ln_modulate(x, ln, scale1, shift1)
-    x2, h2 = adaln.add_ln_modulate(x, y, gamma1, drop_path.keep_mask(y), drop_path.keep_p, ln, scale2, shift2)
+    x2, h2 = adaln.add_ln_modulate(x, y, gamma1, drop_path.keep_mask(y), drop_path.keep_p, ln, scale2, shift2,
+                                   bias)
     return h1, x2, h2
 
 
@@ -83,6 +86,7 @@ def run_case(depth: int, B: int, args, device: torch.device) -> None:
     drop_path = DropPath(cfg.dpr).to(device).train()
     x = (torch.randn(B, L, C, device=device, generator=g) * 2).bfloat16().requires_grad_()
     y = torch.randn(B, L, C, device=device, generator=g).bfloat16().requires_grad_()
+    bias = (torch.randn(C, device=device, generator=g) * 0.1).bfloat16().requires_grad_()
     mod = (torch.randn(B, 1, 6, C, device=device, generator=g) * 0.3).bfloat16().requires_grad_()
     grads = [torch.randn(B, L, C, device=device, generator=g).bfloat16() for _ in range(3)]
     arms = {"kernels": kernel_pair, "inductor": compile_region(eager_pair, dynamic=False, tuned=True),
@@ -91,15 +95,15 @@ def run_case(depth: int, B: int, args, device: torch.device) -> None:
     def step(fn):
         def call():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                outs = fn(x, y, mod, drop_path, ln)
+                outs = fn(x, y, bias, mod, drop_path, ln)
             torch.autograd.backward(outs, grads)
             return outs
         return call
 
     # the reference: the same draws of the drop-path mask, in float64
-    ref_in = [t.detach().double().requires_grad_() for t in (x, y, mod)]
+    ref_in = [t.detach().double().requires_grad_() for t in (x, y, bias, mod)]
     for name, fn in arms.items():
-        for t in (x, y, mod):
+        for t in (x, y, bias, mod):
             t.grad = None
         torch.manual_seed(1)
         outs = step(fn)()
@@ -110,7 +114,8 @@ def run_case(depth: int, B: int, args, device: torch.device) -> None:
         torch.autograd.backward(ref_outs, [gr.double() for gr in grads])
         err = {key: rel_err(a, b) for key, a, b in (
             ("h1", outs[0], ref_outs[0]), ("x2", outs[1], ref_outs[1]), ("h2", outs[2], ref_outs[2]),
-            ("g_x", x.grad, ref_in[0].grad), ("g_y", y.grad, ref_in[1].grad), ("g_mod", mod.grad, ref_in[2].grad))}
+            ("g_x", x.grad, ref_in[0].grad), ("g_y", y.grad, ref_in[1].grad), ("g_bias", bias.grad, ref_in[2].grad),
+            ("g_mod", mod.grad, ref_in[3].grad))}
         top = top_kernels(step(fn), device, steps=args.steps, top=args.top)
         emit({"bench": "norm_parts", "arm": name, "depth": depth, "batch": B, "C": C, "L": L,
               "kernel_ms": top.total_ms, "rel_err_vs_fp64": {k: round(v, 6) for k, v in err.items()},
@@ -124,6 +129,7 @@ def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     C, L = cfg.C, cfg.L
     g = torch.Generator(device=device).manual_seed(0)
     x, y, g_h, g_res = (torch.randn(B, L, C, device=device, generator=g).bfloat16() for _ in range(4))
+    bias = torch.randn(C, device=device, generator=g).bfloat16()
     gate, _, scale1, scale2, shift1, shift2 = (torch.randn(B, 1, 6, C, device=device, generator=g) * 0.3
                                                ).bfloat16().unbind(2)
     keep = (torch.rand(B, device=device, generator=g) > 0.1).float()
@@ -141,12 +147,12 @@ def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
         adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1, 1e-6,
                              torch.bfloat16, tiles)
         adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, keep, keep_p, scale2, shift2, 1e-6,
-                             torch.bfloat16, tiles)
+                             torch.bfloat16, tiles, bias_C=bias)
 
     def backward(tiles):
         adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, None, x, None, None, None, None, scale1, mean, rstd, tiles)
         adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, g_res, x, y, gate, keep, keep_p, scale2, mean, rstd,
-                              tiles)
+                              tiles, bias_C=bias)
 
     time_tiles("norm_sweep", depth, B, {"forward": (fwd, forward), "backward": (bwd, backward)}, args, device)
 

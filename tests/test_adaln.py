@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import randomize_
 from tests.interpreted import assert_within, run_child
 from varcore.errors import ConfigError
 from varcore.fast import adaln
@@ -50,17 +51,25 @@ x, y, mod = (a[k] for k in ("x", "y", "mod"))
 gate, _, _, scale2, _, shift2 = mod.unbind(2)
 x2, h2, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, a["keep"], a["keep_p"], scale2,
                                           shift2, a["eps"], torch.float32, cfg)
-g_x, g_y, g_gate, g_scale, g_shift = adaln.launch_backward(adaln.adaln_bwd_kernel, a["g_h2"], a["g_x2"], x2, y, gate,
-                                                           a["keep"], a["keep_p"], scale2, mean, rstd, cfg)
+g_x, g_y, g_gate, g_scale, g_shift, _ = adaln.launch_backward(adaln.adaln_bwd_kernel, a["g_h2"], a["g_x2"], x2, y,
+                                                              gate, a["keep"], a["keep_p"], scale2, mean, rstd, cfg)
 out["tiles"] = {"x2": x2, "h2": h2, "g_x2": g_x, "g_y": g_y, "g_gate": g_gate, "g_scale2": g_scale,
                 "g_shift2": g_shift}
 # 1 + scale in float32: a float32 stream with bf16 scales too small for bf16 to hold 1 + scale
 small = a["small_scale"].bfloat16()
 _, h, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, a["x"], None, None, None, None, small,
                                         torch.zeros_like(small), a["eps"], torch.float32)
-g_x, _, _, _, _ = adaln.launch_backward(adaln.adaln_bwd_kernel, a["g_h1"], None, a["x"], None, None, None, None, small,
-                                        mean, rstd)
+g_x, _, _, _, _, _ = adaln.launch_backward(adaln.adaln_bwd_kernel, a["g_h1"], None, a["x"], None, None, None, None,
+                                           small, mean, rstd)
 out["small_scale"] = {"h": h, "g_x": g_x}
+# the branch's bias (the output projection's or fc2's) added by the add op, its gradient summed there
+x, y, mod, bias = (a[k].clone().requires_grad_() for k in ("x", "y", "mod", "bias"))
+gate, _, _, scale2, _, shift2 = mod.unbind(2)
+x2, h2, _, _ = torch.ops.varscale.adaln_add_ln_fwd(x, y, gate, a["keep"], a["keep_p"], scale2, shift2, a["eps"],
+                                                   torch.float32, bias)
+torch.autograd.backward([x2, h2], [a["g_x2"], a["g_h2"]])
+out["bias"] = {"x2": x2.detach(), "h2": h2.detach(), "g_x": x.grad, "g_y": y.grad, "g_mod": mod.grad,
+               "g_bias": bias.grad}
 torch.save(out, sys.argv[2])
 """
 
@@ -77,6 +86,7 @@ def _inputs() -> dict:
             "mod": mod.bfloat16().float(),     # bf16 values, so the bf16 run reads the same numbers
             "keep": torch.tensor(KEEP), "keep_p": torch.tensor(KEEP_P), "eps": EPS,
             "small_scale": torch.randint(-15, 16, (B, 1, C), generator=g) * 2.0 ** -12,   # |s| < 2^-8
+            "bias": torch.randint(-8, 9, (C,), generator=g) / 8,   # y + bias exact in float32
             **{k: torch.randn(B, L, C, generator=g).bfloat16().float() for k in ("g_h1", "g_x2", "g_h2")}}
 
 
@@ -134,6 +144,10 @@ def _bounds(a: dict, ref: dict) -> dict:
     out["g_x"] = err_gx2 + out["g_ln1"] + u * ref["g_x"].abs()
     out["g_y"] = (gate * keep).abs() * err_gx2 + 2 * u * ref["g_y"].abs()
     out["g_gate"] = keep * ((L + 3) * u * (g_x2 * y).abs() + y.abs() * err_gx2).sum(1, keepdim=True)
+    out["g_x2"] = out["g_ln2"] + u * g_x2.abs()   # the add op's own output: no autograd sum after it
+    # a branch bias's gradient: every token's branch gradient, summed per chunk of rows, scaled by
+    # gate keep / keep_p (three roundings) and summed over the chunks: at most B L terms in all
+    out["g_bias"] = ((gate * keep).abs() * err_gx2 + (B * L + 3) * u * ref["g_y"].abs()).sum((0, 1))
     return out
 
 
@@ -160,6 +174,126 @@ def test_forward_and_backward_kernels_match_float64(kernel_run):
     # the dropped image: no gradient into its branch or its gate, the stream's gradient all there
     assert torch.equal(got["g_y"][1], torch.zeros(L, C)) and torch.equal(g_mod[1, :, 0], torch.zeros(1, C))
     assert got["g_x"][1].abs().sum() > 0
+
+
+def test_branch_bias_added_and_its_gradient_summed_by_the_kernels(kernel_run):
+    """With the output projection's (or fc2's) bias handed to the add op, the stream is float32
+    eager's ``x + (y + bias) gate keep / keep_p`` bit for bit and every gradient, the bias's
+    included (the branch's summed over every token of every image), is within its float32 bound."""
+    a, out = kernel_run
+    got, bias = out["bias"], a["bias"]
+    y_eff = a["y"] + bias
+    ref = _reference({**a, "y": y_eff})
+    # |y| + |bias| bounds the gate gradient's factor |y + bias|
+    bound = _bounds({**a, "y": a["y"].abs() + bias.abs()}, ref)
+    keep_B11 = a["keep"].view(B, 1, 1)
+    assert torch.equal(got["x2"], a["x"] + y_eff.mul(a["mod"][:, :, 0]) * keep_B11 / a["keep_p"])
+    assert_within(got["h2"], ref["h2"], bound["h2"], "h2")
+    assert_within(got["g_x"], ref["g_x2"], bound["g_x2"], "g_x")
+    assert_within(got["g_y"], ref["g_y"], bound["g_y"], "g_y")
+    for k, key in ((0, "g_gate"), (3, "g_scale2"), (5, "g_shift2")):
+        assert_within(got["g_mod"][:, :, k], ref["g_mod"][:, :, k], bound[key], key)
+    assert_within(got["g_bias"], ref["g_y"].sum((0, 1)), bound["g_bias"], "g_bias")
+    assert got["g_bias"].abs().sum() > 0 and torch.equal(got["g_y"][1], torch.zeros(L, C))   # the dropped image
+
+
+_MODEL_CHILD = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from varcore.fast import adaln, add_norm
+from varcore.fast.plan import ExecutionPlan, apply_plan
+from varcore.var import VAR, VARConfig
+a = torch.load(sys.argv[1], weights_only=True)
+# the kernels for CPU tensors too (the interpreter runs them): every condition but the device
+add_norm.fused_available = lambda x, ln: ln.weight is None and ln.bias is None
+folds_with_kernels, branches = adaln._bias_folds, (adaln._attention_branch, adaln._ffn_branch)
+decisions = []
+cfg = VARConfig(**a["cfg"])
+out = {"decisions": decisions}
+
+
+def recording(branch, names, sums):
+    # the branch, its gradient's absolute values summed over the tokens kept per bias (the terms of its gradient)
+    def run(module, h, *rest):
+        y, bias = branch(module, h, *rest)
+        name = names[id((module.proj if hasattr(module, "proj") else module.fc2).bias)]
+        y.register_hook(lambda g: sums.__setitem__(name, g.abs().sum((0, 1))))
+        return y, bias
+    return run
+
+
+for case in ("zero_bias", "zero_weight"):
+    model = VAR(cfg)
+    model.load_state_dict(a[case])
+    model = apply_plan(model.train(), ExecutionPlan(norm="fused").resolve(cfg, "cpu", training=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for fold in (True, False):
+        sums = {}
+        if fold:
+            adaln._bias_folds = lambda *v: decisions.append(folds_with_kernels(*v)) or decisions[-1]
+            adaln._attention_branch, adaln._ffn_branch = branches
+        else:
+            adaln._bias_folds = lambda *v: False
+            adaln._attention_branch, adaln._ffn_branch = (recording(b, names, sums) for b in branches)
+        model.zero_grad(set_to_none=False)
+        torch.manual_seed(3)
+        logits = model(a["label"], a["x"])
+        logits.square().mean().backward()
+        out[case, fold] = {"logits": logits.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+    out[case, "abs_sums"] = sums
+# a dropout after the linears keeps their bias in them (dropout of y + bias is not dropout of y plus bias)
+cfg = VARConfig(**{**a["cfg"], "drop_rate": 0.1})
+block = VAR(cfg).blocks[0]
+x, v = torch.zeros(2, 3, cfg.C), torch.zeros(2, 1, cfg.C)
+out["dropout"] = (folds_with_kernels(block.train(), x, v), folds_with_kernels(block.eval(), x, v))
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    """A d2 plan model's forward and backward with the kernels (interpreted), the output
+    projection's and fc2's biases added by the add kernels and not (``(case, fold)``), in two
+    models where adding the bias is exact in both places: zero biases, and zero weights under
+    nonzero biases (so ``y + bias`` is ``bias`` whichever adds it)."""
+    cfg = VARConfig(depth=2, vocab_size=16, Cvae=8, patch_nums=(1, 2, 3), num_classes=5, drop_path_rate=0.0,
+                    cond_drop_rate=0.0)
+    torch.manual_seed(0)
+    state = randomize_(VAR(cfg)).state_dict()
+    g = torch.Generator().manual_seed(5)
+    branch_bias, branch_weight = ("proj.bias", "fc2.bias"), ("proj.weight", "fc2.weight")
+    cases = {"zero_bias": {k: torch.zeros_like(v) if k.endswith(branch_bias) else v for k, v in state.items()},
+             "zero_weight": {k: torch.zeros_like(v) if k.endswith(branch_weight) else
+                             torch.randn(v.shape, generator=g) / 2 if k.endswith(branch_bias) else v
+                             for k, v in state.items()}}
+    inputs = {"cfg": dict(cfg.__dict__), **cases, "label": torch.arange(4) % cfg.num_classes,
+              "x": torch.randn(4, cfg.L - cfg.first_l, cfg.Cvae, generator=g)}
+    return cfg, run_child(_MODEL_CHILD, inputs, tmp_path_factory.mktemp("adaln_model"))
+
+
+def test_blocks_hand_the_branch_biases_to_the_add_kernels(model_run):
+    """Where the kernels run, each block's output projection and fc2 leave their bias to the add
+    kernel that takes their branch (the next block's, or the head's, for fc2): the same logits
+    and gradients as the linears adding it, bit for bit (in these models adding it is exact
+    either way), except the biases' gradients. Those sum the same ``N`` terms (the branch's
+    gradient per token, ``N`` tokens in the batch) in another order, the kernels' with the gate
+    applied to partial sums instead of to each term: each sum is off by at most ``(N - 1) u`` of
+    the terms' absolute sum, plus three roundings, so the two differ by at most ``(2 N + 4) u`` of it."""
+    cfg, out = model_run
+    assert out["decisions"] and all(out["decisions"])   # the folded runs did fold, in every block
+    assert out["dropout"] == (False, True)
+    u, N = 2.0 ** -24, 4 * cfg.L
+    for case in ("zero_bias", "zero_weight"):
+        on, off, abs_sums = out[case, True], out[case, False], out[case, "abs_sums"]
+        assert torch.equal(on["logits"], off["logits"]), case
+        assert sorted(abs_sums) == sorted(n for n in off if n.endswith(("proj.bias", "fc2.bias")))
+        for name, g_off in off.items():
+            if name in abs_sums:
+                assert g_off.abs().sum() > 0, (case, name)
+                assert_within(on[name], g_off.double(), (2 * N + 4) * u * abs_sums[name].double(), f"{case} {name}")
+            else:
+                assert torch.equal(on[name], g_off), (case, name)
 
 
 def test_one_plus_scale_is_not_rounded_to_the_modulations_dtype(kernel_run):

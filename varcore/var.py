@@ -210,19 +210,27 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1).to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, L, hd)
 
-    def out(self, o_BHLc: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def merge_heads(o_BHLc: torch.Tensor) -> torch.Tensor:
+        """The heads side by side, ``(B, L, H * c)``: the output projection's input."""
         B, H, L, c = o_BHLc.shape
-        return self.proj_drop(self.proj(o_BHLc.transpose(1, 2).reshape(B, L, H * c)))
+        return o_BHLc.transpose(1, 2).reshape(B, L, H * c)
+
+    def out(self, o_BHLc: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.merge_heads(o_BHLc)))
+
+    def heads(self, q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
+              kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Attention over :meth:`qkv_heads`' heads, before the output projection: the whole
+        sequence under the block-causal mask, or (``kv_cache``) one scale at inference."""
+        if kv_cache is None:
+            return self.core(q_BHLc, k_BHLc, v_BHLc, self.attn_drop if self.training else 0.0, self.scale)
+        return kv_cache.attend(q_BHLc, k_BHLc, v_BHLc, self.scale)
 
     def attend(self, q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
                kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Attention over :meth:`qkv_heads`' heads and the output projection: the whole sequence
-        under the block-causal mask, or (``kv_cache``) one scale at inference."""
-        if kv_cache is None:
-            o_BHLc = self.core(q_BHLc, k_BHLc, v_BHLc, self.attn_drop if self.training else 0.0, self.scale)
-        else:
-            o_BHLc = kv_cache.attend(q_BHLc, k_BHLc, v_BHLc, self.scale)
-        return self.out(o_BHLc)
+        """:meth:`heads` and the output projection."""
+        return self.out(self.heads(q_BHLc, k_BHLc, v_BHLc, kv_cache))
 
     def forward(self, x_BLC: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Whole sequence under the block-causal mask, or (``kv_cache``) one scale at inference."""
@@ -236,8 +244,12 @@ class FFN(nn.Module):
         super().__init__()
         self.fc1, self.fc2, self.drop = nn.Linear(C, hidden), nn.Linear(hidden, C), nn.Dropout(drop)
 
+    def hidden(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """``gelu(fc1 x)``: the hidden activations, ``(B, L, hidden)``."""
+        return F.gelu(self.fc1(x_BLC), approximate="tanh")
+
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x_BLC), approximate="tanh")))
+        return self.drop(self.fc2(self.hidden(x_BLC)))
 
 
 class DropPath(nn.Module):

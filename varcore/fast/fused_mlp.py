@@ -94,17 +94,20 @@ def _(dy_NK, w_KM, h_NM):
 
 
 class _GeluMLP(torch.autograd.Function):
+    """``fc2(gelu(fc1 x))``; ``b2_C`` may be ``None`` (fc2's bias added by the caller)."""
+
     @staticmethod
     def forward(ctx, x_NC, w1_HC, b1_H, w2_CH, b2_C):
         g_NH, h_NH = linear_gelu_aux(x_NC, w1_HC, b1_H)
         ctx.save_for_backward(x_NC, w1_HC, w2_CH, g_NH, h_NH)
+        ctx.has_b2 = b2_C is not None
         return F.linear(g_NH, w2_CH, b2_C)
 
     @staticmethod
     def backward(ctx, dy_NC):
         x_NC, w1_HC, w2_CH, g_NH, h_NH = ctx.saved_tensors
         dh_NH = matmul_dgelu(dy_NC, w2_CH, h_NH)
-        return dh_NH @ w1_HC, dh_NH.t() @ x_NC, dh_NH.sum(0), dy_NC.t() @ g_NH, dy_NC.sum(0)
+        return dh_NH @ w1_HC, dh_NH.t() @ x_NC, dh_NH.sum(0), dy_NC.t() @ g_NH, dy_NC.sum(0) if ctx.has_b2 else None
 
 
 def fused_dtype(x: torch.Tensor) -> torch.dtype:
@@ -113,22 +116,26 @@ def fused_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def gelu_mlp(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
+def gelu_mlp(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, fc2_bias: bool = True
+             ) -> torch.Tensor:
     """``fc2(gelu(fc1(x), approximate="tanh"))`` through the fused matmuls, in :func:`fused_dtype`
-    (the casts autocast would make are made here: custom ops are outside autocast)."""
+    (the casts autocast would make are made here: custom ops are outside autocast).
+    ``fc2_bias=False`` leaves fc2's bias out (the caller adds it, and gets its gradient)."""
     dt = fused_dtype(x_BLC)
     x_NC = x_BLC.reshape(-1, x_BLC.shape[-1]).to(dt)
-    y_NC = _GeluMLP.apply(x_NC, fc1.weight.to(dt), fc1.bias.to(dt), fc2.weight.to(dt), fc2.bias.to(dt))
+    y_NC = _GeluMLP.apply(x_NC, fc1.weight.to(dt), fc1.bias.to(dt), fc2.weight.to(dt),
+                          fc2.bias.to(dt) if fc2_bias else None)
     return y_NC.view(*x_BLC.shape[:-1], y_NC.shape[-1])
 
 
-def gelu_mlp_inference(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear) -> torch.Tensor:
+def gelu_mlp_inference(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, fc2_bias: bool = True
+                       ) -> torch.Tensor:
     """The same FFN without gradients: the GELU in the first matmul's epilogue and nothing kept
     for a backward (one pass over the ``(tokens, 4C)`` activations instead of three)."""
     dt = fused_dtype(x_BLC)
     x_NC = x_BLC.reshape(-1, x_BLC.shape[-1]).to(dt)
     g_NH = linear_gelu(x_NC, fc1.weight.to(dt), fc1.bias.to(dt))
-    y_NC = F.linear(g_NH, fc2.weight.to(dt), fc2.bias.to(dt))
+    y_NC = F.linear(g_NH, fc2.weight.to(dt), fc2.bias.to(dt) if fc2_bias else None)
     return y_NC.view(*x_BLC.shape[:-1], y_NC.shape[-1])
 
 
@@ -159,9 +166,12 @@ class FusedFFN(FFN):
         """The plain FFN over the same layers."""
         return _with_layers(FFN, self)
 
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
+        """The FFN; ``fc2_bias=False`` leaves fc2's bias out (a fused residual add adds it,
+        :func:`varcore.fast.adaln.block_forward`)."""
         if not torch.is_grad_enabled():
             if not fused_usable(x_BLC):
-                return super().forward(x_BLC)
-            return self.drop(gelu_mlp_inference(x_BLC, self.fc1, self.fc2))
-        return self.drop(gelu_mlp(x_BLC, self.fc1, self.fc2))
+                hidden = self.hidden(x_BLC)
+                return self.drop(self.fc2(hidden) if fc2_bias else F.linear(hidden, self.fc2.weight))
+            return self.drop(gelu_mlp_inference(x_BLC, self.fc1, self.fc2, fc2_bias))
+        return self.drop(gelu_mlp(x_BLC, self.fc1, self.fc2, fc2_bias))

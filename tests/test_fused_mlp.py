@@ -190,3 +190,29 @@ def test_fused_ffn_without_gradients_is_the_plain_ffn(monkeypatch):
         for L in (3, 7):
             xl = torch.randn(2, L, 16)
             assert torch.equal(compiled(xl), ffn(xl))
+
+
+def test_fused_ffn_leaves_fc2_bias_out_when_asked(monkeypatch):
+    """``fc2_bias=False`` (the norm kernels add fc2's bias with the residual add): the FFN before
+    the bias, with and without gradients, through the op's torch fallback, bit for bit the plain
+    layers' ``fc2.weight`` product; the weights' and the input's gradients are the plain FFN's
+    (the bias does not enter them) and fc2's bias gets none from the FFN."""
+    import varcore.fast.fused_mlp as fm
+    torch.manual_seed(5)
+    ffn = FFN(16, 64, 0.0)
+    fused = FusedFFN.of(ffn)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    dy = torch.randn(2, 5, 16)
+    want = F.linear(ffn.hidden(x), ffn.fc2.weight)
+    y = fused(x, fc2_bias=False)
+    assert torch.equal(y, want)
+    others = [x, ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight]
+    got = torch.autograd.grad(y, others, dy, retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, torch.autograd.grad(ffn(x), others, dy)))
+    y.backward(dy)
+    assert ffn.fc2.bias.grad is None and ffn.fc2.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(fused(x, fc2_bias=False), want)              # CPU: not usable, the plain layers
+        monkeypatch.setattr(fm, "fused_usable", lambda t: True)
+        monkeypatch.setattr(fm, "_use_cublaslt", lambda t: False)   # the op's torch fallback
+        assert torch.equal(fused(x, fc2_bias=False), want)

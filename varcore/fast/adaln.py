@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..var import FFN, VAR, AdaLNBlock, AdaLNHead, DropPath, SelfAttention, modulate
 from . import add_norm, qk_norm
-from .fused_mlp import FusedFFN, fused_dtype
+from .fused_mlp import FusedFFN, fused_dtype, without_fc2_bias
 
 try:
     import triton
@@ -387,9 +387,8 @@ def _ffn_branch(ffn: FFN, h_BLC: torch.Tensor, fold: bool):
     """The FFN branch and the bias it leaves out (``None``: none left out)."""
     if not fold:
         return ffn(h_BLC), None
-    if isinstance(ffn, FusedFFN):
-        return ffn(h_BLC, fc2_bias=False), ffn.fc2.bias
-    return F.linear(ffn.hidden(h_BLC), ffn.fc2.weight), ffn.fc2.bias
+    y_BLC = ffn(h_BLC, fc2_bias=False) if isinstance(ffn, FusedFFN) else without_fc2_bias(ffn, h_BLC)
+    return y_BLC, ffn.fc2.bias
 
 
 def block_forward(block: AdaLNBlock, x_BLC: torch.Tensor, cond_BD: torch.Tensor, kv_cache=None,

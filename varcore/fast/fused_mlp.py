@@ -144,6 +144,11 @@ def fused_usable(x: torch.Tensor) -> bool:
     return _cublaslt_runs(x, fused_dtype(x))
 
 
+def without_fc2_bias(ffn: FFN, x_BLC: torch.Tensor) -> torch.Tensor:
+    """The plain FFN's layers with fc2's bias left out (a fused residual add adds it)."""
+    return ffn.drop(F.linear(ffn.hidden(x_BLC), ffn.fc2.weight))
+
+
 def _with_layers(cls: type, ffn: FFN) -> FFN:
     new = cls.__new__(cls)
     torch.nn.Module.__init__(new)
@@ -171,7 +176,6 @@ class FusedFFN(FFN):
         :func:`varcore.fast.adaln.block_forward`)."""
         if not torch.is_grad_enabled():
             if not fused_usable(x_BLC):
-                hidden = self.hidden(x_BLC)
-                return self.drop(self.fc2(hidden) if fc2_bias else F.linear(hidden, self.fc2.weight))
+                return super().forward(x_BLC) if fc2_bias else without_fc2_bias(self, x_BLC)
             return self.drop(gelu_mlp_inference(x_BLC, self.fc1, self.fc2, fc2_bias))
         return self.drop(gelu_mlp(x_BLC, self.fc1, self.fc2, fc2_bias))

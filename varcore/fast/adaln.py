@@ -38,9 +38,10 @@ dtype, where in bf16 a scale under 2^-8, or 2^-9 if negative, is lost); and ``h`
 ``out_dtype`` (what the next autocast matmul casts to). Gradients are computed in float32 and
 rounded once. In float32 the trainer's step through these kernels follows the plain path's loss
 curve to 2e-6 over 30 steps at d16. In bf16 its curve drifts from float32's by 0.028 (0.030 since
-the branch biases are added here, round 22), eager's composition by 0.037 and inductor's by 0.010: inductor drops the roundings to bf16 that fall
-inside the kernels it fuses (``emulate_precision_casts`` off); with them kept it drifts by 0.039
-and errs in every gradient as eager and these kernels do. With a float32 stream
+the branch biases are added here, round 22), eager's composition by 0.037 and inductor's by
+0.010: inductor drops the roundings to bf16 that fall inside the kernels it fuses
+(``emulate_precision_casts`` off); with them kept it drifts by 0.039 and errs in every gradient
+as eager and these kernels do. With a float32 stream
 (``residual_dtype="float32"``) the kernels' curve drifts by 0.0007: the drift is the bf16
 stream's, as the official code has it (RESULTS.md round 20). The ops are registered with their
 backward (``varscale::adaln_*``), so compiled blocks call them inside their graphs; CPU tensors,

@@ -131,7 +131,8 @@ def gelu_mlp(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, fc
 def gelu_mlp_inference(x_BLC: torch.Tensor, fc1: torch.nn.Linear, fc2: torch.nn.Linear, fc2_bias: bool = True
                        ) -> torch.Tensor:
     """The same FFN without gradients: the GELU in the first matmul's epilogue and nothing kept
-    for a backward (one pass over the ``(tokens, 4C)`` activations instead of three)."""
+    for a backward (one pass over the ``(tokens, 4C)`` activations instead of three);
+    ``fc2_bias`` as in :func:`gelu_mlp`."""
     dt = fused_dtype(x_BLC)
     x_NC = x_BLC.reshape(-1, x_BLC.shape[-1]).to(dt)
     g_NH = linear_gelu(x_NC, fc1.weight.to(dt), fc1.bias.to(dt))

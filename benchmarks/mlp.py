@@ -93,16 +93,57 @@ def sweep(N: int, C: int, dev, base: dict) -> None:
             emit({**base, "arm": "sweep", "op": name, "error": f"{type(e).__name__}: {e}"})
 
 
+def bias_column(N: int, C: int, dev, base: dict, iters: int, pad: int = 8) -> None:
+    """fc1's bias gradient from its weight gradient's matmul: with a column of ones after the
+    FFN input's ``C`` columns (and ``pad - 1`` zeros, keeping rows 16-byte aligned), ``dh^T [x, 1]``
+    has the bias gradient (``dh`` summed over tokens) as its column ``C``. Times what that costs
+    the three matmuls that read or write rows of that width against what the separate sum costs,
+    and checks the column against the sum in float32."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    x_wide = torch.randn(N, C + pad, device=dev, generator=g).bfloat16()
+    x_wide[:, C], x_wide[:, C + 1:] = 1, 0
+    x, x_view = x_wide[:, :C].contiguous(), x_wide[:, :C]
+    dh = torch.randn(N, 4 * C, device=dev, generator=g).bfloat16()
+    w1 = (torch.randn(4 * C, C, device=dev, generator=g) / C ** 0.5).bfloat16()
+    b1 = torch.zeros(4 * C, device=dev).bfloat16()
+    w1_wide = torch.zeros(4 * C, C + pad, device=dev).bfloat16()
+    w1_wide[:, :C] = w1
+    dx_wide = torch.empty(N, C + pad, device=dev).bfloat16()
+
+    def fc1_wide_rows():   # the GELU epilogue matmul reading x as the first C columns of the wide rows
+        g_NM, h_NM = torch.empty(N, 4 * C, device=dev).bfloat16(), torch.empty(N, 4 * C, device=dev).bfloat16()
+        cublaslt.gemm(cublaslt.EPILOGUE_GELU_AUX_BIAS, w1, cublaslt.OP_T, x_view, cublaslt.OP_N, g_NM, b1, h_NM)
+        return g_NM, h_NM
+    arms = {"wgrad": lambda: dh.t() @ x, "bias_sum": lambda: dh.sum(0),
+            "wgrad_ones_column": lambda: dh.t() @ x_wide,
+            "fc1_fwd": lambda: cublaslt.linear_gelu_aux(x, w1, b1),
+            "fc1_fwd_wide_rows": fc1_wide_rows,
+            "dx": lambda: dh @ w1, "dx_into_wide_rows": lambda: torch.mm(dh, w1, out=dx_wide[:, :C]),
+            "dx_zero_padded_weight": lambda: dh @ w1_wide}
+    ref = dh.float().sum(0)
+    err = ((dh.t() @ x_wide)[:, C].float() - ref).abs().max().item() / ref.abs().max().item()
+    same = {"fc1_fwd_wide_rows_equal": bool(torch.equal(fc1_wide_rows()[1],
+                                                         cublaslt.linear_gelu_aux(x, w1, b1)[1])),
+            "dx_into_wide_rows_equal": bool(torch.equal(arms["dx_into_wide_rows"]()[:, :C], dh @ w1))}
+    ms = {arm: round(summary(time_ms(fn, dev, 3, iters))["ms_median"], 4) for arm, fn in arms.items()}
+    emit({**base, "arm": "bias_column", "pad": pad, "ms": ms, "bias_err_rel_max": err, **same,
+          "saved_ms": round(ms["wgrad"] + ms["bias_sum"] - ms["wgrad_ones_column"], 4)})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--depth", type=int, default=24)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="time every cuBLASLt algorithm per epilogue")
+    ap.add_argument("--bias-column", action="store_true",
+                    help="only time fc1's bias gradient from its weight gradient's matmul (a column of ones)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     C, N = 64 * args.depth, args.batch * sum(p * p for p in PAPER_PATCH_NUMS)
     base = {"bench": "mlp", "depth": args.depth, "batch": args.batch, "tokens": N, **env()}
+    if args.bias_column:
+        return bias_column(N, C, dev, base, args.iters)
     emit({**base, "arm": "ops", "cublaslt": cublaslt.available(), **op_errors(N, C, dev)})
     if args.sweep:
         sweep(N, C, dev, base)

@@ -146,6 +146,21 @@ def test_cublaslt_gemm_rejects_mismatched_shapes(monkeypatch):
                       cublaslt.OP_N, torch.empty(5, 6))
 
 
+def test_cublaslt_gemm_reads_views_into_wider_rows(monkeypatch):
+    """A view of the first columns of wider rows is the column-major matrix with the row stride
+    as its leading dimension (no copy); a transposed or unaligned view is refused, not misread."""
+    wide = torch.empty(6, 24)
+    assert cublaslt.row_major(wide[:, :20]) and cublaslt._ld(wide[:, :20]) == 24
+    assert cublaslt.row_major(torch.empty(5, 3)) and cublaslt._ld(torch.empty(5, 3)) == 3   # contiguous: any width
+    assert cublaslt._ld(torch.empty(1, 24)[:, :20]) == 20   # one row: contiguous, its width
+    assert not cublaslt.row_major(torch.empty(6, 21)[:, :20])     # row stride not a multiple of 8
+    assert not cublaslt.row_major(torch.empty(20, 6).T)           # column-major
+    monkeypatch.setattr(cublaslt, "_lib", lambda: object())
+    with pytest.raises(ValueError, match="row-major operands"):
+        cublaslt.gemm(cublaslt.EPILOGUE_DEFAULT, torch.empty(6, 4), cublaslt.OP_T, torch.empty(4, 5).T,
+                      cublaslt.OP_N, torch.empty(5, 6))
+
+
 def test_cublaslt_failure_falls_back_to_torch_ops(monkeypatch, caplog):
     """A cuBLASLt error (say, no algorithm for a shape) costs speed, not the run: the op
     computes the same values with torch ops and warns once."""

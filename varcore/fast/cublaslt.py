@@ -137,18 +137,20 @@ class _Plan:
 
     def __init__(self, device: int, epilogue: int, in_dtype: int, out_dtype: int, transa: int, transb: int,
                  a_shape: tuple[int, int], b_shape: tuple[int, int], m: int, n: int, align: tuple[int, int, int],
-                 requested: int = MAX_ALGOS):
+                 requested: int = MAX_ALGOS, lds: tuple[int, int] | None = None):
         lib = _lib()
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _CUBLAS_COMPUTE_32F, _CUDA_R_32F), "desc create")
         for attr, value in ((_DESC_TRANSA, ctypes.c_int32(transa)), (_DESC_TRANSB, ctypes.c_int32(transb)),
                             (_DESC_EPILOGUE, ctypes.c_uint32(epilogue)), (_DESC_AUX_LD, ctypes.c_int64(m))):
             _set(lib.cublasLtMatmulDescSetAttribute, self.desc, attr, value)
-        # a row-major (r, c) tensor is the column-major (c x r) matrix with leading dimension c
+        # a row-major (r, c) tensor is the column-major (c x r) matrix with leading dimension c (or
+        # its row stride, for a row-major view into wider rows)
+        lda, ldb = lds or (a_shape[1], b_shape[1])
         self.layouts = []
-        for dtype, (r, c) in ((in_dtype, a_shape), (in_dtype, b_shape), (out_dtype, (n, m))):
+        for dtype, (r, c), ld in ((in_dtype, a_shape, lda), (in_dtype, b_shape, ldb), (out_dtype, (n, m), m)):
             lay = ctypes.c_void_p()
-            _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), dtype, c, r, c), "layout create")
+            _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(lay), dtype, c, r, ld), "layout create")
             self.layouts.append(lay)
         pref = ctypes.c_void_p()
         _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference create")
@@ -181,7 +183,8 @@ def gemm(epilogue: int, a: torch.Tensor, transa: int, b: torch.Tensor, transb: i
          bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, algo: int | None = None,
          requested: int = MAX_ALGOS) -> int:
     """Column-major ``D = epilogue(op(A) op(B))`` where A, B, D are the column-major matrices
-    that the contiguous row-major tensors ``a``, ``b``, ``d`` are (``d`` row-major ``(n, m)``).
+    that the row-major tensors ``a``, ``b``, ``d`` are (``d`` contiguous ``(n, m)``; ``a`` and
+    ``b`` :func:`row_major`: contiguous, or views into wider rows).
     ``algo``: index into the heuristic's algorithms (at most ``requested`` of them); None: the
     fastest, timed on the first call of each shape (outside CUDA graph capture). Returns the
     number of algorithms."""
@@ -190,10 +193,12 @@ def gemm(epilogue: int, a: torch.Tensor, transa: int, b: torch.Tensor, transb: i
     k2, n = _op_dims(tuple(b.shape), transb)
     if k != k2 or tuple(d.shape) != (n, m):
         raise ValueError(f"gemm shapes do not match: op(A) {m}x{k}, op(B) {k2}x{n}, D {tuple(d.shape)[::-1]}")
+    if not (row_major(a) and row_major(b) and d.is_contiguous()):
+        raise ValueError(f"gemm needs row-major operands: strides {a.stride()}, {b.stride()}, {d.stride()}")
     dev = d.device.index if d.device.index is not None else torch.cuda.current_device()
     out_align = _alignment(d) if aux is None else min(_alignment(d), _alignment(aux))
     plan = _plan(dev, epilogue, _DTYPES[a.dtype], _DTYPES[d.dtype], transa, transb, tuple(a.shape), tuple(b.shape),
-                 m, n, (_alignment(a), _alignment(b), out_align), requested)
+                 m, n, (_alignment(a), _alignment(b), out_align), requested, (_ld(a), _ld(b)))
     if bias is not None:
         _set(lib.cublasLtMatmulDescSetAttribute, plan.desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
     if aux is not None:
@@ -215,6 +220,20 @@ def gemm(epilogue: int, a: torch.Tensor, transa: int, b: torch.Tensor, transb: i
     return len(plan.algos)
 
 
+def row_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a 2-D row-major matrix cuBLASLt reads as it is: contiguous, or the first
+    columns of wider rows (unit column stride, a row stride of at least its width and a multiple
+    of 8 elements: 16 bytes in bf16, which the Hopper kernels' tensor-memory loads need)."""
+    if t.dim() != 2:
+        return False
+    return t.is_contiguous() or (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.stride(0) % 8 == 0)
+
+
+def _ld(t: torch.Tensor) -> int:
+    """The leading dimension of the column-major matrix a :func:`row_major` tensor is."""
+    return t.shape[1] if t.is_contiguous() else t.stride(0)
+
+
 def _fastest(launch, count: int, stream, reps: int = 3) -> int:
     """Index of the algorithm with the least median time over ``reps`` launches (each call
     overwrites the same outputs, so timing on the caller's tensors is harmless)."""
@@ -233,7 +252,10 @@ def _fastest(launch, count: int, stream, reps: int = 3) -> int:
 
 
 def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gelu(h), h)`` with ``h = x W^T + b`` and the tanh GELU, from one matmul."""
+    """``(gelu(h), h)`` with ``h = x W^T + b`` and the tanh GELU, from one matmul. ``x`` is made
+    contiguous: read as the first columns of wider rows, cuBLASLt's choice for this matmul took
+    up to 0.28 ms longer than for contiguous rows at d24 and d30 on an H200, more than the copy
+    (RESULTS.md round 23)."""
     x_NK, w_MK, b_M = x_NK.contiguous(), w_MK.contiguous(), b_M.contiguous()
     g_NM = x_NK.new_empty(x_NK.shape[0], w_MK.shape[0])
     h_NM = torch.empty_like(g_NM)

@@ -88,6 +88,60 @@ def summary(times: list[float]) -> dict:
             "ms_max": round(max(times), 3), "iters": len(times)}
 
 
+# nvidia-smi's clock event (throttle) reason bits, the ones that lower the SM clock under load
+CLOCK_REASONS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
+                 0x80: "hw_power_brake"}
+CLOCK_QUERY = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+
+
+def clock_stats(lines: list[str]) -> dict:
+    """SM clock, board power and temperature over ``nvidia-smi --query-gpu=CLOCK_QUERY
+    --format=csv,noheader,nounits`` samples: medians and extremes, and the share of samples in
+    which each clock-lowering reason was active."""
+    rows = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            rows.append((float(parts[0]), float(parts[1]), float(parts[2]), int(parts[3], 16)))
+        except (ValueError, IndexError):   # a header, a "[N/A]" or a cut-off last line
+            continue
+    if not rows:
+        return {"clock_samples": 0}
+    mhz, watts, temp, bits = zip(*rows)
+    return {"clock_samples": len(rows), "sm_mhz_median": statistics.median(mhz), "sm_mhz_min": min(mhz),
+            "power_w_median": round(statistics.median(watts), 1), "power_w_max": round(max(watts), 1),
+            "temp_c_max": max(temp),
+            "clock_reasons": {name: round(sum(b & bit != 0 for b in bits) / len(bits), 2)
+                              for bit, name in CLOCK_REASONS.items() if any(b & bit for b in bits)}}
+
+
+class ClockSampler:
+    """``nvidia-smi`` sampling the GPU's SM clock, power and clock-lowering reasons every
+    ``period_ms`` while the ``with`` block runs (:func:`clock_stats` of the samples in
+    ``stats``). Why a step runs slower inside a training loop than its kernels alone: at the
+    board's power limit the SM clock drops under sustained load. Empty ``stats`` where there is
+    no nvidia-smi or no CUDA device."""
+
+    def __init__(self, device: torch.device, period_ms: int = 50):
+        self.device, self.period_ms, self.proc, self.stats = device, period_ms, None, {}
+
+    def __enter__(self) -> "ClockSampler":
+        import shutil
+        import subprocess
+        if self.device.type == "cuda" and shutil.which("nvidia-smi"):
+            uuid = torch.cuda.get_device_properties(self.device).uuid
+            self.proc = subprocess.Popen(["nvidia-smi", f"--id=GPU-{uuid}", f"--query-gpu={CLOCK_QUERY}",
+                                          "--format=csv,noheader,nounits", f"-lms={self.period_ms}"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            self.stats = clock_stats(out.splitlines())
+
+
 def peak_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from bench_utils import ClockSampler, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
 from train_step import batch_of, make_step, paper_adamw, rates  # noqa: E402
 from varcore import PAPER_PATCH_NUMS, VARConfig  # noqa: E402
 
@@ -83,7 +83,8 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
         cfg = VARConfig(depth=depth)
         step = make_step(model, opt, batch_of(cfg, batch, device), torch.bfloat16)
         times = time_ms(step, device, args.warmup, args.iters)
-        pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
+        with ClockSampler(device) if args.clocks else contextlib.nullcontext() as clocks:
+            pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], peak_gib=peak_gib(device))
         return rec
@@ -98,6 +99,8 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
     if pipelined:   # back to back without host waits, as train_step.py's pipelined_* figures
         p = summary(pipelined)["ms_median"]
         rec.update(pipelined_ms_median=p, pipelined_tokens_per_s=round(rates(cfg, batch, p)[0]))
+    if clocks is not None:
+        rec.update(pipelined_clocks=clocks.stats)
     return rec
 
 
@@ -132,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--sample-case", action="append", default=[], help="depth:batch (sampling, decode included)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--clocks", action="store_true",
+                    help="sample the SM clock, power and clock-lowering reasons (nvidia-smi) over the back-to-back steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

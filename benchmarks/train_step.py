@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import gc
 import json
 import os
@@ -35,8 +36,8 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import (DEFAULT_VQ, H100_BF16_DENSE_FLOPS, emit, env, peak_gib, reset_peak, summary, time_ms,  # noqa: E402
-                         gpu_gaps, top_kernels)
+from bench_utils import (DEFAULT_VQ, H100_BF16_DENSE_FLOPS, ClockSampler, emit, env, peak_gib,  # noqa: E402
+                         reset_peak, summary, time_ms, gpu_gaps, top_kernels)
 import varcore.fast.flex as flex_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
 from varcore.fast.plan import ATTENTION_IMPLS, ExecutionPlan, apply_plan  # noqa: E402
@@ -136,7 +137,8 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         step = plan_step(model, opt, batch_of(cfg, batch, device), plan, grad_clip=args.grad_clip)
         # graph: two eager calls, then the capture; timing starts after it
         times = time_ms(step, device, max(args.warmup, 3) if plan.cuda_graph else args.warmup, args.iters)
-        pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
+        with ClockSampler(device) if args.clocks else contextlib.nullcontext() as clocks:
+            pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], checkpointing=ckpt, peak_gib=peak_gib(device))
         return rec
@@ -163,6 +165,8 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         p = summary(pipelined)["ms_median"]
         p_tokens_per_s, p_mfu = rates(cfg, batch, p)
         rec.update(pipelined_ms_median=p, pipelined_tokens_per_s=round(p_tokens_per_s), pipelined_mfu=round(p_mfu, 4))
+    if clocks is not None:
+        rec.update(pipelined_clocks=clocks.stats)
     return rec
 
 
@@ -300,6 +304,8 @@ def main(argv=None):
                     help="tokens per flex block-mask tile (default varcore.fast.flex.FLEX_MASK_BLOCK; 128: flex's own)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--clocks", action="store_true",
+                    help="sample the SM clock, power and clock-lowering reasons (nvidia-smi) over the back-to-back steps")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--eager", action="store_true",

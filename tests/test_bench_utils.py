@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_utils import trace_gaps  # noqa: E402
+from bench_utils import clock_stats, trace_gaps  # noqa: E402
 
 
 def _kernel(name, ts, dur, corr):
@@ -154,3 +154,19 @@ def test_grad_error_arms_take_plan_fields():
     for bad in ("a:plain", "a:plain:fp16", "a:plain:bf16:compile", "a:plain:bf16:=x", "a:b:bf16:x=1:y"):
         with pytest.raises(ValueError, match="--arm"):
             parse_arm(bad)
+
+
+def test_clock_stats_medians_and_reasons():
+    """nvidia-smi's CSV samples: medians and extremes; each clock-lowering reason as the share of
+    samples it was active in (0x4 power cap in 2 of 4, 0x20 thermal in 1; 0x1 idle is not one);
+    lines that are not samples are skipped."""
+    lines = ["1980, 350.5, 40, 0x0000000000000000", "1755, 699.8, 52, 0x0000000000000004",
+             "1710, 701.2, 55, 0x0000000000000024", "1980, 90.0, 38, 0x0000000000000001",
+             "[N/A], [N/A], 38, 0x0", "1980, 70"]
+    out = clock_stats(lines)
+    assert out["clock_samples"] == 4
+    assert out["sm_mhz_median"] == (1755 + 1980) / 2 and out["sm_mhz_min"] == 1710
+    assert out["power_w_max"] == 701.2 and out["power_w_median"] == round((350.5 + 699.8) / 2, 1)
+    assert out["temp_c_max"] == 55
+    assert out["clock_reasons"] == {"sw_power_cap": 0.5, "sw_thermal": 0.25}
+    assert clock_stats(["clocks.sm [MHz], power.draw [W]"]) == {"clock_samples": 0}

@@ -135,8 +135,8 @@ def main(argv=None):
     ap.add_argument("--sample-case", action="append", default=[], help="depth:batch (sampling, decode included)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--clocks", action="store_true",
-                    help="sample the SM clock, power and clock-lowering reasons (nvidia-smi) over the back-to-back steps")
+    ap.add_argument("--clocks", action="store_true", help="sample the SM clock, power and clock-lowering "
+                    "reasons (nvidia-smi) over the back-to-back steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -304,8 +304,8 @@ def main(argv=None):
                     help="tokens per flex block-mask tile (default varcore.fast.flex.FLEX_MASK_BLOCK; 128: flex's own)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--clocks", action="store_true",
-                    help="sample the SM clock, power and clock-lowering reasons (nvidia-smi) over the back-to-back steps")
+    ap.add_argument("--clocks", action="store_true", help="sample the SM clock, power and clock-lowering "
+                    "reasons (nvidia-smi) over the back-to-back steps")
     ap.add_argument("--profile", action="store_true", help="also print the top device kernels of a step")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--eager", action="store_true",

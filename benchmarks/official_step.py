@@ -125,6 +125,10 @@ def sample_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict
             var.autoregressive_infer_cfg(batch, label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
     s = summary(time_ms(generate, device, args.warmup, args.iters))
     rec.update(**s, ms_per_image=round(s["ms_median"] / batch, 3), peak_gib=peak_gib(device))
+    if args.clocks:   # more batches, after the timed ones, under the sampler
+        with ClockSampler(device) as clocks:
+            time_ms(generate, device, 0, args.iters)
+        rec.update(clocks=clocks.stats)
     return rec
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import PAPER_VQ, emit, env, gpu_gaps, peak_gib, reset_peak, summary, time_ms, top_kernels  # noqa: E402
+from bench_utils import (PAPER_VQ, ClockSampler, emit, env, gpu_gaps, peak_gib, reset_peak, summary,  # noqa: E402
+                         time_ms, top_kernels)
 from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
 from varcore.sample import decode_images  # noqa: E402
@@ -71,6 +72,10 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
            "peak_gib": peak_gib(device), **env()}
+    if args.clocks:   # more batches, after the timed ones, under the sampler
+        with ClockSampler(device) as clocks:
+            time_ms(generate, device, 0, args.iters)
+        rec.update(clocks=clocks.stats)
     if args.check_tokens:
         rec.update(same_tokens(var, vqvae, label_B, sampling, device))
     return rec
@@ -125,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--tokenizer", type=Path, help="with --model: the tokenizer file to decode with")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--clocks", action="store_true", help="sample the SM clock, power and clock-lowering "
+                    "reasons (nvidia-smi) over as many batches again")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

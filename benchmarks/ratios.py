@@ -2,6 +2,8 @@
 
 Training: official ms/step over ours (synced, and back to back where both have it), so above 1
 means faster. Sampling: ours ms/image over official (below 1 means faster), as the issues state it.
+Where both ran with ``--clocks``, each side's median SM clock and board power go beside the ratio:
+at a power limit the clock differs between the two codes and explains part of the ratio.
 
     bash benchmarks/suite.sh versus              # calls this at the end
     python benchmarks/ratios.py < results.jsonl
@@ -11,6 +13,15 @@ from __future__ import annotations
 
 import json
 import sys
+
+
+def _clocks(off: dict, ours: dict, key: str) -> dict:
+    """Each side's median SM clock and power from its ``key`` clock stats, where both have them."""
+    a, b = off.get(key) or {}, ours.get(key) or {}
+    if "sm_mhz_median" not in a or "sm_mhz_median" not in b:
+        return {}
+    return {"official_sm_mhz": a["sm_mhz_median"], "ours_sm_mhz": b["sm_mhz_median"],
+            "official_power_w": a["power_w_median"], "ours_power_w": b["power_w_median"]}
 
 
 def ratios(records: list[dict]) -> list[dict]:
@@ -24,12 +35,13 @@ def ratios(records: list[dict]) -> list[dict]:
                    "speedup_synced": round(off["ms_median"] / ours["ms_median"], 3)}
             if "pipelined_ms_median" in off and "pipelined_ms_median" in ours:
                 row["speedup_back_to_back"] = round(off["pipelined_ms_median"] / ours["pipelined_ms_median"], 3)
-            out.append(row)
+            out.append({**row, **_clocks(off, ours, "pipelined_clocks")})
         if bench == "sample" and ("official_sample", depth, batch, None) in by:
             off = by[("official_sample", depth, batch, None)]
             out.append({"ratio": "sample_time", "depth": depth, "batch": batch, "tag": tag,
                         "official_ms_per_image": off["ms_per_image"], "ours_ms_per_image": ours["ms_per_image"],
-                        "ours_over_official": round(ours["ms_per_image"] / off["ms_per_image"], 3)})
+                        "ours_over_official": round(ours["ms_per_image"] / off["ms_per_image"], 3),
+                        **_clocks(off, ours, "clocks")})
     return out
 
 

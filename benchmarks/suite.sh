@@ -9,7 +9,9 @@
 #             token check (the uncompiled static engine draws the plain loop's tokens)
 #   official  the official code's training step and sampler (OFFICIAL_ROOT: a FoundationVision/VAR checkout)
 #   versus    official then ours in one call: training d16/64 and d24/32, sampling d16/64 and d24/64, and
-#             the ratios (benchmarks/ratios.py); the comparison benchmarks/RESULTS.md reports
+#             the ratios (benchmarks/ratios.py); the comparison benchmarks/RESULTS.md reports. Each run
+#             also samples the SM clock and power (--clocks): at a power limit the clock, not the kernels,
+#             can set the ratio
 #   depths    versus at every paper depth, one call per depth (official then ours, then the ratios):
 #             training d16 and d20 at batch 64, d24 and d30 at 32; sampling at B=64. DEPTHS="16 20 24 30"
 #   latency   our sampler at B=1 (one image, CFG on, decode included) at d16 and d30
@@ -40,9 +42,9 @@ for suite in "$@"; do
                   $(cases --sample-case "${SAMPLE_CASES:-16:64 20:64 24:64}") ;;
     versus)   root=$(official_root)
               run benchmarks/official_step.py --official-root "$root" $(cases --case "${TRAIN_CASES:-16:64 24:32}") \
-                  $(cases --sample-case "${SAMPLE_CASES:-16:64 24:64}")
-              run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-16:64 24:32}")
-              run benchmarks/sample.py $(cases --case "${SAMPLE_CASES:-16:64 24:64}") ${SAMPLE_FLAGS:-}
+                  $(cases --sample-case "${SAMPLE_CASES:-16:64 24:64}") --clocks
+              run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-16:64 24:32}") --clocks
+              run benchmarks/sample.py $(cases --case "${SAMPLE_CASES:-16:64 24:64}") --clocks ${SAMPLE_FLAGS:-}
               python3 benchmarks/ratios.py < "$OUT_LINES" ;;
     depths)   for d in ${DEPTHS:-16 20 24 30}; do
                 b=$([ "$d" -le 20 ] && echo 64 || echo 32)

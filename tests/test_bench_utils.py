@@ -45,8 +45,10 @@ def test_ratios_pair_official_and_ours_by_case():
         {"bench": "official_train_step", "depth": 16, "batch": 64, "ms_median": 300.0, "pipelined_ms_median": 290.0},
         {"bench": "train_step", "depth": 16, "batch": 64, "ms_median": 120.0, "pipelined_ms_median": 125.0},
         {"bench": "train_step", "depth": 24, "batch": 32, "ms_median": 200.0},            # no official row
-        {"bench": "official_sample", "depth": 16, "batch": 64, "ms_per_image": 8.0},
-        {"bench": "sample", "depth": 16, "batch": 64, "ms_per_image": 3.0},
+        {"bench": "official_sample", "depth": 16, "batch": 64, "ms_per_image": 8.0,
+         "clocks": {"sm_mhz_median": 1965.0, "power_w_median": 659.3}},
+        {"bench": "sample", "depth": 16, "batch": 64, "ms_per_image": 3.0,
+         "clocks": {"sm_mhz_median": 1590.0, "power_w_median": 689.5}},
         {"bench": "official_sample", "depth": 24, "batch": 64, "error": "OOM"},
         {"bench": "sample", "depth": 24, "batch": 64, "ms_per_image": 6.0},
     ]
@@ -55,7 +57,8 @@ def test_ratios_pair_official_and_ours_by_case():
         {"ratio": "train_speedup", "depth": 16, "batch": 64, "tag": None, "official_ms": 300.0, "ours_ms": 120.0,
          "speedup_synced": 2.5, "speedup_back_to_back": 2.32},
         {"ratio": "sample_time", "depth": 16, "batch": 64, "tag": None, "official_ms_per_image": 8.0,
-         "ours_ms_per_image": 3.0, "ours_over_official": 0.375},
+         "ours_ms_per_image": 3.0, "ours_over_official": 0.375, "official_sm_mhz": 1965.0, "ours_sm_mhz": 1590.0,
+         "official_power_w": 659.3, "ours_power_w": 689.5},
     ]
 
 

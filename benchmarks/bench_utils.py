@@ -91,6 +91,7 @@ def summary(times: list[float]) -> dict:
 # nvidia-smi's clock event (throttle) reason bits, the ones that lower the SM clock under load
 CLOCK_REASONS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
                  0x80: "hw_power_brake"}
+# (drivers from 535 also name the last field clocks_event_reasons.active; both names are accepted there)
 CLOCK_QUERY = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
 
@@ -132,14 +133,16 @@ class ClockSampler:
             uuid = torch.cuda.get_device_properties(self.device).uuid
             self.proc = subprocess.Popen(["nvidia-smi", f"--id=GPU-{uuid}", f"--query-gpu={CLOCK_QUERY}",
                                           "--format=csv,noheader,nounits", f"-lms={self.period_ms}"],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            out, _ = self.proc.communicate()
+            out, err = self.proc.communicate()
             self.stats = clock_stats(out.splitlines())
+            if not self.stats["clock_samples"] and err.strip():   # say why (e.g. a field this driver lacks)
+                self.stats["error"] = err.strip().splitlines()[0][:200]
 
 
 def peak_gib(device: torch.device) -> float | None:

@@ -98,17 +98,23 @@ CLOCK_QUERY = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.acti
 def clock_stats(lines: list[str]) -> dict:
     """SM clock, board power and temperature over ``nvidia-smi --query-gpu=CLOCK_QUERY
     --format=csv,noheader,nounits`` samples: medians and extremes, and the share of samples in
-    which each clock-lowering reason was active."""
-    rows = []
+    which each clock-lowering reason was active (over the samples that report reasons: a driver
+    may say "[N/A]" there and still report the clock). ``power.draw`` is the driver's own
+    average (about a second on Hopper), so ``power_w_max`` is a smoothed maximum."""
+    rows, bits = [], []
     for line in lines:
         parts = [p.strip() for p in line.split(",")]
         try:
-            rows.append((float(parts[0]), float(parts[1]), float(parts[2]), int(parts[3], 16)))
-        except (ValueError, IndexError):   # a header, a "[N/A]" or a cut-off last line
+            rows.append((float(parts[0]), float(parts[1]), float(parts[2])))
+        except (ValueError, IndexError):   # a header, a "[N/A]" reading or a cut-off last line
             continue
+        try:
+            bits.append(int(parts[3], 16))
+        except (ValueError, IndexError):
+            pass
     if not rows:
         return {"clock_samples": 0}
-    mhz, watts, temp, bits = zip(*rows)
+    mhz, watts, temp = zip(*rows)
     return {"clock_samples": len(rows), "sm_mhz_median": statistics.median(mhz), "sm_mhz_min": min(mhz),
             "power_w_median": round(statistics.median(watts), 1), "power_w_max": round(max(watts), 1),
             "temp_c_max": max(temp),
@@ -119,30 +125,46 @@ def clock_stats(lines: list[str]) -> dict:
 class ClockSampler:
     """``nvidia-smi`` sampling the GPU's SM clock, power and clock-lowering reasons every
     ``period_ms`` while the ``with`` block runs (:func:`clock_stats` of the samples in
-    ``stats``). Why a step runs slower inside a training loop than its kernels alone: at the
-    board's power limit the SM clock drops under sustained load. Empty ``stats`` where there is
-    no nvidia-smi or no CUDA device."""
+    ``stats``): whether a run holds the maximum clock or the board's power limit lowers it under
+    sustained load (RESULTS.md round 23). The samples go to a temporary file (a pipe read only at
+    the end would fill and stall nvidia-smi on long runs). Empty ``stats`` where there is no
+    nvidia-smi or no CUDA device; an ``error`` in them where nvidia-smi gave no samples.
+    ``command`` replaces the nvidia-smi call (tests)."""
 
-    def __init__(self, device: torch.device, period_ms: int = 50):
-        self.device, self.period_ms, self.proc, self.stats = device, period_ms, None, {}
+    def __init__(self, device: torch.device, period_ms: int = 50, command: list[str] | None = None):
+        self.device, self.period_ms, self.command = device, period_ms, command
+        self.proc, self.out, self.stats = None, None, {}
 
     def __enter__(self) -> "ClockSampler":
         import shutil
         import subprocess
-        if self.device.type == "cuda" and shutil.which("nvidia-smi"):
+        import tempfile
+        command = self.command
+        if command is None and self.device.type == "cuda" and shutil.which("nvidia-smi"):
             uuid = torch.cuda.get_device_properties(self.device).uuid
-            self.proc = subprocess.Popen(["nvidia-smi", f"--id=GPU-{uuid}", f"--query-gpu={CLOCK_QUERY}",
-                                          "--format=csv,noheader,nounits", f"-lms={self.period_ms}"],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            command = ["nvidia-smi", f"--id=GPU-{uuid}", f"--query-gpu={CLOCK_QUERY}",
+                       "--format=csv,noheader,nounits", f"-lms={self.period_ms}"]
+        if command is not None:
+            self.out = tempfile.TemporaryFile(mode="w+")
+            self.proc = subprocess.Popen(command, stdout=self.out, stderr=subprocess.STDOUT, text=True)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            out, err = self.proc.communicate()
-            self.stats = clock_stats(out.splitlines())
-            if not self.stats["clock_samples"] and err.strip():   # say why (e.g. a field this driver lacks)
-                self.stats["error"] = err.strip().splitlines()[0][:200]
+        import subprocess
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.seek(0)
+        lines = self.out.read().splitlines()
+        self.out.close()
+        self.stats = clock_stats(lines)
+        if not self.stats["clock_samples"] and lines:   # say why (e.g. a field this driver lacks)
+            self.stats["error"] = lines[0][:200]
 
 
 def peak_gib(device: torch.device) -> float | None:

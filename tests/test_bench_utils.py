@@ -1,10 +1,12 @@
-"""benchmarks/bench_utils.trace_gaps: idle device time in a profiler trace."""
+"""benchmarks/bench_utils: idle device time in a profiler trace, the clock sampler, the ratios."""
 
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_utils import clock_stats, trace_gaps  # noqa: E402
+from bench_utils import ClockSampler, clock_stats, trace_gaps  # noqa: E402
 
 
 def _kernel(name, ts, dur, corr):
@@ -173,3 +175,29 @@ def test_clock_stats_medians_and_reasons():
     assert out["temp_c_max"] == 55
     assert out["clock_reasons"] == {"sw_power_cap": 0.5, "sw_thermal": 0.25}
     assert clock_stats(["clocks.sm [MHz], power.draw [W]"]) == {"clock_samples": 0}
+
+
+def test_clock_stats_keeps_readings_without_reasons():
+    """A driver that reports no reasons ("[N/A]") still gives the clock and power; the reasons'
+    shares are over the samples that have them."""
+    out = clock_stats(["1600, 690.0, 50, [N/A]", "1500, 695.0, 51, 0x4"])
+    assert out["clock_samples"] == 2 and out["sm_mhz_median"] == 1550 and out["clock_reasons"] == {"sw_power_cap": 1.0}
+
+
+def test_clock_sampler_reads_what_the_sampler_wrote_and_stops_it():
+    """The samples written while the block runs are read back at its end, and the sampler (here a
+    stand-in that writes two samples and would then sleep) is stopped, not waited for; a sampler
+    that writes only an error gives that error and no samples."""
+    import time
+    script = "printf '1600, 690.0, 50, 0x4\\n1500, 695.0, 52, 0x4\\n'; exec sleep 60"
+    t0 = time.monotonic()
+    with ClockSampler(torch.device("cpu"), command=["sh", "-c", script]) as clocks:
+        time.sleep(0.5)
+    assert time.monotonic() - t0 < 10
+    assert clocks.stats["clock_samples"] == 2 and clocks.stats["sm_mhz_min"] == 1500
+    with ClockSampler(torch.device("cpu"), command=["sh", "-c", "echo 'Field x is not a valid field'"]) as bad:
+        time.sleep(0.3)
+    assert bad.stats["clock_samples"] == 0 and "not a valid field" in bad.stats["error"]
+    with ClockSampler(torch.device("cpu")) as none:   # no command and no CUDA device: nothing sampled
+        pass
+    assert none.stats == {}

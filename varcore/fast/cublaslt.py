@@ -254,8 +254,9 @@ def _fastest(launch, count: int, stream, reps: int = 3) -> int:
 def linear_gelu_aux(x_NK: torch.Tensor, w_MK: torch.Tensor, b_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gelu(h), h)`` with ``h = x W^T + b`` and the tanh GELU, from one matmul. ``x`` is made
     contiguous: read as the first columns of wider rows, cuBLASLt's choice for this matmul took
-    up to 0.28 ms longer than for contiguous rows at d24 and d30 on an H200, more than the copy
-    (RESULTS.md round 23)."""
+    0.22-0.56 ms longer than for contiguous rows at d20, d24 and d30 on an H200 (RESULTS.md round
+    23); copying the input is one pass over ``(tokens, C)``, about 0.05 ms at d20 at the H200's
+    bandwidth (estimated, not timed)."""
     x_NK, w_MK, b_M = x_NK.contiguous(), w_MK.contiguous(), b_M.contiguous()
     g_NM = x_NK.new_empty(x_NK.shape[0], w_MK.shape[0])
     h_NM = torch.empty_like(g_NM)

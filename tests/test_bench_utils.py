@@ -201,3 +201,10 @@ def test_clock_sampler_reads_what_the_sampler_wrote_and_stops_it():
     with ClockSampler(torch.device("cpu")) as none:   # no command and no CUDA device: nothing sampled
         pass
     assert none.stats == {}
+
+
+def test_matmul_power_counts_dense_flops():
+    """2 n^3 multiply-adds per n x n x n matmul: 100 of 1024^3 in 1 ms is 214.7 TFLOP/s."""
+    from matmul_power import tflops
+    assert abs(tflops(1024, 100, 1.0) - 2 * 1024 ** 3 * 100 / 1e-3 / 1e12) < 1e-9
+    assert round(tflops(1024, 100, 1.0), 1) == 214.7

@@ -167,6 +167,20 @@ class ClockSampler:
             self.stats["error"] = lines[0][:200]
 
 
+def clocks_during(device: torch.device, on: bool):
+    """A :class:`ClockSampler` over a ``with`` block where ``on``, else a context that yields ``None``."""
+    import contextlib
+    return ClockSampler(device) if on else contextlib.nullcontext()
+
+
+def clocks_over(fn, device: torch.device, iters: int) -> dict:
+    """The :class:`ClockSampler` stats over ``iters`` more calls of ``fn`` (run after the timed
+    ones, so the timing does not include the sampler's start)."""
+    with ClockSampler(device) as clocks:
+        time_ms(fn, device, 0, iters)
+    return clocks.stats
+
+
 def peak_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import ClockSampler, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
+from bench_utils import clocks_during, clocks_over, emit, env, peak_gib, reset_peak, summary, time_ms  # noqa: E402
 from train_step import batch_of, make_step, paper_adamw, rates  # noqa: E402
 from varcore import PAPER_PATCH_NUMS, VARConfig  # noqa: E402
 
@@ -83,7 +83,7 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
         cfg = VARConfig(depth=depth)
         step = make_step(model, opt, batch_of(cfg, batch, device), torch.bfloat16)
         times = time_ms(step, device, args.warmup, args.iters)
-        with ClockSampler(device) if args.clocks else contextlib.nullcontext() as clocks:
+        with clocks_during(device, args.clocks) as clocks:
             pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], peak_gib=peak_gib(device))
@@ -125,10 +125,8 @@ def sample_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict
             var.autoregressive_infer_cfg(batch, label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
     s = summary(time_ms(generate, device, args.warmup, args.iters))
     rec.update(**s, ms_per_image=round(s["ms_median"] / batch, 3), peak_gib=peak_gib(device))
-    if args.clocks:   # more batches, after the timed ones, under the sampler
-        with ClockSampler(device) as clocks:
-            time_ms(generate, device, 0, args.iters)
-        rec.update(clocks=clocks.stats)
+    if args.clocks:
+        rec.update(clocks=clocks_over(generate, device, args.iters))
     return rec
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import (PAPER_VQ, ClockSampler, emit, env, gpu_gaps, peak_gib, reset_peak, summary,  # noqa: E402
+from bench_utils import (PAPER_VQ, clocks_over, emit, env, gpu_gaps, peak_gib, reset_peak, summary,  # noqa: E402
                          time_ms, top_kernels)
 from varcore import VAR, VARConfig, VQVAE, SamplingConfig, sample_tokens  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
@@ -72,10 +72,8 @@ def run_case(var: VAR, vqvae: VQVAE, batch: int, args, device: torch.device) -> 
            "images_per_s": round(batch / (t_all["ms_median"] / 1e3), 1),
            "tokens_ms_median": t_tok["ms_median"], "decode_ms_median": t_dec["ms_median"],
            "peak_gib": peak_gib(device), **env()}
-    if args.clocks:   # more batches, after the timed ones, under the sampler
-        with ClockSampler(device) as clocks:
-            time_ms(generate, device, 0, args.iters)
-        rec.update(clocks=clocks.stats)
+    if args.clocks:
+        rec.update(clocks=clocks_over(generate, device, args.iters))
     if args.check_tokens:
         rec.update(same_tokens(var, vqvae, label_B, sampling, device))
     return rec

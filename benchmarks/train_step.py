@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import gc
 import json
 import os
@@ -36,7 +35,7 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import (DEFAULT_VQ, H100_BF16_DENSE_FLOPS, ClockSampler, emit, env, peak_gib,  # noqa: E402
+from bench_utils import (DEFAULT_VQ, H100_BF16_DENSE_FLOPS, clocks_during, emit, env, peak_gib,  # noqa: E402
                          reset_peak, summary, time_ms, gpu_gaps, top_kernels)
 import varcore.fast.flex as flex_mod  # noqa: E402
 from varcore import VAR, VARConfig, var_flops  # noqa: E402
@@ -137,7 +136,7 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         step = plan_step(model, opt, batch_of(cfg, batch, device), plan, grad_clip=args.grad_clip)
         # graph: two eager calls, then the capture; timing starts after it
         times = time_ms(step, device, max(args.warmup, 3) if plan.cuda_graph else args.warmup, args.iters)
-        with ClockSampler(device) if args.clocks else contextlib.nullcontext() as clocks:
+        with clocks_during(device, args.clocks) as clocks:
             pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], checkpointing=ckpt, peak_gib=peak_gib(device))

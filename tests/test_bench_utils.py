@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_utils import ClockSampler, clock_stats, trace_gaps  # noqa: E402
+from bench_utils import ClockSampler, clock_stats, clocks_during, clocks_over, trace_gaps  # noqa: E402
 
 
 def _kernel(name, ts, dur, corr):
@@ -201,6 +201,12 @@ def test_clock_sampler_reads_what_the_sampler_wrote_and_stops_it():
     with ClockSampler(torch.device("cpu")) as none:   # no command and no CUDA device: nothing sampled
         pass
     assert none.stats == {}
+    calls = []
+    assert clocks_over(lambda: calls.append(1), torch.device("cpu"), 3) == {} and len(calls) == 3
+    with clocks_during(torch.device("cpu"), False) as off:
+        assert off is None
+    with clocks_during(torch.device("cpu"), True) as on:
+        assert isinstance(on, ClockSampler)
 
 
 def test_matmul_power_counts_dense_flops():

@@ -125,7 +125,7 @@ def bias_column(N: int, C: int, dev, base: dict, iters: int, pad: int = 8) -> No
     same = {"fc1_fwd_wide_rows_equal": all(torch.equal(a, b) for a, b in zip(fc1_wide_rows(),
                                                                               cublaslt.linear_gelu_aux(x, w1, b1))),
             "dx_into_wide_rows_equal": bool(torch.equal(arms["dx_into_wide_rows"]()[:, :C], dh @ w1))}
-    ms = {arm: round(summary(time_ms(fn, dev, 3, iters))["ms_median"], 4) for arm, fn in arms.items()}
+    ms = {arm: summary(time_ms(fn, dev, 3, iters))["ms_median"] for arm, fn in arms.items()}
     emit({**base, "arm": "bias_column", "pad": pad, "ms": ms, "bias_err_rel_max": err, **same,
           "wgrad_saved_ms": round(ms["wgrad"] + ms["bias_sum"] - ms["wgrad_ones_column"], 4),
           "net_ms": round(ms["wgrad"] + ms["bias_sum"] - ms["wgrad_ones_column"] - ms["fc1_fwd_wide_rows"]

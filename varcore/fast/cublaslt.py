@@ -137,7 +137,7 @@ class _Plan:
 
     def __init__(self, device: int, epilogue: int, in_dtype: int, out_dtype: int, transa: int, transb: int,
                  a_shape: tuple[int, int], b_shape: tuple[int, int], m: int, n: int, align: tuple[int, int, int],
-                 requested: int = MAX_ALGOS, lds: tuple[int, int] | None = None):
+                 requested: int, lds: tuple[int, int]):
         lib = _lib()
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _CUBLAS_COMPUTE_32F, _CUDA_R_32F), "desc create")
@@ -145,8 +145,8 @@ class _Plan:
                             (_DESC_EPILOGUE, ctypes.c_uint32(epilogue)), (_DESC_AUX_LD, ctypes.c_int64(m))):
             _set(lib.cublasLtMatmulDescSetAttribute, self.desc, attr, value)
         # a row-major (r, c) tensor is the column-major (c x r) matrix with leading dimension c (or
-        # its row stride, for a row-major view into wider rows)
-        lda, ldb = lds or (a_shape[1], b_shape[1])
+        # its row stride, for a row-major view into wider rows: ``lds``, see _ld)
+        lda, ldb = lds
         self.layouts = []
         for dtype, (r, c), ld in ((in_dtype, a_shape, lda), (in_dtype, b_shape, ldb), (out_dtype, (n, m), m)):
             lay = ctypes.c_void_p()

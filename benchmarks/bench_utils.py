@@ -122,6 +122,93 @@ def clock_stats(lines: list[str]) -> dict:
                               for bit, name in CLOCK_REASONS.items() if any(b & bit for b in bits)}}
 
 
+class Nvml:
+    """The GPU's cumulative energy counter (mJ since the driver loaded), SM clock and power, read
+    through NVML (``libnvidia-ml``, which the NVIDIA driver installs) by ctypes: per-kernel-run
+    energy that nvidia-smi's one-second power average cannot give. At the board's power limit a
+    run's time follows its energy (RESULTS.md round 23), so joules per call compare two ways of
+    doing the same work there. :meth:`open` gives None where NVML or the counter is missing;
+    ``lib`` is the loaded library (tests pass a stand-in)."""
+
+    _SM_CLOCK = 1   # nvmlClockType_t NVML_CLOCK_SM
+
+    def __init__(self, lib, handle):
+        self.lib, self.handle = lib, handle
+
+    @classmethod
+    def open(cls, device: torch.device, lib=None) -> "Nvml | None":
+        import ctypes
+        if lib is None:
+            if device.type != "cuda":
+                return None
+            try:
+                lib = ctypes.CDLL("libnvidia-ml.so.1")
+            except OSError:
+                return None
+        uuid = f"GPU-{torch.cuda.get_device_properties(device).uuid}" if device.type == "cuda" else "GPU-test"
+        handle = ctypes.c_void_p()
+        if lib.nvmlInit_v2() != 0 or lib.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)) != 0:
+            return None
+        meter = cls(lib, handle)
+        return meter if meter.energy_j() is not None else None
+
+    def _read(self, fn, value, *args):
+        import ctypes
+        return value.value if fn(self.handle, *args, ctypes.byref(value)) == 0 else None
+
+    def energy_j(self) -> float | None:
+        import ctypes
+        mj = self._read(self.lib.nvmlDeviceGetTotalEnergyConsumption, ctypes.c_ulonglong())
+        return None if mj is None else mj / 1e3
+
+    def sm_mhz(self) -> int | None:
+        import ctypes
+        return self._read(self.lib.nvmlDeviceGetClockInfo, ctypes.c_uint(), self._SM_CLOCK)
+
+
+def sustained(fn, seconds: float, settle: float = 0.3, meter: Nvml | None = None, chunk_ms: float = 10.0) -> dict:
+    """``fn`` (GPU work) back to back for ``settle`` seconds, then for ``seconds`` more, timed:
+    ms per call, the mean SM clock over the timed part (sampled after each chunk of about
+    ``chunk_ms``) and, with an NVML ``meter``, joules per call and the mean power. Long enough
+    runs meet the board's power limit, as a step's matmuls do (short synchronised calls after idle
+    run at the full clock, RESULTS.md round 23). The host keeps at most two chunks queued ahead,
+    so the wall-clock windows are the GPU's."""
+    one = event_ms(fn, 5)
+    chunk = max(1, round(chunk_ms / max(one, 1e-3)))
+
+    def run(secs: float, clocks: list | None):
+        calls, ends, t0 = 0, [], time.perf_counter()
+        while time.perf_counter() - t0 < secs:
+            for _ in range(chunk):
+                fn()
+            calls += chunk
+            ends.append(torch.cuda.Event(enable_timing=True))
+            ends[-1].record()
+            if len(ends) > 2:
+                ends[-3].synchronize()
+                if clocks is not None and meter is not None:
+                    clocks.append(meter.sm_mhz())
+        ends[-1].synchronize()
+        return calls
+
+    run(settle, None)
+    start, end, clocks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
+    e0 = meter.energy_j() if meter else None
+    start.record()
+    calls = run(seconds, clocks)
+    end.record()
+    end.synchronize()
+    e1 = meter.energy_j() if meter else None
+    ms = start.elapsed_time(end)
+    out = {"ms_per_call": ms / calls, "calls": calls, "burst_ms": one}
+    clocks = [c for c in clocks if c is not None]
+    if clocks:
+        out["sm_mhz_mean"] = round(statistics.fmean(clocks))
+    if e0 is not None and e1 is not None:
+        out.update(joules_per_call=(e1 - e0) / calls, power_w=round((e1 - e0) / (ms / 1e3), 1))
+    return out
+
+
 class ClockSampler:
     """``nvidia-smi`` sampling the GPU's SM clock, power and clock-lowering reasons every
     ``period_ms`` while the ``with`` block runs (:func:`clock_stats` of the samples in
@@ -129,11 +216,15 @@ class ClockSampler:
     sustained load (RESULTS.md round 23). The samples go to a temporary file (a pipe read only at
     the end would fill and stall nvidia-smi on long runs). Empty ``stats`` where there is no
     nvidia-smi or no CUDA device; an ``error`` in them where nvidia-smi gave no samples.
-    ``command`` replaces the nvidia-smi call (tests)."""
+    With NVML's energy counter (:class:`Nvml`) the stats also hold the block's ``energy_j``
+    and, given the number of ``calls`` the block runs, ``joules_per_call``.
+    ``command`` and ``meter`` replace the nvidia-smi call and NVML (tests)."""
 
-    def __init__(self, device: torch.device, period_ms: int = 50, command: list[str] | None = None):
-        self.device, self.period_ms, self.command = device, period_ms, command
-        self.proc, self.out, self.stats = None, None, {}
+    def __init__(self, device: torch.device, period_ms: int = 50, command: list[str] | None = None,
+                 calls: int | None = None, meter: Nvml | None = None):
+        self.device, self.period_ms, self.command, self.calls = device, period_ms, command, calls
+        self.meter = meter if meter is not None or command is not None else Nvml.open(device)
+        self.proc, self.out, self.stats, self.energy0 = None, None, {}, None
 
     def __enter__(self) -> "ClockSampler":
         import shutil
@@ -147,10 +238,19 @@ class ClockSampler:
         if command is not None:
             self.out = tempfile.TemporaryFile(mode="w+")
             self.proc = subprocess.Popen(command, stdout=self.out, stderr=subprocess.STDOUT, text=True)
+        self.energy0 = self.meter.energy_j() if self.meter else None   # after the sampler's start: not its idle
         return self
 
     def __exit__(self, *exc) -> None:
         import subprocess
+        energy = self.meter.energy_j() if self.meter and self.energy0 is not None else None
+        self._read_samples(subprocess)
+        if energy is not None:
+            self.stats["energy_j"] = round(energy - self.energy0, 3)
+            if self.calls:
+                self.stats["joules_per_call"] = round((energy - self.energy0) / self.calls, 3)
+
+    def _read_samples(self, subprocess) -> None:
         if self.proc is None:
             return
         self.proc.terminate()
@@ -167,16 +267,17 @@ class ClockSampler:
             self.stats["error"] = lines[0][:200]
 
 
-def clocks_during(device: torch.device, on: bool):
-    """A :class:`ClockSampler` over a ``with`` block where ``on``, else a context that yields ``None``."""
+def clocks_during(device: torch.device, on: bool, calls: int | None = None):
+    """A :class:`ClockSampler` over a ``with`` block (of ``calls`` calls) where ``on``, else a
+    context that yields ``None``."""
     import contextlib
-    return ClockSampler(device) if on else contextlib.nullcontext()
+    return ClockSampler(device, calls=calls) if on else contextlib.nullcontext()
 
 
 def clocks_over(fn, device: torch.device, iters: int) -> dict:
     """The :class:`ClockSampler` stats over ``iters`` more calls of ``fn`` (run after the timed
     ones, so the timing does not include the sampler's start)."""
-    with ClockSampler(device) as clocks:
+    with ClockSampler(device, calls=iters) as clocks:
         time_ms(fn, device, 0, iters)
     return clocks.stats
 

@@ -9,6 +9,7 @@ what choosing the fastest algorithm per shape could save, before building anythi
 
     PYTHONPATH=. python benchmarks/gemm.py --case 20:64 --case 24:32 --algos 32
     PYTHONPATH=. python benchmarks/gemm.py --sample-case 30:64 --algos 32
+    PYTHONPATH=. python benchmarks/gemm.py --case 20:64 --sustained 0.4   # each at the power limit
 
 Training: per block the q/k/v and output projections and the FFN's two matmuls, each forward,
 input gradient (dgrad) and weight gradient (wgrad), in the layouts the step's autograd uses
@@ -20,6 +21,7 @@ Sampling: the forwards per scale on the CFG-doubled rows (``2 B n_k^2``).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import emit, env, event_ms  # noqa: E402
+from bench_utils import Nvml, emit, env, event_ms, sustained  # noqa: E402
 from varcore.fast import cublaslt as L  # noqa: E402
 from varcore.var import PAPER_PATCH_NUMS  # noqa: E402
 
@@ -141,12 +143,48 @@ def survey(matmuls: list[tuple], base: dict, algos: int, iters: int) -> None:
           "saving_ms": round(tot["now_ms"] - tot["best_of_ms"], 2)})
 
 
+def sustained_survey(matmuls: list[tuple], base: dict, algos: int, seconds: float, meter) -> None:
+    """Each matmul's candidates (torch's call and every cuBLASLt algorithm) run back to back for
+    ``seconds`` each (``bench_utils.sustained``), so at the board's power limit as inside a step,
+    with their joules per call where NVML counts energy; one line per matmul and a weighted total
+    of what the step runs now (torch's call, or for the epilogue matmuls the algorithm fastest in
+    short synchronised calls, as ``cublaslt.gemm`` picks) against the least sustained time."""
+    tot = dict.fromkeys(("now_ms", "best_ms", "now_j", "best_j"), 0.0)
+    flop_total = 0.0
+    for name, calls, flop, torch_fn, lt_args in matmuls:
+        n = L.gemm(*lt_args, algo=0, requested=algos)
+        fns = [torch_fn] + [functools.partial(L.gemm, *lt_args, algo=i, requested=algos) for i in range(n)]
+        burst = [event_ms(f, 10) for f in fns]
+        runs = [sustained(f, seconds, meter=meter) for f in fns]
+        ms = [r["ms_per_call"] for r in runs]
+        joules = [r.get("joules_per_call", float("nan")) for r in runs]
+        now = 1 + min(range(n), key=lambda i: burst[1 + i]) if name in VIA_CUBLASLT else 0
+        best = min(range(len(fns)), key=ms.__getitem__)
+        for key, i in (("now", now), ("best", best)):
+            tot[f"{key}_ms"] += calls * ms[i]
+            tot[f"{key}_j"] += calls * joules[i]
+        flop_total += calls * flop
+        emit({**base, "matmul": name, "calls": calls, "gflop": round(flop / 1e9, 2), "sustained_s": seconds,
+              "candidates": ["torch"] + [f"lt{i}" for i in range(n)], "now": now, "best": best,
+              "burst_ms": [round(t, 4) for t in burst], "sustained_ms": [round(t, 4) for t in ms],
+              "joules_per_call": [round(j, 5) for j in joules],
+              "sm_mhz": [r.get("sm_mhz_mean") for r in runs], "power_w": [r.get("power_w") for r in runs],
+              "now_tflops": round(flop / ms[now] / 1e9, 1), "best_tflops": round(flop / ms[best] / 1e9, 1)})
+    emit({**base, "matmul": "total", "tflop": round(flop_total / 1e12, 3), "sustained_s": seconds,
+          **{k: round(v, 3) for k, v in tot.items()},
+          "now_tflops": round(flop_total / tot["now_ms"] / 1e9, 1),
+          "best_tflops": round(flop_total / tot["best_ms"] / 1e9, 1),
+          "saving_ms": round(tot["now_ms"] - tot["best_ms"], 2)})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", action="append", default=[], help="DEPTH:BATCH of a training step")
     ap.add_argument("--sample-case", action="append", default=[], help="DEPTH:BATCH of a CFG sampling batch")
     ap.add_argument("--algos", type=int, default=32, help="algorithms to request from cuBLASLt's heuristic")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--sustained", type=float, default=0.0, metavar="SECONDS",
+                    help="time each candidate back to back for this long, at the power limit (training cases)")
     args = ap.parse_args(argv)
     if not L.available():
         raise SystemExit("gemm.py needs CUDA and cuBLASLt")
@@ -156,7 +194,11 @@ def main(argv=None):
         depth, batch = map(int, case.split(":"))
         C, N = 64 * depth, batch * tokens
         base = {"bench": "gemm", "mode": "train", "depth": depth, "batch": batch, "tokens": N, **env()}
-        survey(training_matmuls(Mats(N, C, dev), N, C, depth), base, args.algos, args.iters)
+        mats = training_matmuls(Mats(N, C, dev), N, C, depth)
+        if args.sustained:
+            sustained_survey(mats, {**base, "mode": "train_sustained"}, args.algos, args.sustained, Nvml.open(dev))
+        else:
+            survey(mats, base, args.algos, args.iters)
     for case in args.sample_case:
         depth, batch = map(int, case.split(":"))
         C = 64 * depth

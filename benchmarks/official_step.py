@@ -83,7 +83,7 @@ def run_case(VAR, depth: int, batch: int, args, device: torch.device) -> dict:
         cfg = VARConfig(depth=depth)
         step = make_step(model, opt, batch_of(cfg, batch, device), torch.bfloat16)
         times = time_ms(step, device, args.warmup, args.iters)
-        with clocks_during(device, args.clocks) as clocks:
+        with clocks_during(device, args.clocks, calls=args.iters + 1) as clocks:   # one warm-up, then iters
             pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], peak_gib=peak_gib(device))

@@ -136,7 +136,7 @@ def run_case(depth: int, batch: int, ckpt: int, args, device: torch.device) -> d
         step = plan_step(model, opt, batch_of(cfg, batch, device), plan, grad_clip=args.grad_clip)
         # graph: two eager calls, then the capture; timing starts after it
         times = time_ms(step, device, max(args.warmup, 3) if plan.cuda_graph else args.warmup, args.iters)
-        with clocks_during(device, args.clocks) as clocks:
+        with clocks_during(device, args.clocks, calls=args.iters + 1) as clocks:   # one warm-up, then iters
             pipelined = time_ms(step, device, 1, args.iters, host_sync=False) if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as e:
         rec.update(oom=True, error=str(e).splitlines()[0], checkpointing=ckpt, peak_gib=peak_gib(device))

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_utils import ClockSampler, clock_stats, clocks_during, clocks_over, trace_gaps  # noqa: E402
+from bench_utils import ClockSampler, Nvml, clock_stats, clocks_during, clocks_over, trace_gaps  # noqa: E402
 
 
 def _kernel(name, ts, dur, corr):
@@ -207,6 +207,46 @@ def test_clock_sampler_reads_what_the_sampler_wrote_and_stops_it():
         assert off is None
     with clocks_during(torch.device("cpu"), True) as on:
         assert isinstance(on, ClockSampler)
+
+
+class FakeNvml:
+    """Stands in for libnvidia-ml: writes its readings through the ctypes references it is given
+    and returns NVML's status codes (0 success, 3 not supported)."""
+
+    def __init__(self, energies_mj, counter=True):
+        self.energies, self.counter, self.uuid = iter(energies_mj), counter, None
+
+    def nvmlInit_v2(self):
+        return 0
+
+    def nvmlDeviceGetHandleByUUID(self, uuid, ref):
+        self.uuid = uuid
+        ref._obj.value = 7
+        return 0
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle, ref):
+        if not self.counter:
+            return 3
+        ref._obj.value = next(self.energies)
+        return 0
+
+    def nvmlDeviceGetClockInfo(self, handle, kind, ref):
+        ref._obj.value = 1605 if kind == 1 else 0   # only the SM clock (NVML_CLOCK_SM = 1) is asked for
+        return 0
+
+
+def test_nvml_energy_per_call_over_a_sampled_block():
+    """NVML's counter is in mJ: 1,000,000 -> 1,012,500 mJ over a block of 5 calls is 12.5 J, 2.5 J
+    a call; the clock is the SM clock's; a driver without the counter gives no meter."""
+    lib = FakeNvml([1_000_000, 1_000_000, 1_012_500])   # open's check, the block's start and end
+    meter = Nvml.open(torch.device("cpu"), lib=lib)
+    assert meter is not None and lib.uuid == b"GPU-test" and meter.sm_mhz() == 1605
+    script = "printf '1600, 690.0, 50, 0x4\\n'; exec sleep 60"
+    with ClockSampler(torch.device("cpu"), command=["sh", "-c", script], calls=5, meter=meter) as clocks:
+        pass
+    assert clocks.stats["energy_j"] == 12.5 and clocks.stats["joules_per_call"] == 2.5
+    assert Nvml.open(torch.device("cpu"), lib=FakeNvml([], counter=False)) is None
+    assert Nvml.open(torch.device("cpu")) is None   # no CUDA device: no NVML asked
 
 
 def test_matmul_power_counts_dense_flops():

@@ -48,6 +48,25 @@ def variants(pn: tuple[int, ...], dev: torch.device) -> dict:
     return out
 
 
+def attend(q, k, v, core, backends):
+    """One attention call through ``core`` (an attention kernel module), under SDPA ``backends``
+    where given (None: the kernel's own choice)."""
+    if backends is None:
+        return core(q, k, v, 0.0, 1.0)
+    with sdpa_kernel([SDPA_BACKENDS[b] for b in backends]):
+        return core(q, k, v, 0.0, 1.0)
+
+
+def heads(batch: int, depth: int, dev: torch.device):
+    """Random bf16 q, k, v of a layer at ``depth`` (``depth`` heads of 64) over the paper's 680
+    tokens, laid out as the model's qkv projection gives them (``(B, L, H, c)`` storage seen as
+    ``(B, H, L, c)``), needing gradients, and a gradient of the output."""
+    L = ScaleLayout(PAPER_PATCH_NUMS).L
+    q, k, v = (torch.randn(batch, L, depth, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    return q, k, v, torch.randn_like(q)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=16)
@@ -59,18 +78,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     H, c, pn = args.depth, 64, PAPER_PATCH_NUMS
-    L = ScaleLayout(pn).L
-    # (B, L, H, c) storage seen as (B, H, L, c), the layout the model's qkv projection gives
-    q, k, v = (torch.randn(args.batch, L, H, c, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-               .requires_grad_() for _ in range(3))
-    grad = torch.randn_like(q)
+    q, k, v, grad = heads(args.batch, args.depth, dev)
     flops = 3 * 4 * c * ScaleLayout(pn).attention_pairs() * args.batch * H   # fwd + 2x bwd, QK^T and AV
-
-    def run(q, k, v, core, backends):
-        if backends is None:
-            return core(q, k, v, 0.0, 1.0)
-        with sdpa_kernel([SDPA_BACKENDS[b] for b in backends]):
-            return core(q, k, v, 0.0, 1.0)
 
     # float32 dense-mask reference: output and gradients
     qkv32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
@@ -90,7 +99,7 @@ def main(argv=None):
             continue
         flex_mod.FLEX_KERNEL_OPTIONS = tuned if flex_options[name] is None else flex_options[name]
         torch._dynamo.reset()                       # a fresh graph per variant (no recompile limit)
-        fn = torch.compile(run, dynamic=False, options=flex_mod.compile_options() or None)
+        fn = torch.compile(attend, dynamic=False, options=flex_mod.compile_options() or None)
 
         def step(fn=fn, mask=mask, backends=backends):
             fn(q, k, v, mask, backends).backward(grad)

@@ -166,17 +166,31 @@ class Nvml:
         return self._read(self.lib.nvmlDeviceGetClockInfo, ctypes.c_uint(), self._SM_CLOCK)
 
 
-def sustained(fn, seconds: float, settle: float = 0.3, meter: Nvml | None = None, chunk_ms: float = 10.0) -> dict:
+def counter_power(reads: list[tuple[float, float | None]]) -> float | None:
+    """Mean power in W from ``(host seconds, counter joules)`` reads of NVML's energy counter,
+    taken between the first and the last read at which the counter had moved. The counter moves
+    only every 100 ms on an H200 (RESULTS.md round 24), so the difference of two reads at
+    arbitrary times is off by up to one update, about 25% over 0.4 s; between moves it is off by
+    at most one read interval (a move is seen up to one read late). None without two moves."""
+    moves = [(t, e) for (t, e), (_, before) in zip(reads[1:], reads) if e is not None and e != before]
+    if len(moves) < 2:
+        return None
+    (t0, e0), (t1, e1) = moves[0], moves[-1]
+    return (e1 - e0) / (t1 - t0)
+
+
+def sustained(fn, seconds: float, settle: float = 0.3, meter: Nvml | None = None, chunk_ms: float = 20.0) -> dict:
     """``fn`` (GPU work) back to back for ``settle`` seconds, then for ``seconds`` more, timed:
-    ms per call, the mean SM clock over the timed part (sampled after each chunk of about
-    ``chunk_ms``) and, with an NVML ``meter``, joules per call and the mean power. Long enough
-    runs meet the board's power limit, as a step's matmuls do (short synchronised calls after idle
-    run at the full clock, RESULTS.md round 23). The host keeps at most two chunks queued ahead,
-    so the wall-clock windows are the GPU's."""
+    ms per call and, with an NVML ``meter`` read after each chunk of about ``chunk_ms``, the mean
+    SM clock, the mean power (:func:`counter_power`) and joules per call (power times ms per
+    call). Long enough runs meet the board's power limit, as a step's matmuls do (short
+    synchronised calls after idle run at the full clock, RESULTS.md round 23). The host keeps at
+    most two chunks queued ahead, so its reads fall in the GPU's window, and a read (some ms of
+    host time) does not leave the GPU idle. Give a second or more for joules within a few per cent."""
     one = event_ms(fn, 5)
     chunk = max(1, round(chunk_ms / max(one, 1e-3)))
 
-    def run(secs: float, clocks: list | None):
+    def run(secs: float, reads: list | None):
         calls, ends, t0 = 0, [], time.perf_counter()
         while time.perf_counter() - t0 < secs:
             for _ in range(chunk):
@@ -186,26 +200,25 @@ def sustained(fn, seconds: float, settle: float = 0.3, meter: Nvml | None = None
             ends[-1].record()
             if len(ends) > 2:
                 ends[-3].synchronize()
-                if clocks is not None and meter is not None:
-                    clocks.append(meter.sm_mhz())
+                if reads is not None and meter is not None:
+                    reads.append((time.perf_counter(), meter.energy_j(), meter.sm_mhz()))
         ends[-1].synchronize()
         return calls
 
     run(settle, None)
-    start, end, clocks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
-    e0 = meter.energy_j() if meter else None
+    start, end, reads = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
     start.record()
-    calls = run(seconds, clocks)
+    calls = run(seconds, reads)
     end.record()
     end.synchronize()
-    e1 = meter.energy_j() if meter else None
-    ms = start.elapsed_time(end)
-    out = {"ms_per_call": ms / calls, "calls": calls, "burst_ms": one}
-    clocks = [c for c in clocks if c is not None]
+    ms = start.elapsed_time(end) / calls
+    out = {"ms_per_call": ms, "calls": calls, "burst_ms": one}
+    clocks = [c for _, _, c in reads if c is not None]
     if clocks:
         out["sm_mhz_mean"] = round(statistics.fmean(clocks))
-    if e0 is not None and e1 is not None:
-        out.update(joules_per_call=(e1 - e0) / calls, power_w=round((e1 - e0) / (ms / 1e3), 1))
+    power = counter_power([(t, e) for t, e, _ in reads])
+    if power is not None:
+        out.update(power_w=round(power, 1), joules_per_call=power * ms / 1e3)
     return out
 
 

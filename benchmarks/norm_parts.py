@@ -125,6 +125,20 @@ def run_case(depth: int, B: int, args, device: torch.device) -> None:
 def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
     """Each tile configuration of the kernels alone (no autograd): the forward pair (``h1``; ``x2``
     and ``h2``) and the backward pair, device time per call, one JSON line per configuration."""
+    forward, backward = adaln_kernels(depth, B, device)
+    base = adaln.KERNEL_CONFIG
+    fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w) for r, w in itertools.product((1, 2, 4, 8), (4, 8, 16))]
+    bwd = [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w, bwd_stages=1)
+           for n, t, w in itertools.product((16, 32, 64), (1, 2, 4), (4, 8, 16))]
+    bwd += [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w, bwd_stages=s)   # the loop pipelined
+            for n, t, w, s in itertools.product((16, 32), (1, 2), (4, 8), (2, 3, 4))]
+    time_tiles("norm_sweep", depth, B, {"forward": (fwd, forward), "backward": (bwd, backward)}, args, device)
+
+
+def adaln_kernels(depth: int, B: int, device: torch.device):
+    """``forward(tiles)`` and ``backward(tiles)``: a block's pair of LayerNorm + AdaLN kernels
+    alone (no autograd), forward and backward, under a tile configuration (default: the
+    trainer's)."""
     cfg = VARConfig(depth=depth)
     C, L = cfg.C, cfg.L
     g = torch.Generator(device=device).manual_seed(0)
@@ -134,27 +148,20 @@ def sweep_case(depth: int, B: int, args, device: torch.device) -> None:
                                                ).bfloat16().unbind(2)
     keep = (torch.rand(B, device=device, generator=g) > 0.1).float()
     keep_p = torch.tensor(0.9, device=device)
-    base = adaln.KERNEL_CONFIG
     _, _, mean, rstd = adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1,
                                             1e-6, torch.bfloat16)
-    fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w) for r, w in itertools.product((1, 2, 4, 8), (4, 8, 16))]
-    bwd = [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w, bwd_stages=1)
-           for n, t, w in itertools.product((16, 32, 64), (1, 2, 4), (4, 8, 16))]
-    bwd += [dataclasses.replace(base, bwd_rows=n, bwd_tile=t, bwd_warps=w, bwd_stages=s)   # the loop pipelined
-            for n, t, w, s in itertools.product((16, 32), (1, 2), (4, 8), (2, 3, 4))]
 
-    def forward(tiles):
+    def forward(tiles=adaln.KERNEL_CONFIG):
         adaln.launch_forward(adaln.adaln_fwd_kernel, x, None, None, None, None, scale1, shift1, 1e-6,
                              torch.bfloat16, tiles)
         adaln.launch_forward(adaln.adaln_fwd_kernel, x, y, gate, keep, keep_p, scale2, shift2, 1e-6,
                              torch.bfloat16, tiles, bias_C=bias)
 
-    def backward(tiles):
+    def backward(tiles=adaln.KERNEL_CONFIG):
         adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, None, x, None, None, None, None, scale1, mean, rstd, tiles)
         adaln.launch_backward(adaln.adaln_bwd_kernel, g_h, g_res, x, y, gate, keep, keep_p, scale2, mean, rstd,
                               tiles, bias_C=bias)
-
-    time_tiles("norm_sweep", depth, B, {"forward": (fwd, forward), "backward": (bwd, backward)}, args, device)
+    return forward, backward
 
 
 def plain_qkv(attn: SelfAttention, x):
@@ -210,15 +217,29 @@ def qk_case(depth: int, B: int, args, device: torch.device) -> None:
               "rel_err_vs_fp64": {k: round(v, 6) for k, v in err.items()}, "top": list(top), **env()})
 
 
-def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
-    """Each tile configuration of the q/k kernels alone (no autograd, no matmul), device time per
-    call, one JSON line per configuration."""
+def qk_kernels(depth: int, B: int, device: torch.device):
+    """``forward(tiles)`` and ``backward(tiles)``: the q/k kernels alone (no autograd, no
+    matmul) on a block's projected rows, under a tile configuration (default: the trainer's)."""
     cfg, attn, _, grads = qk_setup(depth, B, device)
     g = torch.Generator(device=device).manual_seed(1)
     qkv = torch.randn(B, cfg.L, 3 * cfg.C, device=device, generator=g).bfloat16()
     temp = attn.temperature_H().detach()
     _, _, _, rnorm = qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp)
     g_q, g_k, g_v = (gr.transpose(1, 2) for gr in grads)
+
+    def forward(tiles=qk_norm.KERNEL_CONFIG):
+        qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp, config=tiles)
+
+    def backward(tiles=qk_norm.KERNEL_CONFIG):
+        qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, qkv, attn.q_bias, rnorm, temp,
+                                config=tiles)
+    return forward, backward
+
+
+def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
+    """Each tile configuration of the q/k kernels alone (no autograd, no matmul), device time per
+    call, one JSON line per configuration."""
+    forward, backward = qk_kernels(depth, B, device)
     base = qk_norm.KERNEL_CONFIG
     fwd = [dataclasses.replace(base, fwd_rows=r, fwd_warps=w)
            for r, w in itertools.product((1, 2, 4, 8, 16), (2, 4, 8))]
@@ -226,13 +247,6 @@ def qk_sweep_case(depth: int, B: int, args, device: torch.device) -> None:
            for n, w in itertools.product((8, 16, 32, 64), (2, 4, 8))]
     bwd += [dataclasses.replace(base, bwd_rows=n, bwd_warps=w, bwd_stages=s)   # the loop pipelined
             for n, w, s in itertools.product((16, 32), (4, 8), (2, 3, 4))]
-
-    def forward(tiles):
-        qk_norm.launch_forward(qk_norm.qkv_norm_fwd_kernel, qkv, attn.q_bias, attn.v_bias, temp, config=tiles)
-
-    def backward(tiles):
-        qk_norm.launch_backward(qk_norm.qkv_norm_bwd_kernel, g_q, g_k, g_v, qkv, attn.q_bias, rnorm, temp,
-                                config=tiles)
 
     time_tiles("qk_norm_sweep", depth, B, {"forward": (fwd, forward), "backward": (bwd, backward)}, args, device)
 

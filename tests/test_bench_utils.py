@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_utils import ClockSampler, Nvml, clock_stats, clocks_during, clocks_over, trace_gaps  # noqa: E402
+from bench_utils import ClockSampler, Nvml, clock_stats, counter_power, clocks_during, clocks_over, trace_gaps  # noqa: E402
 
 
 def _kernel(name, ts, dur, corr):
@@ -247,6 +247,20 @@ def test_nvml_energy_per_call_over_a_sampled_block():
     assert clocks.stats["energy_j"] == 12.5 and clocks.stats["joules_per_call"] == 2.5
     assert Nvml.open(torch.device("cpu"), lib=FakeNvml([], counter=False)) is None
     assert Nvml.open(torch.device("cpu")) is None   # no CUDA device: no NVML asked
+
+
+def test_counter_power_spans_the_counter_moves_only():
+    """A counter that moves by 70 J every 100 ms (700 W), read every 30 ms: a move is seen up to
+    one read late, so between the first and the last move seen the power is off by at most
+    700 W x 0.03 s over the span; the plain first-to-last difference over the same reads is
+    further off than that. Fewer than two moves give none."""
+    reads = [(0.03 * i, 70.0 * int(0.03 * i / 0.1 + 1e-9) + 1000.0) for i in range(34)]
+    moves = [t for (t, e), (_, b) in zip(reads[1:], reads) if e != b]
+    bound = 700.0 * 0.03 / (moves[-1] - moves[0])
+    assert abs(counter_power(reads) - 700.0) <= bound
+    (t0, e0), (t1, e1) = reads[0], reads[-1]
+    assert abs((e1 - e0) / (t1 - t0) - 700.0) > bound
+    assert counter_power([(0.0, 5.0), (0.05, 5.0), (0.09, None), (0.12, 12.0)]) is None
 
 
 def test_matmul_power_counts_dense_flops():

@@ -2,8 +2,10 @@
 
 Training: official ms/step over ours (synced, and back to back where both have it), so above 1
 means faster. Sampling: ours ms/image over official (below 1 means faster), as the issues state it.
-Where both ran with ``--clocks``, each side's median SM clock and board power go beside the ratio:
-at a power limit the clock differs between the two codes and explains part of the ratio.
+Where both ran with ``--clocks``, each side's median SM clock and board power go beside the ratio,
+and where NVML counted energy, each side's joules per step (per batch for sampling) and their
+ratio, oriented as the time ratio: at a power limit a step takes about its energy over the limit,
+so the joules explain the ratio (RESULTS.md rounds 23 and 24).
 
     bash benchmarks/suite.sh versus              # calls this at the end
     python benchmarks/ratios.py < results.jsonl
@@ -15,13 +17,19 @@ import json
 import sys
 
 
-def _clocks(off: dict, ours: dict, key: str) -> dict:
-    """Each side's median SM clock and power from its ``key`` clock stats, where both have them."""
+def _clocks(off: dict, ours: dict, key: str, ours_over_official: bool = False) -> dict:
+    """Each side's median SM clock and power from its ``key`` clock stats, where both have them,
+    and their joules per call with the official's over ours (or ours over the official's)."""
     a, b = off.get(key) or {}, ours.get(key) or {}
-    if "sm_mhz_median" not in a or "sm_mhz_median" not in b:
-        return {}
-    return {"official_sm_mhz": a["sm_mhz_median"], "ours_sm_mhz": b["sm_mhz_median"],
-            "official_power_w": a["power_w_median"], "ours_power_w": b["power_w_median"]}
+    out = {}
+    if "sm_mhz_median" in a and "sm_mhz_median" in b:
+        out.update(official_sm_mhz=a["sm_mhz_median"], ours_sm_mhz=b["sm_mhz_median"],
+                   official_power_w=a["power_w_median"], ours_power_w=b["power_w_median"])
+    if a.get("joules_per_call") and b.get("joules_per_call"):
+        ja, jb = a["joules_per_call"], b["joules_per_call"]
+        out.update(official_joules=ja, ours_joules=jb,
+                   joules_ratio=round(jb / ja if ours_over_official else ja / jb, 3))
+    return out
 
 
 def ratios(records: list[dict]) -> list[dict]:
@@ -41,7 +49,7 @@ def ratios(records: list[dict]) -> list[dict]:
             out.append({"ratio": "sample_time", "depth": depth, "batch": batch, "tag": tag,
                         "official_ms_per_image": off["ms_per_image"], "ours_ms_per_image": ours["ms_per_image"],
                         "ours_over_official": round(ours["ms_per_image"] / off["ms_per_image"], 3),
-                        **_clocks(off, ours, "clocks")})
+                        **_clocks(off, ours, "clocks", ours_over_official=True)})
     return out
 
 

@@ -15,6 +15,9 @@
 #   depths    versus at every paper depth, one call per depth (official then ours, then the ratios):
 #             training d16 and d20 at batch 64, d24 and d30 at 32; sampling at B=64. DEPTHS="16 20 24 30"
 #   latency   our sampler at B=1 (one image, CFG on, decode included) at d16 and d30
+#   energy    where a training step's joules go (benchmarks/energy_parts.py: matmuls, attention, the norm
+#             kernels, each back to back at the power limit) beside the step's own joules (--clocks),
+#             d20 at batch 64 and d24 at 32; needs NVML's energy counter
 #   numerics  bf16 fast path against the fp32 plain path over 30 steps, beside the same drift of
 #             eager bf16 (the official code's roundings) and of the fast path with a float32 residual
 #             stream; CUDA-graph replays against eager steps, a checkpointed and resumed run against a
@@ -51,10 +54,12 @@ for suite in "$@"; do
                 TRAIN_CASES="$d:$b" SAMPLE_CASES="$d:64" bash "$0" versus
               done ;;
     latency)  run benchmarks/sample.py --case 16:1 --case 30:1 ;;
+    energy)   run benchmarks/energy_parts.py $(cases --case "${TRAIN_CASES:-20:64 24:32}")
+              run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-20:64 24:32}") --clocks ;;
     numerics) run benchmarks/train_step.py --numerics --graph-check --resume-check
               run benchmarks/train_step.py --numerics --norm-impl plain --no-compile
               run benchmarks/train_step.py --numerics --residual-dtype float32 ;;
-    *) echo "unknown suite $suite (train, sample, official, versus, depths, latency, numerics)" >&2; exit 2 ;;
+    *) echo "unknown suite $suite (train, sample, official, versus, depths, latency, energy, numerics)" >&2; exit 2 ;;
   esac
 done
 rm -f "$OUT_LINES"

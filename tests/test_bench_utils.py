@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_utils import ClockSampler, Nvml, clock_stats, counter_power, clocks_during, clocks_over, trace_gaps  # noqa: E402
+from bench_utils import (ClockSampler, Nvml, clock_stats, clocks_during, clocks_over, counter_power,  # noqa: E402
+                         trace_gaps)
 
 
 def _kernel(name, ts, dur, corr):
@@ -44,23 +45,27 @@ def test_no_kernels():
 def test_ratios_pair_official_and_ours_by_case():
     from ratios import ratios
     lines = [
-        {"bench": "official_train_step", "depth": 16, "batch": 64, "ms_median": 300.0, "pipelined_ms_median": 290.0},
-        {"bench": "train_step", "depth": 16, "batch": 64, "ms_median": 120.0, "pipelined_ms_median": 125.0},
+        {"bench": "official_train_step", "depth": 16, "batch": 64, "ms_median": 300.0, "pipelined_ms_median": 290.0,
+         "pipelined_clocks": {"joules_per_call": 200.0}},
+        {"bench": "train_step", "depth": 16, "batch": 64, "ms_median": 120.0, "pipelined_ms_median": 125.0,
+         "pipelined_clocks": {"joules_per_call": 80.0}},
         {"bench": "train_step", "depth": 24, "batch": 32, "ms_median": 200.0},            # no official row
         {"bench": "official_sample", "depth": 16, "batch": 64, "ms_per_image": 8.0,
-         "clocks": {"sm_mhz_median": 1965.0, "power_w_median": 659.3}},
+         "clocks": {"sm_mhz_median": 1965.0, "power_w_median": 659.3, "joules_per_call": 500.0}},
         {"bench": "sample", "depth": 16, "batch": 64, "ms_per_image": 3.0,
-         "clocks": {"sm_mhz_median": 1590.0, "power_w_median": 689.5}},
+         "clocks": {"sm_mhz_median": 1590.0, "power_w_median": 689.5, "joules_per_call": 200.0}},
         {"bench": "official_sample", "depth": 24, "batch": 64, "error": "OOM"},
         {"bench": "sample", "depth": 24, "batch": 64, "ms_per_image": 6.0},
     ]
     rows = ratios(lines)
     assert rows == [
         {"ratio": "train_speedup", "depth": 16, "batch": 64, "tag": None, "official_ms": 300.0, "ours_ms": 120.0,
-         "speedup_synced": 2.5, "speedup_back_to_back": 2.32},
+         "speedup_synced": 2.5, "speedup_back_to_back": 2.32,   # joules oriented as each time ratio
+         "official_joules": 200.0, "ours_joules": 80.0, "joules_ratio": 2.5},
         {"ratio": "sample_time", "depth": 16, "batch": 64, "tag": None, "official_ms_per_image": 8.0,
          "ours_ms_per_image": 3.0, "ours_over_official": 0.375, "official_sm_mhz": 1965.0, "ours_sm_mhz": 1590.0,
-         "official_power_w": 659.3, "ours_power_w": 689.5},
+         "official_power_w": 659.3, "ours_power_w": 689.5, "official_joules": 500.0, "ours_joules": 200.0,
+         "joules_ratio": 0.4},
     ]
 
 

@@ -172,7 +172,13 @@ def counter_power(reads: list[tuple[float, float | None]]) -> float | None:
     only every 100 ms on an H200 (RESULTS.md round 24), so the difference of two reads at
     arbitrary times is off by up to one update, about 25% over 0.4 s; between moves it is off by
     at most one read interval (a move is seen up to one read late). None without two moves."""
-    moves = [(t, e) for (t, e), (_, before) in zip(reads[1:], reads) if e is not None and e != before]
+    moves, last = [], None
+    for t, e in reads:
+        if e is None:   # a failed read: the next good one is compared with the last good one
+            continue
+        if last is not None and e != last:
+            moves.append((t, e))
+        last = e
     if len(moves) < 2:
         return None
     (t0, e0), (t1, e1) = moves[0], moves[-1]
@@ -192,7 +198,7 @@ def sustained(fn, seconds: float, settle: float = 0.3, meter: Nvml | None = None
 
     def run(secs: float, reads: list | None):
         calls, ends, t0 = 0, [], time.perf_counter()
-        while time.perf_counter() - t0 < secs:
+        while not ends or time.perf_counter() - t0 < secs:   # at least one chunk
             for _ in range(chunk):
                 fn()
             calls += chunk
@@ -230,7 +236,9 @@ class ClockSampler:
     the end would fill and stall nvidia-smi on long runs). Empty ``stats`` where there is no
     nvidia-smi or no CUDA device; an ``error`` in them where nvidia-smi gave no samples.
     With NVML's energy counter (:class:`Nvml`) the stats also hold the block's ``energy_j``
-    and, given the number of ``calls`` the block runs, ``joules_per_call``.
+    and, given the number of ``calls`` the block runs, ``joules_per_call``: the difference of two
+    reads, so within one counter update (100 ms of the board's power, about 70 J at 700 W) of
+    the block's energy; run blocks of several seconds.
     ``command`` and ``meter`` replace the nvidia-smi call and NVML (tests)."""
 
     def __init__(self, device: torch.device, period_ms: int = 50, command: list[str] | None = None,

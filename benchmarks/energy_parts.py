@@ -7,8 +7,11 @@ step is the ratio of their times), so a speed target there is an energy target: 
 official step needs our step's joules at most the official's over 2.2. This splits our step's
 joules into what no kernel here can lower and what is left:
 
-- ``matmuls``: every matmul of a step (``gemm.training_matmuls``) as the step runs it (torch's
-  call, or cuBLASLt's pick for the two epilogue matmuls);
+- ``matmuls``: the step's 15 matmul shapes (``gemm.training_matmuls``: per block the q/k/v and
+  output projections and the FFN's two, forward, input and weight gradient, and the head's
+  three) as the step runs them (torch's call, or cuBLASLt's pick for the two epilogue matmuls);
+  the AdaLN projections of the class embedding, one ``(B, 6C)`` row block per block, are small
+  and left out;
 - ``attention``: the flex block-causal attention, forward and backward, compiled as in training
   (``attention.heads``), once per block;
 - ``adaln``: the pair of LayerNorm + AdaLN modulation kernels, forward and backward, per block
@@ -81,12 +84,15 @@ def main(argv=None) -> None:
         totals: dict[str, dict[str, float]] = {}
         for part, name, calls, fn in step_calls(depth, batch, dev):
             r = sustained(fn, args.seconds, meter=meter)
+            if "joules_per_call" not in r:
+                raise SystemExit(f"energy_parts.py: NVML's counter did not move twice while {name} ran "
+                                 f"{args.seconds} s; give more --seconds")
             t = totals.setdefault(part, {"ms": 0.0, "joules": 0.0})
             t["ms"] += calls * r["ms_per_call"]
-            t["joules"] += calls * r.get("joules_per_call", float("nan"))
+            t["joules"] += calls * r["joules_per_call"]
             emit({**base, "part": part, "name": name, "calls": calls, "ms_per_call": round(r["ms_per_call"], 4),
                   "burst_ms": round(r["burst_ms"], 4), "power_w": r.get("power_w"), "sm_mhz": r.get("sm_mhz_mean"),
-                  "joules_per_call": round(r.get("joules_per_call", float("nan")), 4)})
+                  "joules_per_call": round(r["joules_per_call"], 4)})
         emit({**base, "part": "total", **{f"{p}_{k}": round(v, 2) for p, t in totals.items() for k, v in t.items()},
               "ms": round(sum(t["ms"] for t in totals.values()), 2),
               "joules": round(sum(t["joules"] for t in totals.values()), 2)})

@@ -147,33 +147,40 @@ def sustained_survey(matmuls: list[tuple], base: dict, algos: int, seconds: floa
     """Each matmul's candidates (torch's call and every cuBLASLt algorithm) run back to back for
     ``seconds`` each (``bench_utils.sustained``), so at the board's power limit as inside a step,
     with their joules per call where NVML counts energy; one line per matmul and a weighted total
-    of what the step runs now (torch's call, or for the epilogue matmuls the algorithm fastest in
-    short synchronised calls, as ``cublaslt.gemm`` picks) against the least sustained time."""
+    of what the step runs now (torch's call, or for the epilogue matmuls ``cublaslt.gemm``'s own
+    pick, timed on its first call) against the least sustained time. Joules are None where the
+    counter gave none (no NVML, or too short a run for two of its moves)."""
     tot = dict.fromkeys(("now_ms", "best_ms", "now_j", "best_j"), 0.0)
     flop_total = 0.0
     for name, calls, flop, torch_fn, lt_args in matmuls:
         n = L.gemm(*lt_args, algo=0, requested=algos)
         fns = [torch_fn] + [functools.partial(L.gemm, *lt_args, algo=i, requested=algos) for i in range(n)]
+        names = ["torch"] + [f"lt{i}" for i in range(n)]
+        # the epilogue matmuls' torch call is the plain matmul (not the same work): cuBLASLt's only, and
+        # what the step runs is gemm's own pick (of its MAX_ALGOS, made on this first call)
+        lt_only = name in VIA_CUBLASLT
+        if lt_only:
+            fns.append(functools.partial(L.gemm, *lt_args))
+            names.append("step_pick")
         burst = [event_ms(f, 10) for f in fns]
         runs = [sustained(f, seconds, meter=meter) for f in fns]
         ms = [r["ms_per_call"] for r in runs]
-        joules = [r.get("joules_per_call", float("nan")) for r in runs]
-        # the epilogue matmuls' torch call is the plain matmul (not the same work): cuBLASLt's only
-        lt_only = name in VIA_CUBLASLT
-        now = 1 + min(range(n), key=lambda i: burst[1 + i]) if lt_only else 0
+        joules = [r.get("joules_per_call") for r in runs]
+        now = len(fns) - 1 if lt_only else 0
         best = min(range(int(lt_only), len(fns)), key=ms.__getitem__)
         for key, i in (("now", now), ("best", best)):
             tot[f"{key}_ms"] += calls * ms[i]
-            tot[f"{key}_j"] += calls * joules[i]
+            j = tot[f"{key}_j"]
+            tot[f"{key}_j"] = None if j is None or joules[i] is None else j + calls * joules[i]
         flop_total += calls * flop
         emit({**base, "matmul": name, "calls": calls, "gflop": round(flop / 1e9, 2), "sustained_s": seconds,
-              "candidates": ["torch"] + [f"lt{i}" for i in range(n)], "now": now, "best": best,
+              "candidates": names, "now": now, "best": best,
               "burst_ms": [round(t, 4) for t in burst], "sustained_ms": [round(t, 4) for t in ms],
-              "joules_per_call": [round(j, 5) for j in joules],
+              "joules_per_call": [None if j is None else round(j, 5) for j in joules],
               "sm_mhz": [r.get("sm_mhz_mean") for r in runs], "power_w": [r.get("power_w") for r in runs],
               "now_tflops": round(flop / ms[now] / 1e9, 1), "best_tflops": round(flop / ms[best] / 1e9, 1)})
     emit({**base, "matmul": "total", "tflop": round(flop_total / 1e12, 3), "sustained_s": seconds,
-          **{k: round(v, 3) for k, v in tot.items()},
+          **{k: None if v is None else round(v, 3) for k, v in tot.items()},
           "now_tflops": round(flop_total / tot["now_ms"] / 1e9, 1),
           "best_tflops": round(flop_total / tot["best_ms"] / 1e9, 1),
           "saving_ms": round(tot["now_ms"] - tot["best_ms"], 2)})

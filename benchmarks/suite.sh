@@ -55,7 +55,7 @@ for suite in "$@"; do
               done ;;
     latency)  run benchmarks/sample.py --case 16:1 --case 30:1 ;;
     energy)   run benchmarks/energy_parts.py $(cases --case "${TRAIN_CASES:-20:64 24:32}")
-              run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-20:64 24:32}") --clocks ;;
+              run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-20:64 24:32}") --clocks --iters 20 ;;
     numerics) run benchmarks/train_step.py --numerics --graph-check --resume-check
               run benchmarks/train_step.py --numerics --norm-impl plain --no-compile
               run benchmarks/train_step.py --numerics --residual-dtype float32 ;;

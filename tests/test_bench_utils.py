@@ -266,6 +266,9 @@ def test_counter_power_spans_the_counter_moves_only():
     (t0, e0), (t1, e1) = reads[0], reads[-1]
     assert abs((e1 - e0) / (t1 - t0) - 700.0) > bound
     assert counter_power([(0.0, 5.0), (0.05, 5.0), (0.09, None), (0.12, 12.0)]) is None
+    # a failed read between two equal ones is not a move: 10 W from 0.06 s to 0.26 s
+    reads = [(0, 5.0), (0.02, None), (0.04, 5.0), (0.06, 6.0), (0.16, 7.0), (0.26, 8.0)]
+    assert abs(counter_power(reads) - 10.0) < 1e-9
 
 
 def test_matmul_power_counts_dense_flops():

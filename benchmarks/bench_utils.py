@@ -123,7 +123,7 @@ def clock_stats(lines: list[str]) -> dict:
 
 
 class Nvml:
-    """The GPU's cumulative energy counter (mJ since the driver loaded), SM clock and power, read
+    """The GPU's cumulative energy counter (mJ since the driver loaded) and SM clock, read
     through NVML (``libnvidia-ml``, which the NVIDIA driver installs) by ctypes: per-kernel-run
     energy that nvidia-smi's one-second power average cannot give. At the board's power limit a
     run's time follows its energy (RESULTS.md round 23), so joules per call compare two ways of
@@ -263,15 +263,16 @@ class ClockSampler:
         return self
 
     def __exit__(self, *exc) -> None:
-        import subprocess
         energy = self.meter.energy_j() if self.meter and self.energy0 is not None else None
-        self._read_samples(subprocess)
+        self._read_samples()
         if energy is not None:
             self.stats["energy_j"] = round(energy - self.energy0, 3)
             if self.calls:
                 self.stats["joules_per_call"] = round((energy - self.energy0) / self.calls, 3)
 
-    def _read_samples(self, subprocess) -> None:
+    def _read_samples(self) -> None:
+        """Stops the sampler and parses what it wrote into ``stats``."""
+        import subprocess
         if self.proc is None:
             return
         self.proc.terminate()

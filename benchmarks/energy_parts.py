@@ -7,7 +7,7 @@ step is the ratio of their times), so a speed target there is an energy target: 
 official step needs our step's joules at most the official's over 2.2. This splits our step's
 joules into what no kernel here can lower and what is left:
 
-- ``matmuls``: the step's 15 matmul shapes (``gemm.training_matmuls``: per block the q/k/v and
+- ``matmuls``: the step's 15 matmul shapes (``gemm.step_matmuls``: per block the q/k/v and
   output projections and the FFN's two, forward, input and weight gradient, and the head's
   three) as the step runs them (torch's call, or cuBLASLt's pick for the two epilogue matmuls);
   the AdaLN projections of the class embedding, one ``(B, 6C)`` row block per block, are small
@@ -31,6 +31,7 @@ the limit, not a split of one step's clock. One JSON line per part and one total
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention import attend, heads  # noqa: E402
 from bench_utils import Nvml, emit, env, sustained  # noqa: E402
-from gemm import VIA_CUBLASLT, Mats, training_matmuls  # noqa: E402
+from gemm import VIA_CUBLASLT, step_matmuls  # noqa: E402
 from norm_parts import adaln_kernels, qk_kernels  # noqa: E402
 from varcore.fast import cublaslt as L  # noqa: E402
 from varcore.fast import flex as flex_mod  # noqa: E402
@@ -49,11 +50,9 @@ from varcore.var import PAPER_PATCH_NUMS  # noqa: E402
 
 def step_calls(depth: int, batch: int, dev: torch.device) -> list[tuple[str, str, int, object]]:
     """(part, name, calls per step, a call running it) for the measured parts of a step."""
-    tokens = sum(p * p for p in PAPER_PATCH_NUMS)
-    C, N = 64 * depth, batch * tokens
     out = []
-    for name, calls, _, torch_fn, lt_args in training_matmuls(Mats(N, C, dev), N, C, depth):
-        fn = (lambda a=lt_args: L.gemm(*a)) if name in VIA_CUBLASLT else torch_fn   # gemm picks on its first call
+    for name, calls, _, torch_fn, lt_args in step_matmuls(depth, batch, dev)[1]:
+        fn = functools.partial(L.gemm, *lt_args) if name in VIA_CUBLASLT else torch_fn   # gemm picks on its first call
         out.append(("matmuls", name, calls, fn))
     q, k, v, grad = heads(batch, depth, dev)
     mask = FlexBlockCausal(PAPER_PATCH_NUMS, dev)

@@ -91,6 +91,13 @@ def training_matmuls(m: Mats, N: int, C: int, depth: int) -> list[tuple]:
     return [(n, depth, f, t, a) for n, f, t, a in per_block] + [(n, 1, f, t, a) for n, f, t, a in head]
 
 
+def step_matmuls(depth: int, batch: int, dev) -> tuple[int, list[tuple]]:
+    """The token rows and :func:`training_matmuls` of a paper-config training step at ``depth`` and
+    ``batch`` (width 64 depth, the paper's 680 tokens an image), on random operands."""
+    C, N = 64 * depth, batch * sum(p * p for p in PAPER_PATCH_NUMS)
+    return N, training_matmuls(Mats(N, C, dev), N, C, depth)
+
+
 def sampling_matmuls(m: Mats, rows: int, C: int, depth: int, scale: int) -> list[tuple]:
     """The forwards of one scale's ``rows`` tokens (CFG-doubled), all blocks and the head."""
     H, V, o = 4 * C, VOCAB, m.out
@@ -162,8 +169,8 @@ def sustained_survey(matmuls: list[tuple], base: dict, algos: int, seconds: floa
         if lt_only:
             fns.append(functools.partial(L.gemm, *lt_args))
             names.append("step_pick")
-        burst = [event_ms(f, 10) for f in fns]
         runs = [sustained(f, seconds, meter=meter) for f in fns]
+        burst = [r["burst_ms"] for r in runs]   # sustained's own synchronised calls before its runs
         ms = [r["ms_per_call"] for r in runs]
         joules = [r.get("joules_per_call") for r in runs]
         now = len(fns) - 1 if lt_only else 0
@@ -198,12 +205,10 @@ def main(argv=None):
     if not L.available():
         raise SystemExit("gemm.py needs CUDA and cuBLASLt")
     dev = torch.device("cuda")
-    tokens = sum(p * p for p in PAPER_PATCH_NUMS)
     for case in args.case:
         depth, batch = map(int, case.split(":"))
-        C, N = 64 * depth, batch * tokens
+        N, mats = step_matmuls(depth, batch, dev)
         base = {"bench": "gemm", "mode": "train", "depth": depth, "batch": batch, "tokens": N, **env()}
-        mats = training_matmuls(Mats(N, C, dev), N, C, depth)
         if args.sustained:
             sustained_survey(mats, {**base, "mode": "train_sustained"}, args.algos, args.sustained, Nvml.open(dev))
         else:

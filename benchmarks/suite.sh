@@ -18,6 +18,8 @@
 #   energy    where a training step's joules go (benchmarks/energy_parts.py: matmuls, attention, the norm
 #             kernels, each back to back at the power limit) beside the step's own joules (--clocks),
 #             d20 at batch 64 and d24 at 32; needs NVML's energy counter
+#   switch    sampling at B=64 then B=1 in one process, once per variant with one fast path switched off
+#             (benchmarks/batch_switch.py, d16): which path the round-25 illegal memory access comes from
 #   numerics  bf16 fast path against the fp32 plain path over 30 steps, beside the same drift of
 #             eager bf16 (the official code's roundings) and of the fast path with a float32 residual
 #             stream; CUDA-graph replays against eager steps, a checkpointed and resumed run against a
@@ -56,10 +58,11 @@ for suite in "$@"; do
     latency)  run benchmarks/sample.py --case 16:1 --case 30:1 ;;
     energy)   run benchmarks/energy_parts.py $(cases --case "${TRAIN_CASES:-20:64 24:32}")
               run benchmarks/train_step.py $(cases --case "${TRAIN_CASES:-20:64 24:32}") --clocks --iters 20 ;;
+    switch)   run benchmarks/batch_switch.py --depth 16 --batches 64,1 ;;
     numerics) run benchmarks/train_step.py --numerics --graph-check --resume-check
               run benchmarks/train_step.py --numerics --norm-impl plain --no-compile
               run benchmarks/train_step.py --numerics --residual-dtype float32 ;;
-    *) echo "unknown suite $suite (train, sample, official, versus, depths, latency, energy, numerics)" >&2; exit 2 ;;
+    *) echo "unknown suite $suite (train, sample, official, versus, depths, latency, energy, switch, numerics)" >&2; exit 2 ;;
   esac
 done
 rm -f "$OUT_LINES"

@@ -1,19 +1,25 @@
 """Sampling at one batch size, then at another, in one process: which fast path fails there.
 
 Round 25 (RESULTS.md) found that on a GPU, sampling one image after a batch of 64 in the same
-process fails with ``CUDA error: an illegal memory access``, while one image alone runs. The
-error is asynchronous, so its traceback does not name the kernel. This program runs the same
-sequence once per variant, each in a process of its own (run side by side: they only compile
-and draw a few batches), with one fast path of the sampler switched off per variant, or the
-launches made synchronous. Per variant and batch it reports the phase reached (tokens, then
-decode, each followed by a synchronisation) and the error, with its traceback's tail: the
-variant that no longer fails names the path at fault.
+process failed with ``CUDA error: an illegal memory access``, while one image alone ran. The
+error is asynchronous, so its traceback does not name the kernel. The likeliest cause found by
+reading the code: every engine captures its CUDA graphs on torch's one default capture stream,
+so a second engine's graphs used the cuBLAS workspace that torch had cached for that stream,
+which lived in the first engine's graph memory, freed once the first engine was gone
+(``varcore.fast.static_sampler.fresh_cublas_workspaces`` now gives each engine its own).
+
+This program runs the sequence once per variant, each in a process of its own, with one fast
+path of the sampler switched off per variant (or round 25's workspace handling put back, or the
+launches made synchronous). Per variant and batch it reports the phase reached (tokens, then
+decode, each followed by a synchronisation) and the error with its traceback's tail: a variant
+that fails where the others run names the path at fault.
 
     PYTHONPATH=. python benchmarks/batch_switch.py --depth 16 --batches 64,1
-    PYTHONPATH=. python benchmarks/batch_switch.py --depth 16 --batches 64,1 --variant all --variant no_kv_kernel
+    PYTHONPATH=. python benchmarks/batch_switch.py --depth 16 --batches 64,1 --variant all --variant keep_workspace
 
 One JSON line per (variant, batch), and a last one per variant with its exit status. ``--tiny``
-runs a small model (a CPU check of this program).
+runs a small model (a CPU check of this program: there the sampler takes the plain loop and an
+eager decoder, so the switched paths do not run).
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -51,10 +59,12 @@ def _replace(module, name: str, value) -> None:
 
 
 class _NoGraphScales(static_sampler.StaticScales):
-    """The static engine without its per-scale CUDA graphs (compiled blocks kept)."""
+    """The static engine without its per-scale CUDA graphs (compiled blocks kept). Its key keeps
+    the ``graphs`` asked for, so ``static_engine`` reuses it as it would the default engine."""
 
     def __init__(self, *args, graphs: bool, **kwargs):
         super().__init__(*args, graphs=False, **kwargs)
+        self.key = (*self.key[:3], graphs, *self.key[4:])
 
 
 def _no_decode_graphs():
@@ -77,27 +87,41 @@ def _no_engine_graphs():
     _replace(static_sampler, "StaticScales", _NoGraphScales)
 
 
-# name -> (what it switches off, the switch, the sampling engine, whether the decoder is compiled)
+def _keep_workspace():
+    """Round 25's code: the engine's captures reuse whatever cuBLAS workspace torch has cached."""
+    _replace(static_sampler, "fresh_cublas_workspaces", lambda: None)
+
+
+class Variant(NamedTuple):
+    what: str                      # what it switches off
+    switch: Callable[[], None] | None = None
+    engine: str = "auto"           # the sampling engine
+    compiled_decode: bool = True
+    env: dict[str, str] = {}       # added to the child's environment
+
+
 VARIANTS = {
-    "all": ("nothing: the default sampler", None, "auto", True),
-    "launch_blocking": ("nothing, with CUDA_LAUNCH_BLOCKING=1 (the traceback names the failing launch)", None,
-                        "auto", True),
-    "no_decode_graphs": ("the decoder's CUDA graphs for batches of 1-2 images", _no_decode_graphs, "auto", True),
-    "eager_decode": ("the compiled decoder (eager decode)", None, "auto", False),
-    "no_kv_kernel": ("the KV-cache attention kernel (SDPA instead)", _no_kv_kernel, "auto", True),
-    "no_add_norm_kernel": ("the add + LayerNorm + AdaLN kernel (inductor's composition)", _no_add_norm_kernel,
-                           "auto", True),
-    "no_cublaslt": ("the cuBLASLt GELU epilogue (torch's matmul and GELU)", _no_cublaslt, "auto", True),
-    "no_engine_graphs": ("the engine's per-scale CUDA graphs (compiled blocks kept)", _no_engine_graphs, "auto",
-                         True),
-    "exact_engine": ("the compiled engine (static_exact: uncompiled blocks, graphs kept)", None, "static_exact",
-                     True),
+    "all": Variant("nothing: the default sampler"),
+    "launch_blocking": Variant("nothing, with CUDA_LAUNCH_BLOCKING=1 (a fault inside a CUDA graph is reported at "
+                               "the graph's launch)", env={"CUDA_LAUNCH_BLOCKING": "1"}),
+    "keep_workspace": Variant("the engine's own cuBLAS workspace (round 25's code)", _keep_workspace),
+    "keep_workspace_none": Variant("the engine's own cuBLAS workspace, and cuBLAS workspaces altogether "
+                                   "(CUBLAS_WORKSPACE_CONFIG=:0:0)", _keep_workspace,
+                                   env={"CUBLAS_WORKSPACE_CONFIG": ":0:0"}),
+    "no_decode_graphs": Variant("the decoder's CUDA graphs for batches of 1-2 images", _no_decode_graphs),
+    "eager_decode": Variant("the compiled decoder (eager decode)", compiled_decode=False),
+    "no_kv_kernel": Variant("the KV-cache attention kernel (SDPA instead)", _no_kv_kernel),
+    "no_add_norm_kernel": Variant("the add + LayerNorm + AdaLN kernel (inductor's composition)", _no_add_norm_kernel),
+    "no_cublaslt": Variant("the cuBLASLt GELU epilogue (torch's matmul and GELU)", _no_cublaslt),
+    "no_engine_graphs": Variant("the engine's per-scale CUDA graphs (compiled blocks kept)", _no_engine_graphs),
+    "exact_engine": Variant("the compiled engine (static_exact: uncompiled blocks, graphs kept)",
+                            engine="static_exact"),
 }
 
 
 def child(args) -> int:
     """One variant: each batch size in turn in this process; a line per batch, or the error."""
-    what, switch, engine, compiled_decode = VARIANTS[args.child]
+    what, switch, engine, compiled_decode, _ = VARIANTS[args.child]
     if switch is not None:
         switch()
     device = torch.device(args.device)
@@ -138,8 +162,9 @@ def _sync(device: torch.device) -> None:
 
 
 def parent(args) -> None:
-    """Every chosen variant in a process of its own, ``--jobs`` at a time; their lines, then one
-    line per variant with its exit status and the tail of its standard error."""
+    """Every chosen variant in a process of its own, ``--jobs`` at a time (output to files, so a
+    child never waits on a full pipe); their lines, then one line per variant with its exit
+    status and the tail of its standard error."""
     names = args.variant or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -147,25 +172,32 @@ def parent(args) -> None:
     common = ["--depth", str(args.depth), "--batches", ",".join(map(str, args.batches)),
               "--repeats", str(args.repeats), "--device", args.device] + (["--tiny"] if args.tiny else [])
     pending, running = list(names), []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name = pending.pop(0)
-            child_env = {**os.environ, **({"CUDA_LAUNCH_BLOCKING": "1"} if name == "launch_blocking" else {})}
-            proc = subprocess.Popen([sys.executable, __file__, "--child", name, *common], env=child_env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            running.append((name, proc, time.perf_counter()))
-        name, proc, t0 = running.pop(0)
-        try:
-            out, err = proc.communicate(timeout=max(1.0, args.timeout - (time.perf_counter() - t0)))
-            status = proc.returncode
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            status = "timeout"
-        for line in out.splitlines():
-            if line.startswith("{"):
-                emit(json.loads(line))
-        emit({"bench": "batch_switch", "variant": name, "exit": status, "stderr_tail": err[-1500:]})
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                name = pending.pop(0)
+                child_env = {**os.environ, **VARIANTS[name].env}
+                out, err = (open(Path(tmp) / f"{name}.{k}", "w+") for k in ("out", "err"))
+                proc = subprocess.Popen([sys.executable, __file__, "--child", name, *common], env=child_env,
+                                        stdout=out, stderr=err, text=True)
+                running.append((name, proc, time.perf_counter(), out, err))
+            name, proc, t0, out, err = running.pop(0)
+            try:
+                status = proc.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - t0)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                status = "timeout"
+            for f in (out, err):
+                f.seek(0)
+            for line in out.read().splitlines():
+                try:
+                    emit(json.loads(line))
+                except json.JSONDecodeError:   # a line cut short by a kill, or not ours
+                    continue
+            emit({"bench": "batch_switch", "variant": name, "exit": status, "stderr_tail": err.read()[-1500:]})
+            out.close()
+            err.close()
 
 
 def main(argv=None) -> None:
@@ -173,14 +205,17 @@ def main(argv=None) -> None:
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[64, 1],
                     help="batch sizes in the order one process samples them")
-    ap.add_argument("--repeats", type=int, default=2, help="batches drawn at each size")
+    ap.add_argument("--repeats", type=int, default=4, help="batches drawn at each size (a stale workspace "
+                    "faults from the third on: the decoder's graphs record on the second)")
     ap.add_argument("--variant", action="append", default=[], help=f"one of {sorted(VARIANTS)} (default: all)")
-    ap.add_argument("--jobs", type=int, default=len(VARIANTS), help="variants run side by side")
+    ap.add_argument("--jobs", type=int, default=4, help="variants run side by side")
     ap.add_argument("--timeout", type=float, default=500.0, help="seconds per variant")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a small model and tokenizer (a CPU check)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.jobs < 1 or args.repeats < 1:
+        ap.error(f"--jobs ({args.jobs}) and --repeats ({args.repeats}) must be at least 1")
     if args.child:
         raise SystemExit(child(args))
     parent(args)

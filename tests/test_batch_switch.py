@@ -1,6 +1,7 @@
 """benchmarks/batch_switch.py: every variant runs its own process through each batch size and
 reports it; variants compute the same function, so they draw the same tokens from one seed
-(checked on the CPU with the tiny model); a switch naming a path the library no longer has fails."""
+(checked on the CPU with the tiny model, where the switched paths do not run); each switch turns
+its path's gate off; a switch naming a path the library no longer has fails."""
 
 import json
 import os
@@ -45,3 +46,28 @@ def test_a_switch_refuses_a_name_the_module_lacks():
 def test_an_unknown_variant_is_named():
     with pytest.raises(SystemExit, match="unknown \\['nope'\\]"):
         batch_switch.main(["--variant", "nope", "--tiny", "--device", "cpu"])
+
+
+def test_each_switch_turns_its_path_off(monkeypatch, tiny_var):
+    import torch
+    import varcore.fast.static_sampler as ss
+    gates = [(batch_switch.sample_mod, "DECODE_GRAPH_MAX_IMAGES"), (batch_switch.kv_attention, "kernel_available"),
+             (batch_switch.add_norm, "fused_available"), (batch_switch.fused_mlp, "fused_usable"),
+             (ss, "StaticScales"), (ss, "fresh_cublas_workspaces")]
+    for module, name in gates:   # restored after the test
+        monkeypatch.setattr(module, name, getattr(module, name))
+    for name, variant in batch_switch.VARIANTS.items():
+        if variant.switch is not None:
+            variant.switch()
+    assert batch_switch.sample_mod.DECODE_GRAPH_MAX_IMAGES == 0
+    assert batch_switch.kv_attention.kernel_available(None, None, None) is False
+    assert batch_switch.add_norm.fused_available(None, None) is False
+    assert batch_switch.fused_mlp.fused_usable(None) is False
+    assert ss.fresh_cublas_workspaces() is None
+    # the engine without graphs: asked for graphs (which would fail on the CPU), built without, and kept
+    # by static_engine under the key it asked for
+    eng = ss.StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=True)
+    assert eng.graphs is None and eng.key[3] is True
+    assert batch_switch.VARIANTS["keep_workspace_none"].env == {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}
+    assert batch_switch.VARIANTS["exact_engine"].engine == "static_exact"
+    assert batch_switch.VARIANTS["eager_decode"].compiled_decode is False

@@ -688,3 +688,82 @@ def test_cudnn_autotune_restores_flag():
     with sample_mod.cudnn_autotune():
         assert torch.backends.cudnn.benchmark == (before or sample_mod.CUDNN_AUTOTUNE)
     assert torch.backends.cudnn.benchmark == before
+
+
+def test_static_engine_frees_the_old_engine_before_building_a_new_one(tiny_var, monkeypatch):
+    """A new batch size replaces the model's engine; the old one (its KV caches, weight copy and
+    graphs) is gone before the new one allocates, so both are never held at once."""
+    import weakref
+
+    import varcore.fast.static_sampler as ss
+    old = static_engine(tiny_var, 4, torch.device("cpu"))
+    old_ref, alive_at_build = weakref.ref(old), []
+    del old
+    real_init = ss.StaticScales.__init__
+
+    def init(self, *args, **kwargs):
+        alive_at_build.append(old_ref() is not None)
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(ss.StaticScales, "__init__", init)
+    new = static_engine(tiny_var, 2, torch.device("cpu"))
+    assert alive_at_build == [False] and new.key[0] == 2
+    release_static_engine(tiny_var)
+
+
+class _Recorder:
+    """Stand-ins for the torch.cuda calls of ``StaticScales._capture``, logging captures in order."""
+
+    def __init__(self, log: list, fail_at: int | None = None):
+        self.log, self.fail_at, self.captures = log, fail_at, 0
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        class Stream:
+            def __init__(self, *a, **k):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, pool=None):
+            self.captures += 1
+            if self.captures == self.fail_at:
+                raise RuntimeError("capture failed")
+            self.log.append("capture")
+            yield
+
+        for name, value in (("Stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
+                            ("current_stream", lambda *a: Stream()), ("graph_pool_handle", lambda: None),
+                            ("CUDAGraph", object), ("graph", graph)):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.parametrize("fail_at", [None, 3])
+def test_engine_captures_with_a_cublas_workspace_of_their_own(tiny_var, monkeypatch, fail_at):
+    """The engine's captures are bracketed by dropping torch's cached cuBLAS workspaces: before the
+    first (the graphs' workspace is then allocated in their own pool) and after the last, also when
+    a capture fails (no later capture on torch's shared capture stream is handed this engine's
+    memory; round 25's illegal memory access when batch 1 followed batch 64)."""
+    import varcore.fast.static_sampler as ss
+    log: list = []
+    eng = ss.StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False)
+    monkeypatch.setattr(ss, "fresh_cublas_workspaces", lambda: log.append("fresh"))
+    _Recorder(log, fail_at).install(monkeypatch)
+    K = len(tiny_var.cfg.patch_nums)
+    if fail_at is None:
+        eng._capture()
+        assert log == ["fresh"] + ["capture"] * (1 + K) + ["fresh"]   # the modulation graph, then one per scale
+    else:
+        with pytest.raises(RuntimeError, match="capture failed"):
+            eng._capture()
+        assert log == ["fresh"] + ["capture"] * (fail_at - 1) + ["fresh"]
+
+
+def test_fresh_cublas_workspaces_is_a_no_op_without_cuda():
+    """On a machine where CUDA was never initialised there is nothing to drop, and nothing fails."""
+    import varcore.fast.static_sampler as ss
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only behaviour")
+    ss.fresh_cublas_workspaces()

@@ -44,6 +44,21 @@ from .plan import reset_plan
 _ENGINES: "weakref.WeakKeyDictionary[VAR, StaticScales]" = weakref.WeakKeyDictionary()
 
 
+def fresh_cublas_workspaces() -> None:
+    """Drop the cuBLAS workspaces torch keeps per (handle, stream), as inductor's CUDA graph trees
+    do around each capture. :meth:`StaticScales._capture` calls it before its captures, so their
+    matmuls get a workspace of their own inside the engine's graph memory, and after them, so that
+    no later capture on the same stream (torch captures every engine on one default stream) is
+    handed that memory once the engine is gone. Round 25 (RESULTS.md) found batch 1 after batch 64
+    in one process failing with an illegal memory access on an H200, consistent with a second
+    engine's graphs writing to the first engine's freed workspace; that this was the cause, and that
+    this cures it, is not yet confirmed on a GPU (``benchmarks/batch_switch.py``, variant
+    ``keep_workspace``)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None and torch.cuda.is_initialized():
+        clear()
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The ambient autocast dtype on ``device``'s type, or None when autocast is off."""
     if not torch.is_autocast_enabled(device.type):
@@ -244,15 +259,19 @@ class StaticScales:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._reset()
         pool = torch.cuda.graph_pool_handle()
-        self.mod_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.mod_graph, pool=pool):
-            self._modulate()
-        self.graphs = []
-        for k in range(len(self.starts)):  # in sampling order: each scale appends to the caches
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool), self._autocast():
-                self.logits_BlV[k] = self._forward(k)
-            self.graphs.append(g)
+        fresh_cublas_workspaces()   # the graphs' cuBLAS workspace is allocated in their pool, and kept out of others
+        try:
+            self.mod_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.mod_graph, pool=pool):
+                self._modulate()
+            self.graphs = []
+            for k in range(len(self.starts)):  # in sampling order: each scale appends to the caches
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool), self._autocast():
+                    self.logits_BlV[k] = self._forward(k)
+                self.graphs.append(g)
+        finally:
+            fresh_cublas_workspaces()
         self._reset()
 
     @torch.no_grad()
@@ -290,7 +309,8 @@ def static_engine(var: VAR, batch: int, device: torch.device, compiled: bool | N
     key = (batch, device, amp, cuda, cuda if compiled is None else compiled)
     eng = _ENGINES.get(var)
     if eng is None or eng.key != key:
-        _ENGINES.pop(var, None)   # free the old buffers before allocating new ones
+        eng = None   # the old engine's buffers and graphs are freed before the new ones are allocated
+        _ENGINES.pop(var, None)
         eng = _ENGINES[var] = StaticScales(var, batch, device, amp, graphs=cuda, compiled=key[4])
     return eng
 

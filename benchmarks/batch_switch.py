@@ -6,7 +6,7 @@ error is asynchronous, so its traceback does not name the kernel. The likeliest 
 reading the code: every engine captures its CUDA graphs on torch's one default capture stream,
 so a second engine's graphs used the cuBLAS workspace that torch had cached for that stream,
 which lived in the first engine's graph memory, freed once the first engine was gone
-(``varcore.fast.static_sampler.fresh_cublas_workspaces`` now gives each engine its own).
+(``varcore.fast.graphs.own_cublas_workspace`` now gives each engine its own).
 
 This program runs the sequence once per variant, each in a process of its own, with one fast
 path of the sampler switched off per variant (or round 25's workspace handling put back, or the
@@ -43,6 +43,7 @@ from varcore import VAR, VARConfig, VQVAE, VQVAEConfig, SamplingConfig, sample_t
 import varcore.sample as sample_mod  # noqa: E402
 import varcore.fast.add_norm as add_norm  # noqa: E402
 import varcore.fast.fused_mlp as fused_mlp  # noqa: E402
+import varcore.fast.graphs as graphs  # noqa: E402
 import varcore.fast.kv_attention as kv_attention  # noqa: E402
 import varcore.fast.static_sampler as static_sampler  # noqa: E402
 
@@ -89,7 +90,7 @@ def _no_engine_graphs():
 
 def _keep_workspace():
     """Round 25's code: the engine's captures reuse whatever cuBLAS workspace torch has cached."""
-    _replace(static_sampler, "fresh_cublas_workspaces", lambda: None)
+    _replace(graphs, "fresh_cublas_workspaces", lambda: None)
 
 
 class Variant(NamedTuple):

@@ -53,7 +53,7 @@ def test_each_switch_turns_its_path_off(monkeypatch, tiny_var):
     import varcore.fast.static_sampler as ss
     gates = [(batch_switch.sample_mod, "DECODE_GRAPH_MAX_IMAGES"), (batch_switch.kv_attention, "kernel_available"),
              (batch_switch.add_norm, "fused_available"), (batch_switch.fused_mlp, "fused_usable"),
-             (ss, "StaticScales"), (ss, "fresh_cublas_workspaces")]
+             (ss, "StaticScales"), (batch_switch.graphs, "fresh_cublas_workspaces")]
     for module, name in gates:   # restored after the test
         monkeypatch.setattr(module, name, getattr(module, name))
     for name, variant in batch_switch.VARIANTS.items():
@@ -63,7 +63,7 @@ def test_each_switch_turns_its_path_off(monkeypatch, tiny_var):
     assert batch_switch.kv_attention.kernel_available(None, None, None) is False
     assert batch_switch.add_norm.fused_available(None, None) is False
     assert batch_switch.fused_mlp.fused_usable(None) is False
-    assert ss.fresh_cublas_workspaces() is None
+    assert batch_switch.graphs.fresh_cublas_workspaces() is None
     # the engine without graphs: asked for graphs (which would fail on the CPU), built without, and kept
     # by static_engine under the key it asked for
     eng = ss.StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=True)

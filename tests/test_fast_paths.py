@@ -746,10 +746,11 @@ def test_engine_captures_with_a_cublas_workspace_of_their_own(tiny_var, monkeypa
     first (the graphs' workspace is then allocated in their own pool) and after the last, also when
     a capture fails (no later capture on torch's shared capture stream is handed this engine's
     memory; round 25's illegal memory access when batch 1 followed batch 64)."""
+    import varcore.fast.graphs as graphs
     import varcore.fast.static_sampler as ss
     log: list = []
     eng = ss.StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False)
-    monkeypatch.setattr(ss, "fresh_cublas_workspaces", lambda: log.append("fresh"))
+    monkeypatch.setattr(graphs, "fresh_cublas_workspaces", lambda: log.append("fresh"))
     _Recorder(log, fail_at).install(monkeypatch)
     K = len(tiny_var.cfg.patch_nums)
     if fail_at is None:
@@ -763,7 +764,7 @@ def test_engine_captures_with_a_cublas_workspace_of_their_own(tiny_var, monkeypa
 
 def test_fresh_cublas_workspaces_is_a_no_op_without_cuda():
     """On a machine where CUDA was never initialised there is nothing to drop, and nothing fails."""
-    import varcore.fast.static_sampler as ss
+    import varcore.fast.graphs as graphs
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only behaviour")
-    ss.fresh_cublas_workspaces()
+    graphs.fresh_cublas_workspaces()

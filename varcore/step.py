@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast.compile import compile_region
+from .fast.graphs import own_cublas_workspace
 from .fast.master_weights import MasterWeights
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ class TrainStep:
         self._static_in = tuple(x.clone() for x in batch)
         had_state = {p for p, st in self.optim.state.items() if st}
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with own_cublas_workspace(), torch.cuda.graph(self.graph):   # a cuBLAS workspace of the graph's own
             self._static_out = self._body(*self._static_in)
         new = [p for p, st in self.optim.state.items() if st and p not in had_state]
         if new:   # made inside the capture: never initialised, and a replay would reset it every step

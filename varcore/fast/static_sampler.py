@@ -38,25 +38,11 @@ from ..var import VAR, AdaLNBlock, AdaLNHead, KVCache
 from .add_norm import add_ln_modulate
 from .compile import compile_region
 from .fused_mlp import FusedFFN
+from .graphs import own_cublas_workspace
 from .kv_attention import KernelKVCache
 from .plan import reset_plan
 
 _ENGINES: "weakref.WeakKeyDictionary[VAR, StaticScales]" = weakref.WeakKeyDictionary()
-
-
-def fresh_cublas_workspaces() -> None:
-    """Drop the cuBLAS workspaces torch keeps per (handle, stream), as inductor's CUDA graph trees
-    do around each capture. :meth:`StaticScales._capture` calls it before its captures, so their
-    matmuls get a workspace of their own inside the engine's graph memory, and after them, so that
-    no later capture on the same stream (torch captures every engine on one default stream) is
-    handed that memory once the engine is gone. Round 25 (RESULTS.md) found batch 1 after batch 64
-    in one process failing with an illegal memory access on an H200, consistent with a second
-    engine's graphs writing to the first engine's freed workspace; that this was the cause, and that
-    this cures it, is not yet confirmed on a GPU (``benchmarks/batch_switch.py``, variant
-    ``keep_workspace``)."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None and torch.cuda.is_initialized():
-        clear()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -259,8 +245,7 @@ class StaticScales:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._reset()
         pool = torch.cuda.graph_pool_handle()
-        fresh_cublas_workspaces()   # the graphs' cuBLAS workspace is allocated in their pool, and kept out of others
-        try:
+        with own_cublas_workspace():   # the graphs' cuBLAS workspace in their pool, and kept out of others
             self.mod_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.mod_graph, pool=pool):
                 self._modulate()
@@ -270,8 +255,6 @@ class StaticScales:
                 with torch.cuda.graph(g, pool=pool), self._autocast():
                     self.logits_BlV[k] = self._forward(k)
                 self.graphs.append(g)
-        finally:
-            fresh_cublas_workspaces()
         self._reset()
 
     @torch.no_grad()

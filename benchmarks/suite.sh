@@ -62,7 +62,8 @@ for suite in "$@"; do
     numerics) run benchmarks/train_step.py --numerics --graph-check --resume-check
               run benchmarks/train_step.py --numerics --norm-impl plain --no-compile
               run benchmarks/train_step.py --numerics --residual-dtype float32 ;;
-    *) echo "unknown suite $suite (train, sample, official, versus, depths, latency, energy, switch, numerics)" >&2; exit 2 ;;
+    *) echo "unknown suite $suite (train, sample, official, versus, depths, latency, energy, switch," \
+            "numerics)" >&2; exit 2 ;;
   esac
 done
 rm -f "$OUT_LINES"

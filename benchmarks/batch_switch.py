@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,7 +106,8 @@ VARIANTS = {
     "all": Variant("nothing: the default sampler"),
     "launch_blocking": Variant("nothing, with CUDA_LAUNCH_BLOCKING=1 (a fault inside a CUDA graph is reported at "
                                "the graph's launch)", env={"CUDA_LAUNCH_BLOCKING": "1"}),
-    "keep_workspace": Variant("the engine's own cuBLAS workspace (round 25's code)", _keep_workspace),
+    "keep_workspace": Variant("the engine's own cuBLAS workspace (round 25's capture; the old engine is still "
+                              "freed first)", _keep_workspace),
     "keep_workspace_none": Variant("the engine's own cuBLAS workspace, and cuBLAS workspaces altogether "
                                    "(CUBLAS_WORKSPACE_CONFIG=:0:0)", _keep_workspace,
                                    env={"CUBLAS_WORKSPACE_CONFIG": ":0:0"}),
@@ -174,31 +176,50 @@ def parent(args) -> None:
               "--repeats", str(args.repeats), "--device", args.device] + (["--tiny"] if args.tiny else [])
     pending, running = list(names), []
     with tempfile.TemporaryDirectory() as tmp:
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                name = pending.pop(0)
-                child_env = {**os.environ, **VARIANTS[name].env}
-                out, err = (open(Path(tmp) / f"{name}.{k}", "w+") for k in ("out", "err"))
-                proc = subprocess.Popen([sys.executable, __file__, "--child", name, *common], env=child_env,
-                                        stdout=out, stderr=err, text=True)
-                running.append((name, proc, time.perf_counter(), out, err))
-            name, proc, t0, out, err = running.pop(0)
+        try:
+            _run_all(args, common, pending, running, tmp)
+        finally:   # interrupted: no child (nor its compile workers) outlives the parent
+            for _, proc, *_ in running:
+                _kill(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """The child and its process group (inductor's compile workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _run_all(args, common: list[str], pending: list[str], running: list, tmp: str) -> None:
+    """Start children up to ``--jobs``; wait for the oldest (killed past ``--timeout``), emit its
+    lines and status; until none is left. A child stays in ``running`` until it is done."""
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            child_env = {**os.environ, **VARIANTS[name].env}
+            out, err = (open(Path(tmp) / f"{name}.{k}", "w+") for k in ("out", "err"))
+            proc = subprocess.Popen([sys.executable, __file__, "--child", name, *common], env=child_env,
+                                    stdout=out, stderr=err, text=True, start_new_session=True)
+            running.append((name, proc, time.perf_counter(), out, err))
+        name, proc, t0, out, err = running[0]
+        try:
+            status = proc.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            status = "timeout"
+        running.pop(0)
+        for f in (out, err):
+            f.seek(0)
+        for line in out.read().splitlines():
             try:
-                status = proc.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - t0)))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                status = "timeout"
-            for f in (out, err):
-                f.seek(0)
-            for line in out.read().splitlines():
-                try:
-                    emit(json.loads(line))
-                except json.JSONDecodeError:   # a line cut short by a kill, or not ours
-                    continue
-            emit({"bench": "batch_switch", "variant": name, "exit": status, "stderr_tail": err.read()[-1500:]})
-            out.close()
-            err.close()
+                emit(json.loads(line))
+            except json.JSONDecodeError:   # a line cut short by a kill, or not ours
+                continue
+        emit({"bench": "batch_switch", "variant": name, "exit": status, "stderr_tail": err.read()[-1500:]})
+        out.close()
+        err.close()
 
 
 def main(argv=None) -> None:

@@ -34,6 +34,7 @@ from varcore import PAPER_PATCH_NUMS, VQVAE  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
 from varcore.fast.add_norm import add_ln_modulate  # noqa: E402
 from varcore.fast.compile import compile_region  # noqa: E402
+from varcore.fast.graphs import own_cublas_workspace  # noqa: E402
 from varcore.fast import kv_attention as kva  # noqa: E402
 from varcore.fast.subpixel import UPSAMPLE_FORMS  # noqa: E402
 from varcore.var import modulate  # noqa: E402
@@ -117,7 +118,7 @@ def _graphed(fn, device, warmup: int = 2):
         fn()
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with own_cublas_workspace(), torch.cuda.graph(graph):   # a workspace of its own (varcore.fast.graphs)
         fn()
     return graph.replay
 

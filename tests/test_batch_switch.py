@@ -19,7 +19,7 @@ import batch_switch  # noqa: E402
 
 def test_every_variant_reports_each_batch_with_the_same_tokens():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "batch_switch.py"), "--tiny", "--device", "cpu",
-                          "--batches", "3,1", "--repeats", "1", "--jobs", "3"],
+                          "--batches", "3,1", "--repeats", "1", "--jobs", "3", "--timeout", "120"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]

@@ -733,6 +733,7 @@ class _Recorder:
                 raise RuntimeError("capture failed")
             self.log.append("capture")
             yield
+            self.log.append("end")
 
         for name, value in (("Stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
                             ("current_stream", lambda *a: Stream()), ("graph_pool_handle", lambda: None),
@@ -755,11 +756,11 @@ def test_engine_captures_with_a_cublas_workspace_of_their_own(tiny_var, monkeypa
     K = len(tiny_var.cfg.patch_nums)
     if fail_at is None:
         eng._capture()
-        assert log == ["fresh"] + ["capture"] * (1 + K) + ["fresh"]   # the modulation graph, then one per scale
+        assert log == ["fresh"] + ["capture", "end"] * (1 + K) + ["fresh"]   # the modulation graph, then one a scale
     else:
         with pytest.raises(RuntimeError, match="capture failed"):
             eng._capture()
-        assert log == ["fresh"] + ["capture"] * (fail_at - 1) + ["fresh"]
+        assert log == ["fresh"] + ["capture", "end"] * (fail_at - 1) + ["fresh"]
 
 
 def test_fresh_cublas_workspaces_is_a_no_op_without_cuda():

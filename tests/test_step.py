@@ -327,10 +327,11 @@ def test_the_step_captures_with_a_cublas_workspace_of_its_own(tiny_var_cfg, monk
     def graph(g, pool=None):
         log.append("capture")
         yield
+        log.append("end")
 
     monkeypatch.setattr(graphs, "fresh_cublas_workspaces", lambda: log.append("fresh"))
     for name, value in (("synchronize", lambda *a: None), ("empty_cache", lambda: None), ("CUDAGraph", object),
                         ("graph", graph)):
         monkeypatch.setattr(torch.cuda, name, value)
     step._capture(*batch)
-    assert log == ["fresh", "capture", "fresh"]
+    assert log == ["fresh", "capture", "end", "fresh"]

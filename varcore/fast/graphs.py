@@ -14,18 +14,26 @@ brackets a capture the way inductor's graph trees bracket theirs.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["fresh_cublas_workspaces", "own_cublas_workspace"]
 
 
 def fresh_cublas_workspaces() -> None:
     """Drop torch's cached cuBLAS workspaces (nothing to do where CUDA was never initialised)."""
+    if not torch.cuda.is_initialized():
+        return
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None and torch.cuda.is_initialized():
-        clear()
+    if clear is None:   # a torch without it: say so, since graphs captured later may share a workspace
+        log.warning("torch %s has no _cuda_clearCublasWorkspaces: CUDA graphs captured on one stream may "
+                    "share a cuBLAS workspace (RESULTS.md round 25)", torch.__version__)
+        return
+    clear()
 
 
 @contextlib.contextmanager

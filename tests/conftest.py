@@ -54,3 +54,42 @@ def aot_eager(monkeypatch):
     yield counters
     compile_region.cache_clear()
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def capture_log(monkeypatch):
+    """CPU stand-ins for the torch.cuda calls around a CUDA graph capture and for
+    ``varcore.fast.graphs.fresh_cublas_workspaces``. ``capture_log(fail_at=None)`` installs them and
+    returns the log they write in order: "fresh" per workspace drop, "capture" and "end" around each
+    capture (capture number ``fail_at`` raises instead)."""
+    import contextlib
+
+    import varcore.fast.graphs as graphs
+
+    def install(fail_at: int | None = None) -> list:
+        log, captures = [], [0]
+
+        class Stream:
+            def __init__(self, *a, **k):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, pool=None):
+            captures[0] += 1
+            if captures[0] == fail_at:
+                raise RuntimeError("capture failed")
+            log.append("capture")
+            yield
+            log.append("end")
+
+        monkeypatch.setattr(graphs, "fresh_cublas_workspaces", lambda: log.append("fresh"))
+        for name, value in (("Stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
+                            ("current_stream", lambda *a: Stream()), ("graph_pool_handle", lambda: None),
+                            ("CUDAGraph", object), ("graph", graph), ("synchronize", lambda *a: None),
+                            ("empty_cache", lambda: None)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        return log
+    return install

@@ -710,49 +710,15 @@ def test_static_engine_frees_the_old_engine_before_building_a_new_one(tiny_var, 
     release_static_engine(tiny_var)
 
 
-class _Recorder:
-    """Stand-ins for the torch.cuda calls of ``StaticScales._capture``, logging captures in order."""
-
-    def __init__(self, log: list, fail_at: int | None = None):
-        self.log, self.fail_at, self.captures = log, fail_at, 0
-
-    def install(self, monkeypatch):
-        import contextlib
-
-        class Stream:
-            def __init__(self, *a, **k):
-                pass
-
-            def wait_stream(self, other):
-                pass
-
-        @contextlib.contextmanager
-        def graph(g, pool=None):
-            self.captures += 1
-            if self.captures == self.fail_at:
-                raise RuntimeError("capture failed")
-            self.log.append("capture")
-            yield
-            self.log.append("end")
-
-        for name, value in (("Stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
-                            ("current_stream", lambda *a: Stream()), ("graph_pool_handle", lambda: None),
-                            ("CUDAGraph", object), ("graph", graph)):
-            monkeypatch.setattr(torch.cuda, name, value)
-
-
 @pytest.mark.parametrize("fail_at", [None, 3])
-def test_engine_captures_with_a_cublas_workspace_of_their_own(tiny_var, monkeypatch, fail_at):
+def test_engine_captures_with_a_cublas_workspace_of_their_own(tiny_var, capture_log, fail_at):
     """The engine's captures are bracketed by dropping torch's cached cuBLAS workspaces: before the
     first (the graphs' workspace is then allocated in their own pool) and after the last, also when
     a capture fails (no later capture on torch's shared capture stream is handed this engine's
     memory; round 25's illegal memory access when batch 1 followed batch 64)."""
-    import varcore.fast.graphs as graphs
     import varcore.fast.static_sampler as ss
-    log: list = []
     eng = ss.StaticScales(tiny_var, 2, torch.device("cpu"), None, graphs=False)
-    monkeypatch.setattr(graphs, "fresh_cublas_workspaces", lambda: log.append("fresh"))
-    _Recorder(log, fail_at).install(monkeypatch)
+    log = capture_log(fail_at)
     K = len(tiny_var.cfg.patch_nums)
     if fail_at is None:
         eng._capture()

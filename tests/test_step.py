@@ -310,28 +310,14 @@ def test_a_resumed_run_equals_a_straight_one(monkeypatch):
     assert rec["max_loss_diff"] == 0.0 and rec["max_weight_diff"] == 0.0
 
 
-def test_the_step_captures_with_a_cublas_workspace_of_its_own(tiny_var_cfg, monkeypatch):
+def test_the_step_captures_with_a_cublas_workspace_of_its_own(tiny_var_cfg, capture_log):
     """The training step's capture is bracketed by dropping torch's cached cuBLAS workspaces
     (varcore.fast.graphs.own_cublas_workspace), so a second step captured in the same process is not
     handed the first graph's workspace. Checked on the CPU with stand-ins for the CUDA calls."""
-    import contextlib
-
-    import varcore.fast.graphs as graphs
     model = VAR(tiny_var_cfg).train()
     step = TrainStep(model, adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.05, torch.device("cpu")))
     batch = _batch(tiny_var_cfg, 2, 0)
     step(*batch, 1e-3)   # the optimizer's state exists before the capture, as after the eager steps
-    log: list = []
-
-    @contextlib.contextmanager
-    def graph(g, pool=None):
-        log.append("capture")
-        yield
-        log.append("end")
-
-    monkeypatch.setattr(graphs, "fresh_cublas_workspaces", lambda: log.append("fresh"))
-    for name, value in (("synchronize", lambda *a: None), ("empty_cache", lambda: None), ("CUDAGraph", object),
-                        ("graph", graph)):
-        monkeypatch.setattr(torch.cuda, name, value)
+    log = capture_log()
     step._capture(*batch)
     assert log == ["fresh", "capture", "end", "fresh"]

@@ -39,7 +39,7 @@ from typing import Callable, NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_utils import PAPER_VQ, emit, env  # noqa: E402
+from bench_utils import PAPER_VQ, emit, env, sync  # noqa: E402
 from varcore import VAR, VARConfig, VQVAE, VQVAEConfig, SamplingConfig, sample_tokens  # noqa: E402
 import varcore.sample as sample_mod  # noqa: E402
 import varcore.fast.add_norm as add_norm  # noqa: E402
@@ -145,11 +145,11 @@ def child(args) -> int:
                 phase = "tokens"
                 with amp:
                     idx_list, f_hat = sample_tokens(var, vqvae.quantizer, label_B, sampling, gen)
-                _sync(device)
+                sync(device)
                 phase = "decode"
                 with amp:
                     img = sample_mod.decode_images(vqvae, f_hat, compiled=None if compiled_decode else False)
-                _sync(device)
+                sync(device)
             emit({**base, "batch": batch, "ok": True, "seconds": round(time.perf_counter() - t0, 1),
                   "image_shape": list(img.shape), "tokens_sum": int(sum(int(i.sum()) for i in idx_list))})
         except Exception as e:  # report where it failed; the CUDA context is unusable after it
@@ -157,11 +157,6 @@ def child(args) -> int:
                   "traceback": traceback.format_exc()[-2000:]})
             return 1
     return 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def parent(args) -> None:

@@ -2,10 +2,11 @@
 
 Round 25 (RESULTS.md) found that on a GPU, sampling one image after a batch of 64 in the same
 process failed with ``CUDA error: an illegal memory access``, while one image alone ran. The
-error is asynchronous, so its traceback does not name the kernel. The likeliest cause found by
-reading the code: every engine captures its CUDA graphs on torch's one default capture stream,
-so a second engine's graphs used the cuBLAS workspace that torch had cached for that stream,
-which lived in the first engine's graph memory, freed once the first engine was gone
+error is asynchronous, so its traceback does not name the kernel. The cause, found by reading the
+code and confirmed by this program in round 26 (``keep_workspace`` fails, every other variant
+runs): every engine captures its CUDA graphs on torch's one default capture stream, so a second
+engine's graphs used the cuBLAS workspace that torch had cached for that stream, which lived in
+the first engine's graph memory, freed once the first engine was gone
 (``varcore.fast.graphs.own_cublas_workspace`` now gives each engine its own).
 
 This program runs the sequence once per variant, each in a process of its own, with one fast

@@ -19,7 +19,7 @@
 #             kernels, each back to back at the power limit) beside the step's own joules (--clocks),
 #             d20 at batch 64 and d24 at 32; needs NVML's energy counter
 #   switch    sampling at B=64 then B=1 in one process, once per variant with one fast path switched off
-#             (benchmarks/batch_switch.py, d16): which path the round-25 illegal memory access comes from
+#             (benchmarks/batch_switch.py, d16): round 25's illegal memory access with and without its fix
 #   numerics  bf16 fast path against the fp32 plain path over 30 steps, beside the same drift of
 #             eager bf16 (the official code's roundings) and of the fast path with a float32 residual
 #             stream; CUDA-graph replays against eager steps, a checkpointed and resumed run against a

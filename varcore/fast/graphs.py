@@ -7,7 +7,8 @@ step) reused the workspace that the first capture had allocated inside the first
 pool. Once the first graph was gone and something dropped the cached workspaces (inductor's CUDA
 graph trees do, around the decoder's graphs at batch 1), that memory was freed while the second
 graph still wrote to it: round 25's illegal memory access when batch 1 followed batch 64 in one
-process (RESULTS.md; the likeliest cause found, not yet confirmed on a GPU). :func:`own_cublas_workspace`
+process (RESULTS.md; confirmed in round 26 by ``benchmarks/batch_switch.py``: without the bracket
+the sequence fails, with it, or with no workspace at all, it runs). :func:`own_cublas_workspace`
 brackets a capture the way inductor's graph trees bracket theirs.
 """
 
